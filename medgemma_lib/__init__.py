@@ -1,0 +1,13 @@
+"""medgemma_lib: the tested library behind the Traditional Chinese MedGemma QLoRA course.
+
+The notebooks in ``notebooks/`` and the CLI (``python -m medgemma_lib``) call the same functions.
+Heavy dependencies (torch, transformers) are imported lazily inside the modules that need them,
+so ``import medgemma_lib`` and ``python -m medgemma_lib --help`` stay fast.
+"""
+
+__version__ = "0.1.0"
+
+MEDICAL_DISCLAIMER = (
+    "⚠️ 醫療免責聲明：以下內容由語言模型自動產生，僅供教學與研究用途，"
+    "不構成醫療建議、診斷或治療。身體不適請諮詢合格醫療人員；緊急狀況請撥打 119。"
+)

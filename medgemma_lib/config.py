@@ -1,0 +1,294 @@
+"""One run configuration: model, data, LoRA, training, evaluation.
+
+A run is described by :class:`RunConfig`, a tree of dataclasses whose fields carry their own
+documentation (the ``help`` metadata, in Traditional Chinese, shown in error messages and in
+``configs/*.yaml`` comments). It loads from YAML; ``section.field=value`` overrides from the
+command line win over the file; :func:`save_config` writes the resolved config beside results.
+
+Validation is strict: unknown keys, wrong types and out-of-range values raise
+:class:`~medgemma_lib.errors.ConfigError` with a Chinese message naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medgemma_lib.errors import ConfigError
+
+
+def _f(default: Any, help: str, **checks: Any) -> Any:
+    """A dataclass field with a Chinese help text and optional range checks (min, max, choices)."""
+    meta = {"help": help, **checks}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelSection:
+    profile: str = _f("demo", "模型設定檔：demo、medgemma-4b-it、medgemma-27b-text-it、medgemma-27b-it，或本機模型資料夾路徑")
+    quantization: str = _f("nf4", "權重量化方式：nf4（4 位元，預設）、int8 或 none（不量化）", choices=["nf4", "int8", "none"])
+    attn_implementation: str | None = _f(None, "注意力實作：不填則使用設定檔建議值（eager 或 sdpa）", choices=[None, "eager", "sdpa", "flash_attention_2"])
+
+
+@dataclass
+class DataSection:
+    input: str = _f("data/medquad_sample.csv", "輸入資料檔（CSV、JSONL 或 MedQuAD XML 資料夾）")
+    prepared_dir: str | None = _f(None, "已準備好的資料夾（data prepare 的輸出）；填寫時略過準備步驟")
+    columns: dict = _f({}, "欄位對應，例如 {question: ask, answer: answer}")
+    encoding: str | None = _f(None, "檔案編碼；不填則自動偵測")
+    system_prompt: str | None = _f(None, "可選的系統指示，會放在第一個使用者回合之前")
+    chinese_conversion: str | None = _f(None, "OpenCC 繁簡轉換，例如 s2twp（簡轉台灣正體）", choices=[None, "s2t", "s2tw", "s2twp", "t2s", "tw2s"])
+    max_answer_chars: int = _f(8000, "答案長度上限（字元）", min=1)
+    long_answer_policy: str = _f("truncate", "超長答案的處理：truncate（在句子邊界截斷）或 drop（捨棄）", choices=["truncate", "drop"])
+    validation_fraction: float = _f(0.1, "驗證集比例", min=0.0, max=0.9)
+    test_fraction: float = _f(0.1, "測試集比例", min=0.0, max=0.9)
+    max_train_examples: int | None = _f(None, "最多使用幾筆訓練資料（示範時縮短時間）", min=1)
+    max_eval_examples: int | None = _f(None, "驗證集最多幾筆", min=1)
+    deidentify: str = _f("report", "個資處理：report（只回報）、mask（遮蔽）、refuse（發現即停止）", choices=["report", "mask", "refuse"])
+    seed: int = _f(42, "切分資料用的亂數種子")
+
+
+@dataclass
+class LoraSection:
+    r: int = _f(16, "LoRA 秩（rank）：越大可學的越多，記憶體也越多", min=1, max=1024)
+    alpha: int = _f(32, "LoRA 縮放係數 alpha（通常為 r 的兩倍）", min=1)
+    dropout: float = _f(0.05, "LoRA dropout 比例", min=0.0, max=0.9)
+    target_modules: str | list = _f("all-linear", "要加上 LoRA 的層：all-linear（語言模型所有線性層）或名稱清單，例如 [q_proj, v_proj]")
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = _f("results", "輸出根目錄；每次執行在其下建立一個子資料夾")
+    run_name: str | None = _f(None, "執行名稱（子資料夾名）；不填則依時間自動命名")
+    num_train_epochs: float = _f(1.0, "訓練幾個 epoch", min=0.0)
+    max_steps: int = _f(-1, "最多訓練幾步；-1 表示由 epoch 決定", min=-1)
+    learning_rate: float = _f(2e-4, "學習率", min=1e-8, max=1.0)
+    lr_scheduler_type: str = _f("cosine", "學習率排程：cosine、linear、constant_with_warmup", choices=["cosine", "linear", "constant_with_warmup", "constant"])
+    warmup_ratio: float = _f(0.05, "暖身步數佔總步數的比例", min=0.0, max=0.5)
+    per_device_train_batch_size: int = _f(4, "每張卡每步的樣本數（micro-batch）", min=1, max=4096)
+    gradient_accumulation_steps: int = _f(1, "梯度累積步數", min=1, max=4096)
+    max_length: int = _f(1024, "每筆樣本最多幾個 token（超過則截斷）", min=8, max=131072)
+    packing: bool = _f(False, "把多筆樣本接成一列以免填充（padding-free packing）")
+    padding_free: bool = _f(True, "不填充：一個批次的樣本首尾相接，省去 padding 的計算")
+    use_liger_kernel: bool = _f(False, "使用 Liger 核心（需要 CUDA 與 liger-kernel 套件）")
+    gradient_checkpointing: bool = _f(True, "梯度檢查點：以重算換取記憶體")
+    optim: str = _f("adamw_torch", "最佳化器，例如 adamw_torch、adamw_torch_fused、paged_adamw_8bit")
+    weight_decay: float = _f(0.0, "權重衰減", min=0.0, max=1.0)
+    max_grad_norm: float = _f(1.0, "梯度裁剪上限", min=0.0)
+    logging_steps: int = _f(5, "每幾步記錄一次 loss", min=1)
+    eval_steps: int = _f(20, "每幾步在驗證集上評估一次", min=1)
+    save_steps: int = _f(20, "每幾步存一次檢查點", min=1)
+    save_total_limit: int = _f(2, "最多保留幾個檢查點", min=1)
+    seed: int = _f(42, "訓練亂數種子")
+    auto_oom_retry: bool = _f(True, "CUDA 記憶體不足時，自動以一半 micro-batch、兩倍梯度累積重試")
+    report_to: list = _f(["tensorboard"], "紀錄工具清單，例如 [tensorboard]；[] 表示不紀錄")
+    num_threads: int | None = _f(None, "CPU 執行緒數；不填則使用全部核心", min=1)
+
+
+@dataclass
+class EvalSection:
+    max_new_tokens: int = _f(128, "評估時每題最多產生幾個 token", min=1, max=8192)
+    num_generate: int = _f(16, "產生答案並計算 ROUGE/BLEU/chrF 的測試題數", min=0)
+    batch_size: int = _f(8, "產生答案時的批次大小", min=1)
+    max_eval_examples: int | None = _f(None, "計算 loss 時最多用幾筆測試資料", min=1)
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+
+
+def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Check ``value`` against a field annotation, coercing ints to floats. Returns (ok, value)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"list": list, "dict": dict, "None": None})  # noqa: S307 - own annotations only
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if annotation is type(None):
+        return value is None, value
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        return False, value
+    if annotation is str:
+        return isinstance(value, str), value
+    if annotation is list:
+        return isinstance(value, list), value
+    if annotation is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+_TYPE_NAMES = {"int": "整數", "float": "數字", "str": "文字", "bool": "true 或 false", "list": "清單", "dict": "對應表"}
+
+
+def _describe(annotation: Any) -> str:
+    text = str(annotation)
+    for k, v in _TYPE_NAMES.items():
+        text = text.replace(k, v)
+    return text.replace(" | None", "（或留空）").replace("None", "留空")
+
+
+def _check_field(section: str, f: dataclasses.Field, value: Any) -> Any:
+    key = f"{section}.{f.name}"
+    ok, value = _type_ok(value, f.type)
+    if not ok:
+        raise ConfigError(
+            f"設定 {key} 的值 {value!r} 型別不對：應為 {_describe(f.type)}。",
+            hint=f"{key}：{f.metadata.get('help', '')}",
+        )
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        shown = "、".join("（留空）" if c is None else str(c) for c in meta["choices"])
+        raise ConfigError(f"設定 {key} 的值 {value!r} 不在允許的選項中。", hint=f"請改用：{shown}")
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        raise ConfigError(f"設定 {key} 的值 {value!r} 不是有限的數字。", hint=f"{key}：{meta.get('help', '')}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "min" in meta and value < meta["min"]:
+            raise ConfigError(f"設定 {key} 的值 {value} 太小（最小 {meta['min']}）。", hint=f"{key}：{meta.get('help', '')}")
+        if "max" in meta and value > meta["max"]:
+            raise ConfigError(f"設定 {key} 的值 {value} 太大（最大 {meta['max']}）。", hint=f"{key}：{meta.get('help', '')}")
+    return value
+
+
+def _unknown_key(where: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"您是不是要寫 {close[0]}？" if close else f"可用的鍵：{', '.join(known)}"
+    return ConfigError(f"設定中有不認識的鍵 {where}{key}。", hint=hint)
+
+
+def config_from_dict(data: dict | None) -> RunConfig:
+    """Build a validated :class:`RunConfig` from a nested dict (e.g. parsed YAML)."""
+    cfg = RunConfig()
+    if data is None:
+        return cfg
+    if not isinstance(data, dict):
+        raise ConfigError("設定檔的最上層必須是對應表（model:、data:、lora:、train:、eval:）。", hint="請參考 configs/demo.yaml 的格式。")
+    sections = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for sec_name, sec_values in data.items():
+        if sec_name not in sections:
+            raise _unknown_key("", str(sec_name), list(sections))
+        if sec_values is None:
+            continue
+        if not isinstance(sec_values, dict):
+            raise ConfigError(f"設定區段 {sec_name} 必須是對應表，卻是 {type(sec_values).__name__}。", hint="例如：\n" + f"{sec_name}:\n  鍵: 值")
+        section = getattr(cfg, sec_name)
+        fields = {f.name: f for f in dataclasses.fields(section)}
+        for key, value in sec_values.items():
+            if key not in fields:
+                raise _unknown_key(f"{sec_name}.", str(key), list(fields))
+            setattr(section, key, _check_field(sec_name, fields[key], value))
+    _cross_checks(cfg)
+    return cfg
+
+
+def _cross_checks(cfg: RunConfig) -> None:
+    if cfg.data.validation_fraction + cfg.data.test_fraction >= 0.9:
+        raise ConfigError(
+            "data.validation_fraction 與 data.test_fraction 加起來太大，訓練集幾乎沒有資料。",
+            hint="兩者相加請小於 0.9，例如各 0.1。",
+        )
+    if cfg.train.max_steps == 0 or (cfg.train.max_steps < 0 and cfg.train.num_train_epochs <= 0):
+        raise ConfigError("訓練步數為 0：train.max_steps 與 train.num_train_epochs 都沒有指定要訓練。", hint="設定 train.max_steps（例如 40）或 train.num_train_epochs（例如 1）。")
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (YAML-parsed values) onto a nested dict copy."""
+    result = {k: dict(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"無法解讀覆寫設定 {item!r}。", hint="格式為 區段.鍵=值，例如 train.learning_rate=1e-4")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        sec = result.setdefault(section, {})
+        if not isinstance(sec, dict):
+            raise ConfigError(f"設定區段 {section} 不是對應表，無法覆寫 {dotted}。")
+        sec[key] = _parse_scalar(raw)
+    return result
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"找不到設定檔 {p}。", hint="請確認路徑，或從 configs/ 中選一個，例如 configs/demo.yaml。")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"無法讀取設定檔 {p}：{exc}", hint="設定檔必須是 UTF-8 編碼的 YAML 文字檔。") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"第 {mark.line + 1} 行第 {mark.column + 1} 欄" if mark else "某處"
+            raise ConfigError(f"設定檔 {p} 的 YAML 格式錯誤（{where}）。", hint="檢查縮排（只能用空格）與冒號後的空格。") from None
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (atomically)."""
+    import yaml
+
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(
+        "# 本次執行實際使用的完整設定（由 medgemma_lib 自動寫入）\n"
+        + yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False),
+        encoding="utf-8",
+    )
+    os.replace(tmp, p)
+    return p
+
+
+def field_help(section: str, key: str) -> str:
+    """The Chinese help text of one config field (used for YAML comments and docs)."""
+    sec = getattr(RunConfig(), section)
+    for f in dataclasses.fields(sec):
+        if f.name == key:
+            return f.metadata.get("help", "")
+    raise KeyError(f"{section}.{key}")

