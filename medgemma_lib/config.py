@@ -140,6 +140,11 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
             return False, value
         if isinstance(value, (int, float)):
             return True, float(value)
+        if isinstance(value, str):  # PyYAML reads "2e-4" (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         return False, value
     if annotation is str:
         return isinstance(value, str), value

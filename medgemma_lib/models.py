@@ -219,10 +219,11 @@ def _convert_demo(target: Path, verbose: bool) -> Path:
         gguf_path = gguf_pkg.assemble(output_path=work / gguf_name)
         if verbose:
             print("正在轉換示範模型（只有第一次需要，約 1 分鐘）…", flush=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(work), gguf_file=gguf_name)
-        tokenizer.chat_template = chat_template()
-        tokenizer.padding_side = "right"
-        gguf_model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=gguf_name, dtype=torch.float32)
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(str(work), gguf_file=gguf_name)
+            tokenizer.chat_template = chat_template()
+            tokenizer.padding_side = "right"
+            gguf_model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=gguf_name, dtype=torch.float32)
         config = gguf_model.config
         config_dict = config.to_dict()
         config_dict.pop("quantization_config", None)
@@ -243,7 +244,8 @@ def _convert_demo(target: Path, verbose: bool) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(work)
-        _verify_demo_folder(tmp, reference=model)
+        with quiet_loading():
+            _verify_demo_folder(tmp, reference=model)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         import transformers
 
@@ -267,6 +269,20 @@ def _convert_demo(target: Path, verbose: bool) -> Path:
     if verbose:
         print(f"示範模型已轉換並存放於快取（{time.time() - started:.0f} 秒）。", flush=True)
     return target
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Hide transformers' per-tensor progress bars while loading (noise in notebooks and logs)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _verify_demo_folder(folder: Path, reference: Any) -> None:
@@ -402,7 +418,8 @@ def load_model(
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     try:
-        model = cls.from_pretrained(source, **kwargs)
+        with quiet_loading():
+            model = cls.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise _load_error(profile_or_path, exc) from None
     except torch.OutOfMemoryError:

@@ -1,0 +1,85 @@
+"""CLI plumbing and the run config: Chinese messages, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from medgemma_lib.config import RunConfig, config_from_dict, load_config, save_config
+from medgemma_lib.errors import ConfigError
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "medgemma_lib", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_commands():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for cmd in ("doctor", "models"):
+        assert cmd in proc.stdout
+
+
+def test_unknown_command_gives_chinese_usage_error():
+    proc = run_cli("no-such-command")
+    assert proc.returncode == 2
+    assert "參數錯誤" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_console_script_equals_module(tmp_path):
+    import shutil
+
+    exe = shutil.which("medgemma", path=str(__import__("pathlib").Path(sys.executable).parent))
+    assert exe, "pyproject.toml must install the `medgemma` console script"
+    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "doctor" in proc.stdout
+
+
+def test_defaults_are_valid_and_round_trip(tmp_path):
+    cfg = RunConfig()
+    path = save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(path)
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_overrides_win_over_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  learning_rate: 0.001\n  max_steps: 10\n", encoding="utf-8")
+    cfg = load_config(f, ["train.learning_rate=5e-4", "lora.r=8"])
+    assert cfg.train.learning_rate == 5e-4 and cfg.train.max_steps == 10 and cfg.lora.r == 8
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ({"train": {"learning_rat": 1e-4}}, "learning_rate"),  # typo gets a suggestion
+        ({"trian": {}}, "train"),
+        ({"train": {"max_steps": "many"}}, "型別"),
+        ({"lora": {"r": 0}}, "太小"),
+        ({"train": {"learning_rate": 5.0}}, "太大"),
+        ({"model": {"quantization": "fp4"}}, "nf4"),
+        ({"train": {"learning_rate": float("nan")}}, "有限"),
+        ({"data": {"validation_fraction": 0.5, "test_fraction": 0.5}}, "0.9"),
+        ([1, 2], "對應表"),
+    ],
+)
+def test_bad_config_values_raise_chinese_config_error(data, fragment):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data)
+    assert fragment in str(info.value)
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  learning_rate: [1, 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(f)
+    assert "第" in str(info.value) and "行" in str(info.value)
+
+
+def test_missing_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.yaml")
+    assert "找不到設定檔" in str(info.value)

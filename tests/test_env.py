@@ -1,0 +1,96 @@
+"""Environment check: the recommendation logic on described hardware, and the real doctor."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from medgemma_lib.env import EnvironmentReport, GPUInfo, collect_environment, format_report, recommend
+
+GOOD_PACKAGES = {"transformers": "5.23.0", "bitsandbytes": "0.50.2", "torch": "2.13.0"}
+
+
+def machine(gpus=(), packages=None, disk=50.0, torch="2.13.0") -> EnvironmentReport:
+    return EnvironmentReport(
+        python="3.11.7", platform="Linux x86_64", cpu_count=8, ram_gib=32.0, torch=torch, cuda="12.8" if gpus else None,
+        gpus=list(gpus), bitsandbytes_backend="cuda" if gpus else "cpu", packages=dict(packages or GOOD_PACKAGES),
+        free_disk_gib=disk, demo_model_cached=False, cache_dir="~/.cache/medgemma_lib",
+    )
+
+
+def test_no_gpu_recommends_demo_on_cpu():
+    rec = recommend(machine())
+    assert rec.profile == "demo" and rec.preset == "configs/demo.yaml"
+    assert rec.ok and rec.problems == []
+
+
+def test_24gb_ampere_gets_27b_text():
+    rec = recommend(machine([GPUInfo("NVIDIA GeForce RTX 3090", 24.0, (8, 6), True)]))
+    assert rec.profile == "medgemma-27b-text-it"
+    assert rec.preset.endswith("27b-24gb.yaml")
+
+
+def test_80gb_gets_the_large_preset():
+    rec = recommend(machine([GPUInfo("NVIDIA A100-SXM4-80GB", 79.2, (8, 0), True)]))
+    assert rec.profile == "medgemma-27b-text-it" and "80gb" in rec.preset
+
+
+def test_16gb_t4_cannot_train_gemma3_and_says_why():
+    rec = recommend(machine([GPUInfo("Tesla T4", 15.6, (7, 5), False)]))
+    assert rec.profile == "demo"
+    assert not rec.ok
+    assert any("bfloat16" in p and "Tesla T4" in p for p in rec.problems)
+
+
+def test_12gb_bf16_card_gets_4b():
+    rec = recommend(machine([GPUInfo("NVIDIA GeForce RTX 3060", 12.0, (8, 6), True)]))
+    assert rec.profile == "medgemma-4b-it" and rec.preset.endswith("4b-8gb.yaml")
+
+
+def test_6gb_card_falls_back_to_demo():
+    rec = recommend(machine([GPUInfo("NVIDIA GeForce GTX 1660", 6.0, (8, 6), True)]))
+    assert rec.profile == "demo"
+
+
+def test_old_transformers_is_a_problem():
+    rec = recommend(machine(packages={**GOOD_PACKAGES, "transformers": "4.46.3"}))
+    assert any("4.50" in p for p in rec.problems) and not rec.ok
+
+
+def test_missing_bitsandbytes_and_low_disk_are_problems():
+    pk = dict(GOOD_PACKAGES)
+    pk["bitsandbytes"] = None
+    rec = recommend(machine(packages=pk, disk=0.5))
+    assert any("bitsandbytes" in p for p in rec.problems)
+    assert any("磁碟" in p for p in rec.problems)
+
+
+def test_report_is_chinese_and_mentions_recommendation():
+    report = machine([GPUInfo("NVIDIA L4", 22.5, (8, 9), True)])
+    text = format_report(report, recommend(report))
+    assert "環境檢查" in text and "建議設定檔" in text and "NVIDIA L4" in text
+
+
+def test_collect_environment_on_this_machine():
+    report = collect_environment()
+    assert report.python.startswith("3.")
+    assert report.packages["torch"] is not None
+    assert report.free_disk_gib > 0
+    assert not report.cache_dir.startswith("/root") and not report.cache_dir.startswith("/home")
+
+
+def test_doctor_cli_prints_chinese_report_and_exits_0():
+    proc = subprocess.run([sys.executable, "-m", "medgemma_lib", "doctor"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "環境檢查" in proc.stdout and "建議" in proc.stdout
+
+
+def test_doctor_json_is_data():
+    proc = subprocess.run([sys.executable, "-m", "medgemma_lib", "doctor", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert set(data) == {"report", "recommendation"}
+    assert data["recommendation"]["profile"] in {"demo", "medgemma-4b-it", "medgemma-27b-text-it"}
