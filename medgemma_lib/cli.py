@@ -21,6 +21,7 @@ from medgemma_lib.errors import EXIT_USER_ERROR, MedgemmaError
 # Order here is the order in ``--help``.
 COMMAND_MODULES = [
     "medgemma_lib.env",
+    "medgemma_lib.config",
     "medgemma_lib.auth",
     "medgemma_lib.data",
     "medgemma_lib.models",

@@ -43,7 +43,7 @@ class ModelSection:
 class DataSection:
     input: str = _f("data/medquad_sample.csv", "輸入資料檔（CSV、JSONL 或 MedQuAD XML 資料夾）")
     prepared_dir: str | None = _f(None, "已準備好的資料夾（data prepare 的輸出）；填寫時略過準備步驟")
-    columns: dict = _f({}, "欄位對應，例如 {question: ask, answer: answer}")
+    columns: dict = _f({}, "欄位對應，例如 {question: ask, answer: answer}", item_type=str)
     encoding: str | None = _f(None, "檔案編碼；不填則自動偵測")
     system_prompt: str | None = _f(None, "可選的系統指示，會放在第一個使用者回合之前")
     chinese_conversion: str | None = _f(None, "OpenCC 繁簡轉換，例如 s2twp（簡轉台灣正體）", choices=[None, "s2t", "s2tw", "s2twp", "t2s", "tw2s"])
@@ -62,7 +62,7 @@ class LoraSection:
     r: int = _f(16, "LoRA 秩（rank）：越大可學的越多，記憶體也越多", min=1, max=1024)
     alpha: int = _f(32, "LoRA 縮放係數 alpha（通常為 r 的兩倍）", min=1)
     dropout: float = _f(0.05, "LoRA dropout 比例", min=0.0, max=0.9)
-    target_modules: str | list = _f("all-linear", "要加上 LoRA 的層：all-linear（語言模型所有線性層）或名稱清單，例如 [q_proj, v_proj]")
+    target_modules: str | list = _f("all-linear", "要加上 LoRA 的層：all-linear（語言模型所有線性層）或名稱清單，例如 [q_proj, v_proj]", item_type=str)
 
 
 @dataclass
@@ -90,7 +90,7 @@ class TrainSection:
     save_total_limit: int = _f(2, "最多保留幾個檢查點", min=1)
     seed: int = _f(42, "訓練亂數種子")
     auto_oom_retry: bool = _f(True, "CUDA 記憶體不足時，自動以一半 micro-batch、兩倍梯度累積重試")
-    report_to: list = _f(["tensorboard"], "紀錄工具清單，例如 [tensorboard]；[] 表示不紀錄")
+    report_to: list = _f(["tensorboard"], "紀錄工具清單，例如 [tensorboard]；[] 表示不紀錄", item_choices=["tensorboard", "none"])
     num_threads: int | None = _f(None, "CPU 執行緒數；不填則使用全部核心", min=1)
 
 
@@ -174,6 +174,13 @@ def _check_field(section: str, f: dataclasses.Field, value: Any) -> Any:
             hint=f"{key}：{f.metadata.get('help', '')}",
         )
     meta = f.metadata
+    items = list(value.values()) + list(value.keys()) if isinstance(value, dict) else value if isinstance(value, list) else []
+    if "item_type" in meta and not all(isinstance(v, meta["item_type"]) and v for v in items):
+        raise ConfigError(f"設定 {key} 的內容 {value!r} 有空白或型別不對的項目（每一項都必須是非空白的文字）。", hint=f"{key}：{meta.get('help', '')}")
+    if "item_choices" in meta and any(v not in meta["item_choices"] for v in items):
+        raise ConfigError(f"設定 {key} 的內容 {value!r} 有不認識的項目。", hint=f"可用的項目：{'、'.join(meta['item_choices'])}")
+    if isinstance(value, str) and f.name == "target_modules" and not value.strip():
+        raise ConfigError(f"設定 {key} 不能是空白。", hint=f"{key}：{meta.get('help', '')}")
     if "choices" in meta and value not in meta["choices"]:
         shown = "、".join("（留空）" if c is None else str(c) for c in meta["choices"])
         raise ConfigError(f"設定 {key} 的值 {value!r} 不在允許的選項中。", hint=f"請改用：{shown}")
@@ -288,6 +295,49 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     )
     os.replace(tmp, p)
     return p
+
+
+def check_paths(cfg: RunConfig, root: str | os.PathLike | None = None) -> None:
+    """Fail early, in Chinese, when the input is missing or the output folder is not writable."""
+    from medgemma_lib.errors import OutputError
+
+    base = Path(root) if root else Path.cwd()
+    if cfg.data.prepared_dir is None:
+        src = Path(cfg.data.input)
+        src = src if src.is_absolute() else base / src
+        if not src.exists():
+            raise ConfigError(f"找不到資料檔 data.input = {cfg.data.input}。", hint="請確認路徑（相對於目前資料夾），例如 data/medquad_sample.csv。")
+    else:
+        prepared = Path(cfg.data.prepared_dir)
+        prepared = prepared if prepared.is_absolute() else base / prepared
+        if not prepared.is_dir():
+            raise ConfigError(f"找不到已準備的資料夾 data.prepared_dir = {cfg.data.prepared_dir}。", hint="請先執行 python -m medgemma_lib data prepare，或把 data.prepared_dir 留空。")
+    out = Path(cfg.train.output_dir)
+    out = out if out.is_absolute() else base / out
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"無法寫入輸出資料夾 train.output_dir = {cfg.train.output_dir}（{probe} 不是可寫入的資料夾）。", hint="請改用可寫入的路徑，例如 results。")
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("config", help="檢查設定檔（YAML）是否正確，並印出套用覆寫後的完整設定")
+    p.add_argument("action", choices=["check", "show"], help="check：只檢查；show：檢查並印出完整設定")
+    p.add_argument("--config", help="設定檔路徑，例如 configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="覆寫，例如 train.learning_rate=1e-4")
+    p.set_defaults(func=_cli_config)
+
+
+def _cli_config(args) -> int:
+    import yaml
+
+    cfg = load_config(args.config, args.overrides)
+    check_paths(cfg)
+    if args.action == "show":
+        print(yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False))
+    print("設定檢查通過 ✓")
+    return 0
 
 
 def field_help(section: str, key: str) -> str:
