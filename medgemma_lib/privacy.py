@@ -179,7 +179,29 @@ _BIRTH_CUE_BEFORE_RE = re.compile(
     r"(?:出生|生日|生於|誕生|出世|[Dd]\.?[Oo]\.?[Bb]\.?|[Bb]irth\s?[Dd]ate|[Dd]ate\sof\s[Bb]irth|"
     r"[Bb]irthday|[Bb]orn(?:\son)?)[^。；;\n]{0,8}$"
 )
-_BIRTH_CUE_AFTER_RE = re.compile(r"^\s?(?:出生|生|誕生)")
+# 1985年3月2日生 is a birth date; 生產 (gave birth), 生病 (fell ill) are not birth cues.
+_BIRTH_CUE_AFTER_RE = re.compile(r"^\s?(?:出生|誕生|生(?!產|产|病|氣|气|活|理|效|小孩|了))")
+# Any birth cue; dates are only searched in a window around one (the full date search is slow).
+_BIRTH_CUE_ANY_RE = re.compile(r"出生|生日|生於|誕生|出世|[日號]\s?生|[Dd]\.?[Oo]\.?[Bb]|[Bb]irth|[Bb]orn")
+
+
+def _birth_dates(text: str) -> Iterable[tuple[str, int, int]]:
+    windows: list[tuple[int, int]] = []
+    for cue in _BIRTH_CUE_ANY_RE.finditer(text):
+        lo, hi = max(0, cue.start() - 30), cue.end() + 40
+        if windows and lo <= windows[-1][1]:
+            windows[-1] = (windows[-1][0], hi)
+        else:
+            windows.append((lo, hi))
+    for lo, hi in windows:
+        for m in _DATE_RE.finditer(text, lo, min(hi, len(text))):
+            before = text[max(0, m.start() - 20): m.start()]
+            after = text[m.end(): m.end() + 3]
+            if _BIRTH_CUE_BEFORE_RE.search(before) or _BIRTH_CUE_AFTER_RE.search(after):
+                start = m.start()
+                while start < m.end() and text[start].isspace():
+                    start += 1
+                yield "birth_date", start, m.end()
 
 # ---------------------------------------------------------------------------------------------
 # Record numbers behind cue words
@@ -215,7 +237,7 @@ _ZH_TITLES = (
 _NOT_NAME_CHARS = (
     "的了是在和與跟向給讓被請問看找去說叫有要會能可就都也還又再才很太最更和或及而但因為所以如果"
     "位個名些每各該此這那哪誰某其他她它們我你您之於由從把對將把等及以並且卻嗎呢吧啊喔哦"
-    "主家專醫科院所部門診病患者人員師生業務級級次天年月日時分號"
+    "主專醫科院所部門診病患者人員師生業務級次天年月日時分號"
     "一二三四五六七八九十百千萬兩幾多少老壞男"
 )
 _ZH_NAME_RE = re.compile(
@@ -239,7 +261,7 @@ _ZH_WORDS_ENDING_IN_SURNAME = {"兒童", "孩童", "學童", "蛋白", "明白",
 
 # Role mailboxes of organisations (info@, service@, 2020@...) are contact points, not personal data.
 _ROLE_MAILBOX_RE = re.compile(
-    r"^(?:[0-9._-]+|.*(?:info|help|service|contact|support|staff|webmail|webmaster|admin|office|noreply|no-reply|enquir|inquir|feedback|press|media).*)@",
+    r"^(?:[0-9._-]+|.*(?:info|help|service|contact|support|staff|webmail|webmaster|admin|office|noreply|no-reply|enquir|inquir|feedback).*)@",
     re.IGNORECASE,
 )
 
@@ -278,7 +300,7 @@ _PRIORITY = ["email", "national_id", "resident_id", "nhi_card", "medical_record"
 
 
 def _raw_spans(text: str) -> Iterable[tuple[str, int, int]]:
-    for m in _EMAIL_RE.finditer(text):
+    for m in _EMAIL_RE.finditer(text) if "@" in text else ():
         if not _ROLE_MAILBOX_RE.match(m.group(0)):
             yield "email", m.start(), m.end()
     for m in _ID_RE.finditer(text):
@@ -291,14 +313,7 @@ def _raw_spans(text: str) -> Iterable[tuple[str, int, int]]:
         yield "nhi_card", m.start(1), m.end(1)
     for m in _MRN_RE.finditer(text):
         yield "medical_record", m.start(1), m.end(1)
-    for m in _DATE_RE.finditer(text):
-        before = text[max(0, m.start() - 20): m.start()]
-        after = text[m.end(): m.end() + 3]
-        if _BIRTH_CUE_BEFORE_RE.search(before) or _BIRTH_CUE_AFTER_RE.search(after):
-            start = m.start()
-            while start < m.end() and text[start].isspace():
-                start += 1
-            yield "birth_date", start, m.end()
+    yield from _birth_dates(text)
     for pattern in _PHONE_RES:
         for m in pattern.finditer(text):
             start, end = m.start(), m.end()
