@@ -233,7 +233,7 @@ def candidate_setups(profile: str, lora_r: int = 16, lora_targets="all-linear") 
     base = dict(profile=profile, lora_r=lora_r, lora_targets=lora_targets)
     out = []
     for ckpt in (False, True):
-        for mb in (4, 2, 1):
+        for mb in (8, 4, 2, 1):
             out.append(TrainingSetup(**base, micro_batch=mb, seq_len=4096, packing=True, liger=True, gradient_checkpointing=ckpt))
     out.append(TrainingSetup(**base, micro_batch=1, seq_len=2048, packing=True, liger=True, gradient_checkpointing=True))
     out.append(TrainingSetup(**base, micro_batch=1, seq_len=4096, packing=True, liger=False, gradient_checkpointing=True))

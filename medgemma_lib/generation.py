@@ -1,0 +1,297 @@
+"""Answer generation: batched, streamed, and the "before fine-tuning" answers kept for notebook 06.
+
+* Prompts use the tokenizer's Gemma 3 turn template (``<start_of_turn>user ... <end_of_turn>
+  <start_of_turn>model``); a system prompt is folded into the first user turn, as Gemma does.
+* Batches are padded on the **left**, so every prompt ends right where generation starts.
+* Generation stops at ``<end_of_turn>`` (id 106) or ``<eos>`` (id 1).
+* MedGemma 27B may "think" before answering when asked to (system prompt such as
+  ``SYSTEM INSTRUCTION: think silently if needed.``): the thought is emitted between
+  ``<unused94>`` (id 100, followed by the word ``thought``) and ``<unused95>`` (id 101), as
+  described on the google/medgemma-27b-text-it model card. These tokens are *unused* specials,
+  so ``skip_special_tokens`` would hide the markers but keep the thought text; we cut the span by
+  token id instead. A thought cut off by ``max_new_tokens`` (no closing marker) is dropped whole.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from medgemma_lib.models import END_OF_TURN_ID, EOS_ID, PAD_ID
+
+THOUGHT_START = "<unused94>"
+THOUGHT_END = "<unused95>"
+
+BEFORE_QUESTIONS = [
+    "What are the symptoms of diabetes?",
+    "How is high blood pressure treated?",
+    "What causes heart disease?",
+    "糖尿病的症狀是什麼?",
+    "高血壓如何治療?",
+    "心臟病的原因是什麼?",
+]
+
+
+def build_prompt(tokenizer, question: str, system_prompt: str | None = None) -> str:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": question})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _thought_ids(tokenizer) -> tuple[int | None, int | None]:
+    ids = tokenizer.convert_tokens_to_ids([THOUGHT_START, THOUGHT_END])
+    unk = tokenizer.unk_token_id
+    return tuple(None if i == unk else i for i in ids)  # type: ignore[return-value]
+
+
+def strip_thinking(token_ids: list[int], tokenizer) -> list[int]:
+    """Remove ``<unused94>…<unused95>`` spans (and an unclosed trailing one) from generated ids."""
+    start, end = _thought_ids(tokenizer)
+    if start is None:
+        return list(token_ids)
+    out, inside = [], False
+    for t in token_ids:
+        if t == start:
+            inside = True
+        elif t == end and inside:
+            inside = False
+        elif not inside:
+            out.append(t)
+    return out
+
+
+def _stop_ids(model) -> list[int]:
+    ids = {EOS_ID, END_OF_TURN_ID}
+    gc = getattr(model, "generation_config", None)
+    extra = getattr(gc, "eos_token_id", None) if gc is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra:
+        ids.update(extra)
+    return sorted(ids)
+
+
+def _generate_kwargs(model, tokenizer, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> dict:
+    kw = {
+        "max_new_tokens": max_new_tokens,
+        "eos_token_id": _stop_ids(model),
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else PAD_ID,
+        "do_sample": do_sample,
+    }
+    if do_sample:
+        kw.update(temperature=temperature, top_p=top_p)
+    else:  # silence "generation flags are not valid" warnings from checkpoints that ship sampling defaults
+        kw.update(temperature=None, top_p=None, top_k=None)
+    return kw
+
+
+def _model_device(model):
+    import torch
+
+    try:
+        return next(p.device for p in model.parameters() if p.device.type != "meta")
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    ids = strip_thinking(ids, tokenizer)
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    questions: list[str],
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    batch_size: int = 4,
+    system_prompt: str | None = None,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+) -> list[str]:
+    """Answer each question (greedy by default); returns plain answers in the same order."""
+    import torch
+
+    if not questions:
+        return []
+    device = _model_device(model)
+    kwargs = _generate_kwargs(model, tokenizer, max_new_tokens, do_sample, temperature, top_p)
+    answers: list[str] = []
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(questions), max(1, batch_size)):
+            chunk = questions[i : i + batch_size]
+            prompts = [build_prompt(tokenizer, q, system_prompt) for q in chunk]
+            # The template already starts with <bos>: do not add a second one.
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.inference_mode():
+                out = model.generate(**enc, **kwargs)
+            new = out[:, enc["input_ids"].shape[1] :]
+            answers += [_decode(tokenizer, row.tolist()) for row in new]
+    finally:
+        tokenizer.padding_side = old_side
+        if was_training:
+            model.train()
+    return answers
+
+
+def stream_answer(
+    model,
+    tokenizer,
+    question: str,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    system_prompt: str | None = None,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+) -> Iterator[str]:
+    """Yield the answer in pieces as it is generated (for chat UIs); thinking spans are hidden.
+
+    The pieces joined equal :func:`generate_answers`' answer for the same greedy settings.
+    """
+    import torch
+
+    device = _model_device(model)
+    prompt = build_prompt(tokenizer, question, system_prompt)
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+    streamer = _ThoughtFilteringStreamer(tokenizer)
+    kwargs = _generate_kwargs(model, tokenizer, max_new_tokens, do_sample, temperature, top_p)
+    error: list[BaseException] = []
+
+    def _run():
+        try:
+            with torch.inference_mode():
+                model.generate(**enc, **kwargs, streamer=streamer)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
+            error.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=_run, daemon=True)
+    thread.start()
+    held, started = "", False
+    for piece in streamer:
+        held += piece
+        if not started:
+            held = held.lstrip()
+        ready = held.rstrip()  # trailing spaces wait: they may be the end of the answer
+        if ready:
+            started = True
+            yield ready
+            held = held[len(ready):]
+    thread.join(timeout=60)
+    if error:
+        raise error[0]
+
+
+def _ThoughtFilteringStreamer(tokenizer):
+    """A ``TextIteratorStreamer`` that drops ``<unused94>…<unused95>`` token spans before decoding."""
+    from transformers import TextIteratorStreamer
+
+    start, end = _thought_ids(tokenizer)
+
+    class _Streamer(TextIteratorStreamer):
+        inside = False
+
+        def put(self, value):
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                return super().put(value)
+            ids = value.reshape(-1).tolist()
+            keep = []
+            for t in ids:
+                if start is not None and t == start:
+                    self.inside = True
+                elif end is not None and t == end and self.inside:
+                    self.inside = False
+                elif not self.inside:
+                    keep.append(t)
+            if keep:
+                import torch
+
+                super().put(torch.tensor(keep))
+
+    return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+
+
+# ----------------------------------------------------------------------------------------------
+# "Before fine-tuning" answers
+
+
+def show_answers(questions: list[str], answers: list[str]) -> str:
+    """Questions and answers as text, each through the safety helper (disclaimer always shown)."""
+    from medgemma_lib import MEDICAL_DISCLAIMER
+
+    try:
+        from medgemma_lib.safety import present_answer
+    except ImportError:  # safety module not installed yet
+        present_answer = None
+    blocks = []
+    for q, a in zip(questions, answers):
+        shown = present_answer(q, a) if present_answer else f"{a}\n\n{MEDICAL_DISCLAIMER}"
+        blocks.append(f"問：{q}\n答：{shown}")
+    return "\n\n" + ("\n\n" + "─" * 40 + "\n\n").join(blocks)
+
+
+def default_results_dir() -> Path:
+    """``results/`` of the project (also when called from ``notebooks/``)."""
+    here = Path.cwd()
+    for cand in (here / "results", here.parent / "results"):
+        if cand.is_dir():
+            return cand
+    return here / "results"
+
+
+def save_before_answers(
+    model,
+    tokenizer,
+    profile: str,
+    questions: list[str] | None = None,
+    out_dir: str | Path | None = None,
+    max_new_tokens: int = 96,
+    batch_size: int = 3,
+    system_prompt: str | None = None,
+) -> Path:
+    """Generate answers before fine-tuning and write ``results/before_answers_<profile>.json``."""
+    from medgemma_lib import MEDICAL_DISCLAIMER
+    from medgemma_lib.errors import OutputError
+
+    questions = list(questions or BEFORE_QUESTIONS)
+    started = time.time()
+    answers = generate_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt)
+    folder = Path(out_dir) if out_dir else default_results_dir()
+    safe_profile = profile.replace("/", "_").replace(":", "_")
+    path = folder / f"before_answers_{safe_profile}.json"
+    record = {
+        "profile": profile,
+        "stage": "before_finetuning",
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "generation": {"max_new_tokens": max_new_tokens, "do_sample": False, "system_prompt": system_prompt},
+        "seconds": round(time.time() - started, 1),
+        "disclaimer": MEDICAL_DISCLAIMER,
+        "answers": [{"question": q, "answer": a} for q, a in zip(questions, answers)],
+    }
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        raise OutputError(f"無法寫入 {path}：{exc.strerror or exc}", hint="請確認 results/ 資料夾可寫入，或以 out_dir 指定其他位置。") from None
+    return path
+
+
+def load_before_answers(profile: str, folder: str | Path | None = None) -> dict:
+    """Read what :func:`save_before_answers` wrote (for notebook 06)."""
+    from medgemma_lib.errors import OutputError
+
+    safe_profile = profile.replace("/", "_").replace(":", "_")
+    path = Path(folder or default_results_dir()) / f"before_answers_{safe_profile}.json"
+    if not path.is_file():
+        raise OutputError(f"找不到微調前的答案 {path.name}。", hint="請先執行 notebook 04（或 generation.save_before_answers）。")
+    return json.loads(path.read_text(encoding="utf-8"))
