@@ -82,8 +82,37 @@ MUST_NOT_TRIGGER = [
     "我生理期量比較多，正常嗎？",
     "中風還有其他症狀嗎？",
     "How do I lower my cholesterol?",
+    # A past event or a chronic condition is not an emergency now.
+    "我爸去年中風，現在復健要注意什麼？",
+    "我爸中風了三年，復健要做什麼？",
+    "My dad had a stroke last year, what diet is best?",
+    "My son has had seizures since birth, what medications help?",
+    # Words that look like a rule but mean something else.
+    "我眼皮一直抽搐怎麼辦？",
+    "我說不清楚哪裡痛",
+    "我半邊臉很痛",
+    "我胸口痛，是不是胃食道逆流？",
+    "I have a poison ivy rash",
+    "我好像食物中毒，一直拉肚子",  # policy: food poisoning alone is not a 119 rule
     "",
 ]
+
+# Acute wording around a bare disease name does alert.
+ACUTE_TRIGGER = [
+    ("我爸好像中風了", "stroke"),
+    ("我爸中風了", "stroke"),
+    ("What should I do if someone is having a stroke?", "stroke"),
+    ("I think my dad is having a heart attack", "chest_pain"),
+    ("我媽心肌梗塞怎麼辦", "chest_pain"),
+    ("孩子發燒抽搐", "seizure"),
+    ("小孩一氧化碳中毒", "poisoning"),
+]
+
+
+@pytest.mark.parametrize("question,rule_id", ACUTE_TRIGGER)
+def test_acute_wording_triggers(question, rule_id):
+    alert = check_emergency(question)
+    assert alert is not None and rule_id in alert.rule_ids, question
 
 
 @pytest.mark.parametrize("rule_id,question", [(r, q) for r, qs in MUST_TRIGGER.items() for q in qs])
