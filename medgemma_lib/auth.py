@@ -91,7 +91,8 @@ class AccessResult:
 
     def format(self) -> str:
         lines = [("✓ " if self.ok else "✗ ") + self.message]
-        lines.append(f"權杖來源：{SOURCE_NAMES.get(self.token_source, self.token_source)}（{self.masked_token}）")
+        shown = "" if self.token_source == "none" else f"（{self.masked_token}）"
+        lines.append(f"權杖來源：{SOURCE_NAMES.get(self.token_source, self.token_source)}{shown}")
         if self.hint:
             lines.append(f"解決方法：{self.hint}")
         return "\n".join(lines)
@@ -169,13 +170,14 @@ def _result(model_id: str, status: str, source: str, token: str | None, suggesti
     return AccessResult(model_id, status, msg, hint, source, mask_token(token), suggestion)
 
 
-def check_access(model_id: str, token: str | None = None, *, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> AccessResult:
+def check_access(model_id: str, token: str | None = None, *, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT_S, offline: bool | None = None) -> AccessResult:
     """Ask the Hub whether this token may download ``model_id``; never raises for Hub outcomes.
 
     Uses ``huggingface_hub``'s HTTP session (which honours ``HF_HUB_OFFLINE`` and proxies) and its
     ``hf_raise_for_status``, so the outcomes are the library's real exception types:
     ``GatedRepoError`` → gated, ``RepositoryNotFoundError`` → not found, ``HfHubHTTPError`` 401 →
     invalid token, ``OfflineModeIsEnabled`` → offline, transport errors → network.
+    ``offline=True`` answers as in offline mode without asking (used by notebook 02 in CI).
     """
     from medgemma_lib.models import PROFILES
 
@@ -183,7 +185,7 @@ def check_access(model_id: str, token: str | None = None, *, endpoint: str | Non
         model_id = PROFILES[model_id].hub_id
     tok, source = find_token(token)
     suggestion = suggest_model_id(model_id) if model_id not in {p.hub_id for p in PROFILES.values()} else None
-    if _offline_mode():
+    if offline or (offline is None and _offline_mode()):
         return _result(model_id, OFFLINE, source, tok)
     if tok is None:
         return _result(model_id, NO_TOKEN, source, tok)
@@ -234,6 +236,19 @@ def classify_hub_error(exc: BaseException) -> str | None:
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return NETWORK
     return None
+
+
+def outcome_table(model_id: str = "google/medgemma-4b-it"):
+    """Every outcome's Chinese message and fix, as a pandas table (what a user would see online)."""
+    import pandas as pd
+
+    rows = []
+    for status, what in [(OK, "一切正常"), (NO_TOKEN, "沒有權杖"), (INVALID_TOKEN, "權杖無效（401）"), (GATED, "尚未同意條款（403）"),
+                         (NOT_FOUND, "模型名稱錯誤（404）"), (OFFLINE, "離線模式"), (NETWORK, "連不上網路")]:
+        mid = "google/medgemma-4b-multimodal" if status == NOT_FOUND else model_id
+        r = _result(mid, status, "HF_TOKEN" if status != NO_TOKEN else "none", None, suggest_model_id(mid) if status == NOT_FOUND else None)
+        rows.append({"情況": what, "訊息": r.message, "解決方法": r.hint or "—"})
+    return pd.DataFrame(rows).set_index("情況")
 
 
 def require_access(model_id: str, token: str | None = None) -> None:
