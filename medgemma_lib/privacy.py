@@ -227,10 +227,13 @@ _SURNAMES = (
     "陳林黃張李王吳劉蔡楊許鄭謝郭洪曾邱廖賴周徐蘇葉莊呂江何蕭羅高潘簡朱鍾游彭詹胡施沈余盧梁趙顏柯翁"
     "魏孫戴范方宋鄧杜傅侯曹薛丁卓阮馬董温溫唐藍石蔣古紀姚連馮歐程湯黎田康姜汪白鄒尤巫鐘涂龔嚴韓袁"
     "黎金童陸夏柳邵錢伍倪溫于譚駱熊任甘秦顧毛章史官萬俞雷粘饒張凃闕崔尹易殷麥"
+    # Simplified forms, for Simplified Chinese data (陳 → 陈 ...)
+    "陈刘张黄杨许郑谢赖苏叶庄吕萧罗钟颜赵孙邓冯汤蒋纪邹龚严韩陆钱谭骆顾饶阙"
 )
 _ZH_TITLES = (
     "先生|小姐|女士|太太|醫師|醫生|護理師|護士|藥師|老師|教授|院長|主任|阿姨|伯伯|阿伯|阿嬤|阿公|奶奶|爺爺|同學|"
-    "治療師|營養師|個管師|心理師"
+    "治療師|營養師|個管師|心理師|"
+    "医师|医生|护理师|护士|药师|院长|爷爷|同学|治疗师|营养师|心理师"
 )
 # Characters that never start or end a given name here: verbs and particles that commonly sit
 # between a surname-like character and a title (常看醫師, 高度懷疑醫師, 林口的醫師).
@@ -238,6 +241,7 @@ _NOT_NAME_CHARS = (
     "的了是在和與跟向給讓被請問看找去說叫有要會能可就都也還又再才很太最更和或及而但因為所以如果"
     "位個名些每各該此這那哪誰某其他她它們我你您之於由從把對將把等及以並且卻嗎呢吧啊喔哦"
     "主專醫科院所部門診病患者人員師生業務級次天年月日時分號"
+    "这们对将还为专医门诊员务级时号间个么让给说问请长"
     "一二三四五六七八九十百千萬兩幾多少老壞男"
 )
 _ZH_NAME_RE = re.compile(
@@ -256,7 +260,16 @@ _EN_NOT_NAMES = {
     "And", "Or", "Who", "Will", "May", "Can", "Should", "Says", "Said", "Is", "Are",
 }
 # Two-character words whose second character is also a surname: 兒童醫師 is not Dr. 童.
-_ZH_WORDS_ENDING_IN_SURNAME = {"兒童", "孩童", "學童", "蛋白", "明白", "空白", "結石", "基金", "現金", "年金", "相關", "有關", "機關"}
+# Found on real Chinese medical dialogues: 謝謝醫生, 感謝醫生, 健康檢查醫生, 高中同學.
+_ZH_WORDS_ENDING_IN_SURNAME = {
+    "兒童", "孩童", "學童", "蛋白", "明白", "空白", "結石", "基金", "現金", "年金", "相關", "有關", "機關",
+    "感謝", "感谢", "多謝", "多谢", "謝謝", "谢谢", "健康", "小康", "安康", "儿童", "孩童", "学童", "结石", "现金", "相关", "有关", "机关",
+}
+# Words that start with a surname character but are not names: 謝謝醫生 is "thank you, doctor".
+_ZH_WORDS_STARTING_WITH_SURNAME = {
+    "謝謝", "谢谢", "高中", "高級", "高级", "健康", "康復", "康复", "黃金", "黄金", "溫柔", "温柔", "方便", "紀錄", "纪录",
+    "白天", "白袍", "金牌", "石頭", "石头", "古代", "古早", "田野", "江湖", "夏天", "秦朝", "余生", "何時", "何时", "何處", "何处",
+}
 
 
 # Role mailboxes of organisations (info@, service@, 2020@...) are contact points, not personal data.
@@ -275,6 +288,8 @@ def _zh_names(text: str) -> Iterable[tuple[int, int]]:
             continue
         start = m.start(1)
         if len(surname) == 1 and start > 0 and text[start - 1] + surname in _ZH_WORDS_ENDING_IN_SURNAME:
+            continue
+        if (surname + given)[:2] in _ZH_WORDS_STARTING_WITH_SURNAME:
             continue
         yield start, m.end(2)
 

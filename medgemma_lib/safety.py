@@ -11,9 +11,11 @@ are merged from the ``MEDGEMMA_EMERGENCY_RULES`` environment variable (paths sep
 expressions over the question text: a teaching aid, not a clinical triage system.
 
 Policy: a rule that matches a general information question ("What are the symptoms of a
-stroke?", 「中風的症狀有哪些？」) does not alert, unless the rule says ``info_questions: alert``
-(suicide and self-harm always show the help lines). A question counts as an information question
-when it has an information cue and no first-person / family / right-now cue; when in doubt, alert.
+stroke?", 「中風的症狀有哪些？」) or a medical-history story (「我兩年前癲癇發作過，要吃什麼藥？」)
+does not alert, unless the rule says ``info_questions: alert`` (suicide and self-harm always show
+the help lines). A question counts as an information question when it has an information cue and
+no first-person / family / right-now cue; as history when it has a past cue (去年, diagnosed, years
+ago) and no still-happening cue (正在, 剛剛, right now). When in doubt, alert.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ RULES_ENV = "MEDGEMMA_EMERGENCY_RULES"
 _BUNDLED = "emergency_rules.yaml"
 _RULE_KEYS = {"id", "title", "title_en", "message", "match", "info_questions"}
 _TOP_KEYS = {"version", "messages", "policy", "rules"}
-_POLICY_KEYS = ("information_question", "personal_or_current", "asker_phrases")
+_POLICY_KEYS = ("information_question", "personal_or_current", "asker_phrases", "past_event", "still_happening")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class RuleSet:
     information_question: tuple[re.Pattern, ...] = ()
     personal_or_current: tuple[re.Pattern, ...] = ()
     asker_phrases: tuple[re.Pattern, ...] = ()
+    past_event: tuple[re.Pattern, ...] = ()
+    still_happening: tuple[re.Pattern, ...] = ()
     sources: tuple[str, ...] = field(default=())
 
     def __len__(self) -> int:
@@ -315,6 +319,8 @@ def emergency_rules(extra: str | os.PathLike | Sequence[str | os.PathLike] | Non
         information_question=tuple(policy["information_question"]),
         personal_or_current=tuple(policy["personal_or_current"]),
         asker_phrases=tuple(policy["asker_phrases"]),
+        past_event=tuple(policy["past_event"]),
+        still_happening=tuple(policy["still_happening"]),
         sources=tuple(s for _, s in files),
     )
     _CACHE.clear()
@@ -346,6 +352,14 @@ def is_information_question(text: str, rules: RuleSet | None = None) -> bool:
     return not any(p.search(stripped) for p in rules.personal_or_current)
 
 
+def is_past_event(text: str, rules: RuleSet | None = None) -> bool:
+    """True for a medical-history story (last year, diagnosed, 兩年前) with no still-happening cue."""
+    rules = rules or emergency_rules()
+    if not any(p.search(text) for p in rules.past_event):
+        return False
+    return not any(p.search(text) for p in rules.still_happening)
+
+
 def check_emergency(text: str, rules: RuleSet | None = None) -> EmergencyAlert | None:
     """Return the alert to show before any model text when ``text`` describes an emergency.
 
@@ -364,7 +378,7 @@ def check_emergency(text: str, rules: RuleSet | None = None) -> EmergencyAlert |
             continue
         if rule.info_questions == "skip":
             if info is None:
-                info = is_information_question(text, rules)
+                info = is_information_question(text, rules) or is_past_event(text, rules)
             if info:
                 continue
         fired.append((rule, matched))

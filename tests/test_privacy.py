@@ -299,6 +299,8 @@ def synthetic_set(seed: int = 20261129, per_type: int = 60):
         f"她在 {rng.randint(2015, 2024)}年{rng.randint(1, 12)}月{rng.randint(1, 28)}日生產，產後出血", f"{rng.randint(2015, 2024)}/{rng.randint(1, 12)}/{rng.randint(1, 28)} 生病住院",
         "劑量 0.02-0.05 mg/kg，間隔 08:30-12:00", "伺服器 192.168.0.1 版本 v2.0.1.3", "WBC 12.3 x10^3/uL，CRP 0.5 mg/dL",
         "Born prematurely, the baby needed oxygen.", "Babies born between 1945 and 1965 should be tested.",
+        # Found on real Chinese medical dialogues (surname characters inside ordinary words):
+        "谢谢医生您的解释", "非常感謝醫師", "上次健康检查医生说我有脂肪肝", "我高中同學昨天打電話給我", "祝您健康医生",
     ]
     for text in negatives:
         samples.append((text, []))
@@ -422,3 +424,18 @@ def test_cli_mask_planted(tmp_path):
     counts = json.loads(report_text)["deidentification"]["counts"]
     assert counts["national_id"] == 4 and counts["phone"] == 4, counts
     assert "身分證字號" in result.stdout and "電話" in result.stdout
+
+
+@pytest.mark.shared
+def test_real_chinese_dialogues_false_positives(shared_data):
+    """Real Simplified Chinese patient questions and answers: names next to titles are rare."""
+    frame = pd.read_csv(shared_data / "zh_medical_dialogue_toyhom" / "toyhom_im_sample2000.csv")
+    hits = []
+    for column in ("question", "answer"):
+        for value in frame[column].dropna():
+            for f in scan_text(value):
+                hits.append((f.type, f.text))
+                print(f.type, repr(f.text), value[max(0, f.start - 15): f.end + 10].replace("\n", " "))
+    # Measured 2026-11-29: one hit, 崔树旺 in 「用崔树旺教授研发的专利中药」, a real name (a
+    # professor promoting a remedy). 謝謝醫生, 感謝醫生, 健康檢查醫生, 高中同學 were hits before the fix.
+    assert hits == [("name", "崔树旺")]

@@ -94,6 +94,11 @@ MUST_NOT_TRIGGER = [
     "我胸口痛，是不是胃食道逆流？",
     "I have a poison ivy rash",
     "我好像食物中毒，一直拉肚子",  # policy: food poisoning alone is not a 119 rule
+    # Medical history: a past event with no sign that it is happening now.
+    "我兩年前癲癇發作過，現在要吃什麼藥？",
+    "我妈以前昏倒过一次，医生说是低血糖，要注意什么？",
+    "My dad was diagnosed with epilepsy years ago and had a seizure last year; which drugs are best?",
+    "癲癇發作會不會變成精神病？",
     "",
 ]
 
@@ -106,6 +111,8 @@ ACUTE_TRIGGER = [
     ("我媽心肌梗塞怎麼辦", "chest_pain"),
     ("孩子發燒抽搐", "seizure"),
     ("小孩一氧化碳中毒", "poisoning"),
+    ("我爸去年中風過，今天早上又突然嘴歪", "stroke"),  # history, but happening again today
+    ("He had a seizure last year and he is having one right now", "seizure"),
 ]
 
 
@@ -280,3 +287,19 @@ def test_medquad_questions_rarely_alert(shared_data):
     print(f"{len(fired)} of {len(questions)} distinct MedQuAD questions alert")
     # Measured 2026-11-29: 2 of 14,995 ("What is (are) Self-harm ?", "What is (are) Suicide ?").
     assert set(fired) == {"What is (are) Self-harm ?", "What is (are) Suicide ?"}
+
+
+@pytest.mark.shared
+def test_real_chinese_patient_questions_alert_rate(shared_data):
+    """Real (Simplified Chinese) patient questions: alerts stay rare and are looked at."""
+    frame = pd.read_csv(shared_data / "zh_medical_dialogue_toyhom" / "toyhom_im_sample2000.csv")
+    fired = [(check_emergency(q), q) for q in frame["question"].dropna()]
+    fired = [(a.rule_ids, q) for a, q in fired if a]
+    for ids, q in fired:
+        print(ids, q.replace("\n", " ")[:120])
+    print(f"{len(fired)} of {len(frame)} questions alert")
+    # Measured 2026-11-29: 26 of 2,000, most of them seizures or fainting told as a story with no
+    # past cue; several are real emergencies (今天侄女突然手脚抽搐，口吐白沫). Without the past-event
+    # policy it was 76.
+    assert len(fired) <= 30
+    assert any("今天侄女突然手脚抽搐" in q for _, q in fired)
