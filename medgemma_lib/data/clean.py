@@ -90,7 +90,7 @@ def _guess_mapping(found: list[str]) -> str:
     pick = {}
     for target, words in {"question": ("ask", "question", "q", "問題", "问题", "title", "prompt", "input"),
                           "answer": ("answer", "response", "a", "回答", "答案", "output", "reply")}.items():
-        pick[target] = next((found[i] for i, c in enumerate(lower) if c in words), found[0] if found else "欄名")
+        pick[target] = next((found[lower.index(w)] for w in words if w in lower), found[0] if found else "欄名")
     return f"question={pick['question']},answer={pick['answer']}"
 
 

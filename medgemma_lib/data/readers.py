@@ -97,7 +97,9 @@ def decode_bytes(data: bytes, where: str, encoding: str | None = None) -> tuple[
         except UnicodeDecodeError as exc:
             raise DataError(
                 f"{where} 無法以指定的編碼 {encoding} 解碼：第 {_line_of(data, exc.start)} 行附近（第 {exc.start} 個位元組）有不合法的位元組。",
-                hint="請確認檔案的實際編碼；不加 --encoding 讓程式自動偵測，或改用 cp950（Big5）、gb18030、utf-16 試試。",
+                hint="請確認檔案的實際編碼；不加 --encoding 讓程式自動偵測，或改用 "
+                + "、".join(e for e in ("utf-8", "cp950", "gb18030", "utf-16") if codecs.lookup(e).name != codecs.lookup(encoding).name)
+                + " 試試。",
             ) from None
     if data.startswith(codecs.BOM_UTF8):
         return _strict(data, "utf-8-sig", where), "utf-8-sig", True
@@ -110,8 +112,42 @@ def decode_bytes(data: bytes, where: str, encoding: str | None = None) -> tuple[
     else:
         if "\x00" in text or _looks_binary(data):
             raise _binary_error(where)
+        if _short_non_cjk_utf8(text, data):
+            raise _ambiguous_error(where, ["utf-8", "gb18030", "cp950"])
         return text, "utf-8", True
     return _detect_legacy(data, where)
+
+
+def _cjk(text: str) -> int:
+    return sum(1 for ch in text if "\u3400" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff")
+
+
+def _non_ascii_bytes(data: bytes) -> int:
+    return sum(1 for b in data if b >= 0x80)
+
+
+def _legacy_decodes(data: bytes) -> list[str]:
+    ok = []
+    for enc in ("gb18030", "cp950"):
+        try:
+            data.decode(enc)
+            ok.append(enc)
+        except UnicodeDecodeError:
+            pass
+    return ok
+
+
+def _short_non_cjk_utf8(text: str, data: bytes) -> bool:
+    """A few non-ASCII bytes that are valid UTF-8 but no Chinese: could be GB/Big5 Chinese misread."""
+    n = _non_ascii_bytes(data)
+    return 0 < n < 64 and _cjk(text) == 0 and any(_cjk(data.decode(e)) for e in _legacy_decodes(data))
+
+
+def _ambiguous_error(where: str, candidates: list[str]) -> DataError:
+    return DataError(
+        f"{where} 的編碼無法確定：可能是 {'、'.join(candidates)}，猜錯會產生亂碼，所以沒有繼續。",
+        hint="請以 --encoding 指定，例如 --encoding cp950（台灣 Big5）、--encoding gb18030（中國大陸 GBK）或 --encoding utf-8。",
+    )
 
 
 def _strict(data: bytes, encoding: str, where: str) -> str:
@@ -153,12 +189,11 @@ def _detect_legacy(data: bytes, where: str) -> tuple[str, str, bool]:
     best, best_chaos = ranked[0]
     # Big5 bytes also decode as GB18030 (and vice versa) into plausible-looking nonsense.
     rivals = [enc for enc, chaos in ranked[1:] if {enc, best} == {"cp950", "gb18030"} and chaos - best_chaos < 0.05]
+    # With little text both decodings can look plausible; refuse rather than risk mojibake.
+    if best in ("cp950", "gb18030") and _non_ascii_bytes(data) < 64 and len(_legacy_decodes(data)) == 2:
+        rivals = [e for e in ("cp950", "gb18030") if e != best]
     if rivals or best_chaos > 0.2:
-        shown = "、".join([best, *rivals])
-        raise DataError(
-            f"{where} 的編碼無法確定：可能是 {shown}，猜錯會產生亂碼，所以沒有繼續。",
-            hint="請以 --encoding 指定，例如 --encoding cp950（台灣 Big5）或 --encoding gb18030（中國大陸 GBK）。",
-        )
+        raise _ambiguous_error(where, [best, *rivals])
     try:
         return data.decode(best), best, True
     except UnicodeDecodeError as exc:
