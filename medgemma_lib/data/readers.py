@@ -256,6 +256,11 @@ def read_csv(path: Path, encoding: str | None = None) -> RawTable:
             continue
         rows.append(dict(zip(columns, values)))
         locations.append(f"第 {line} 行")
+    if not rows and malformed:
+        raise DataError(
+            f"{path.name} 的 {len(malformed)} 個資料列欄位數都與標題列不符：{'；'.join(malformed[:3])}。",
+            hint="請確認分隔符號是逗號（Tab 分隔請存成 .tsv）、欄位內的逗號有用雙引號括起來。",
+        )
     if not rows and not malformed:
         raise DataError(f"{path.name} 只有標題列（{', '.join(columns)}），沒有任何資料列。", hint="請確認匯出時有包含資料。")
     return RawTable(rows, columns, "csv", enc, detected, malformed, locations)
@@ -300,6 +305,11 @@ def read_jsonl(path: Path, encoding: str | None = None) -> RawTable:
         locations.append(where)
     if not rows and not malformed:
         raise DataError(f"{path.name} 沒有任何資料（只有空行）。", hint="JSONL 每行一筆，例如 {\"question\": \"...\", \"answer\": \"...\"}。")
+    if not rows:
+        raise DataError(
+            f"{path.name} 的 {len(malformed)} 行都無法解析成問答物件：{'；'.join(malformed[:3])}。",
+            hint='JSONL 每行必須是一個 JSON 物件，例如 {"question": "...", "answer": "..."}；請用 JSON 檢查工具修正。',
+        )
     for row in rows:
         for c in columns:
             row.setdefault(c, "")
