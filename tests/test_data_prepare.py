@@ -130,3 +130,13 @@ def test_full_medquad_under_two_minutes(shared_data):
     assert report["counts"]["dropped"]["duplicate"] == 48  # the 48 exact (question, answer) repeats
     _no_leakage(splits)
     assert seconds < 120
+
+
+def test_shipped_samples_regenerate_byte_for_byte(shared_data, repo_root, tmp_path):
+    from medgemma_lib.data.samples import build_samples
+
+    counts = build_samples(shared_data, tmp_path)
+    assert counts == {"medquad_sample.csv": 1057, "zh_toyhom_sample_gb18030.csv": 200}
+    for name in counts:
+        assert (tmp_path / name).read_bytes() == (repo_root / "data" / name).read_bytes()
+    assert (repo_root / "data" / "LICENSE-MedQuAD-CC-BY-4.0.txt").is_file() and (repo_root / "data" / "LICENSE-Toyhom-MIT.txt").is_file()
