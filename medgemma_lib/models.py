@@ -366,6 +366,8 @@ def quantization_config(quantization: str, device: str, profile: ModelProfile | 
 def device_map_for(device: str) -> dict | str:
     """Place the whole model on this process's device (also correct under ``accelerate launch``)."""
     if device.startswith("cuda"):
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+            return None  # FSDP-QLoRA: accelerate places and shards the (bf16-stored) 4-bit weights itself
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         return {"": local_rank}
     return {"": "cpu"}

@@ -1,0 +1,159 @@
+"""``python -m medgemma_lib demo``: the whole course in one command, on a laptop CPU, offline.
+
+Prepares the shipped MedQuAD sample, loads Gemma 3 270M in NF4 (real bitsandbytes), trains LoRA
+with :func:`medgemma_lib.train.run_training` (the same function as notebook 05 and ``train``),
+evaluates base vs fine-tuned on the held-out test split (``medgemma_lib.evaluate``), and prints
+where everything is. Settings: ``configs/demo.yaml`` (overrides on the command line win).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from medgemma_lib.errors import TrainingError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = "configs/demo.yaml"
+
+
+def demo_config_path() -> Path:
+    """``configs/demo.yaml`` of the current folder, else of the repository this package sits in."""
+    for base in (Path.cwd(), REPO_ROOT):
+        if (base / DEMO_CONFIG).is_file():
+            return base / DEMO_CONFIG
+    raise TrainingError(f"找不到示範設定檔 {DEMO_CONFIG}。", hint="請在專案資料夾（含 configs/ 的那一層）執行 python -m medgemma_lib demo。")
+
+
+def load_demo_config(overrides: list[str] | None = None):
+    """The demo config, with the sample data path made absolute when run from elsewhere."""
+    from medgemma_lib.config import load_config
+
+    cfg = load_config(demo_config_path(), overrides)
+    data_path = Path(cfg.data.input)
+    if not data_path.is_absolute() and not data_path.exists() and (REPO_ROOT / data_path).exists():
+        cfg.data.input = str(REPO_ROOT / data_path)
+    return cfg
+
+
+def run_demo(overrides: list[str] | None = None, evaluate: bool = True) -> dict:
+    """Run the demo end to end; returns a summary dict (also written to ``demo_summary.json``)."""
+    from medgemma_lib.models import ensure_demo_model, load_tokenizer
+    from medgemma_lib.train import display_path, run_training
+
+    started = time.time()
+    cfg = load_demo_config(overrides)
+    if cfg.model.profile != "demo":
+        raise TrainingError("demo 指令只用示範模型（model.profile=demo）。", hint="訓練其他模型請用 python -m medgemma_lib train --config configs/<設定>.yaml。")
+    print("== 1/4 示範模型 ==", flush=True)
+    t = time.time()
+    ensure_demo_model(verbose=True)
+    timings = {"model_cache_s": round(time.time() - t, 1)}
+    print(f"示範模型就緒（{timings['model_cache_s']:.0f} 秒）。", flush=True)
+
+    print("== 2/4 準備資料 ==", flush=True)
+    t = time.time()
+    from medgemma_lib.data import prepare_from_config
+
+    tokenizer = load_tokenizer("demo")
+    splits, _report = prepare_from_config(cfg.data, output_dir=None, tokenizer=tokenizer)
+    counts = {name: len(ds) for name, ds in splits.items()}
+    timings["data_s"] = round(time.time() - t, 1)
+    print(f"資料：{display_path(cfg.data.input)} → 訓練 {counts.get('train', 0)}、驗證 {counts.get('validation', 0)}、測試 {counts.get('test', 0)} 筆（答案 ≤ {cfg.data.max_answer_chars} 字元）。", flush=True)
+
+    print("== 3/4 QLoRA 訓練 ==", flush=True)
+    result = run_training(cfg, datasets=splits, tokenizer=tokenizer)
+    timings["train_total_s"] = round(time.time() - t - timings["data_s"], 1)
+    if result.final_eval_loss is None or result.initial_eval_loss is None:
+        raise TrainingError("示範訓練沒有得到驗證集 loss。", hint="請確認 data.validation_fraction 大於 0。")
+
+    print("== 4/4 在測試集上比較微調前後 ==", flush=True)
+    t = time.time()
+    evaluation = _evaluate(result, tokenizer) if evaluate else None
+    timings["evaluate_s"] = round(time.time() - t, 1)
+    timings["total_s"] = round(time.time() - started, 1)
+    summary = {
+        "run_dir": display_path(result.run_dir),
+        "adapter_dir": display_path(result.adapter_dir),
+        "counts": counts,
+        "validation_loss": {"before": result.initial_eval_loss, "after": result.final_eval_loss},
+        "test": evaluation,
+        "steps": result.global_step,
+        "seconds_per_step": result.seconds_per_step,
+        "tokens_per_second": result.tokens_per_second,
+        "timings": timings,
+    }
+    Path(result.run_dir, "demo_summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1), encoding="utf-8")
+    _print_summary(summary)
+    return summary
+
+
+def _evaluate(result, tokenizer) -> dict | None:
+    """Base vs fine-tuned on the test split: the full evaluator when present, else loss only."""
+    model = result.trainer.model
+    model.eval()
+    try:
+        from medgemma_lib import evaluate as ev
+    except ImportError:
+        ev = None
+    if ev is not None and hasattr(ev, "run_evaluation"):
+        out = ev.run_evaluation(result.run_dir, model=model, tokenizer=tokenizer, num_chinese_samples=2, verbose=True)
+        models = out.get("models", {})
+        return {
+            name: {k: models[name].get(k) for k in ("loss", "perplexity", "rougeL", "chrf", "bleu") if k in models.get(name, {})}
+            for name in ("base", "tuned") if name in models
+        } | {"report": display_rel(result.run_dir, "eval.md")}
+    # Fallback: the same masked loss as training, adapter off (base) and on (tuned).
+    trainer = result.trainer
+    from medgemma_lib.config import load_config
+
+    cfg = load_config(Path(result.run_dir) / "config.yaml")
+    from medgemma_lib.data import prepare_from_config
+
+    splits, _ = prepare_from_config(cfg.data, output_dir=None, tokenizer=tokenizer)
+    test = splits["test"].select_columns(["prompt", "completion"])
+    with model.disable_adapter():
+        base = trainer.evaluate(eval_dataset=test, metric_key_prefix="test")["test_loss"]
+    tuned = trainer.evaluate(eval_dataset=test, metric_key_prefix="test")["test_loss"]
+    return {"base": {"loss": base, "perplexity": math.exp(base)}, "tuned": {"loss": tuned, "perplexity": math.exp(tuned)}}
+
+
+def display_rel(run_dir, name: str) -> str:
+    from medgemma_lib.train import display_path
+
+    return display_path(Path(run_dir) / name)
+
+
+def _print_summary(s: dict) -> None:
+    from medgemma_lib import MEDICAL_DISCLAIMER
+
+    v = s["validation_loss"]
+    print("\n== 示範完成 ==", flush=True)
+    print(f"驗證集 loss：{v['before']:.3f} → {v['after']:.3f}（{(v['before'] - v['after']) / v['before']:.1%} 下降）")
+    test = s.get("test") or {}
+    if "base" in test and "tuned" in test:
+        b, t = test["base"], test["tuned"]
+        print(f"測試集 loss：基礎模型 {b['loss']:.3f}（困惑度 {math.exp(b['loss']):.1f}）→ 微調後 {t['loss']:.3f}（困惑度 {math.exp(t['loss']):.1f}）")
+        for key, name in (("rougeL", "ROUGE-L"), ("chrf", "chrF")):
+            if key in b and key in t and b[key] is not None:
+                print(f"{name}：{b[key]:.2f} → {t[key]:.2f}")
+    print(f"訓練 {s['steps']} 步，每步 {s['seconds_per_step'] or 0:.1f} 秒；全部 {s['timings']['total_s']:.0f} 秒。")
+    print(f"LoRA adapter：{s['adapter_dir']}")
+    print(f"執行資料夾：{s['run_dir']}（config.yaml、loss.png、train_log.jsonl、memory.json、tensorboard/、eval.md）")
+    print("下一步：notebooks/06_模型評估.ipynb，或 python -m medgemma_lib chat --run " + s["run_dir"])
+    print(MEDICAL_DISCLAIMER)
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("demo", help="一個指令跑完整個流程：示範模型（CPU、離線）準備資料、QLoRA 訓練、評估")
+    p.add_argument("--no-eval", action="store_true", help="略過測試集評估（只訓練）")
+    p.add_argument("overrides", nargs="*", metavar="區段.鍵=值", help="覆寫 configs/demo.yaml，例如 train.max_steps=40")
+    p.set_defaults(func=_cli_demo)
+
+
+def _cli_demo(args) -> int:
+    summary = run_demo(list(args.overrides), evaluate=not args.no_eval)
+    v = summary["validation_loss"]
+    return 0 if v["after"] < v["before"] else 1
