@@ -46,6 +46,10 @@ def test_prepare_shipped_sample(repo_root, tmp_path):
     assert third.returncode == 0, third.stderr
     assert json.loads((tmp_path / "prepared" / "prepare_report.json").read_text(encoding="utf-8"))["counts"]["final"]["train"] == 50
     assert [p.name for p in tmp_path.iterdir()] == ["prepared"]  # no temporary folders left behind
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    stats = subprocess.run([sys.executable, "-m", "medgemma_lib", "data", "stats", str(tmp_path / "prepared")],
+                           cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+    assert stats.returncode == 0 and "目前資料夾中的筆數：train 50" in stats.stdout
 
 
 def test_cli_options_and_config(repo_root, tmp_path):

@@ -128,6 +128,7 @@ def test_full_medquad_under_two_minutes(shared_data):
     assert report["counts"]["rows_in"] == 16423
     _assert_adds_up(report)
     assert report["counts"]["dropped"]["duplicate"] == 48  # the 48 exact (question, answer) repeats
+    assert sum(report["counts"]["dropped"].values()) == 48
     _no_leakage(splits)
     assert seconds < 120
 
@@ -140,3 +141,27 @@ def test_shipped_samples_regenerate_byte_for_byte(shared_data, repo_root, tmp_pa
     for name in counts:
         assert (tmp_path / name).read_bytes() == (repo_root / "data" / name).read_bytes()
     assert (repo_root / "data" / "LICENSE-MedQuAD-CC-BY-4.0.txt").is_file() and (repo_root / "data" / "LICENSE-Toyhom-MIT.txt").is_file()
+
+
+def test_zero_fractions_give_empty_splits_with_the_same_columns(repo_root):
+    splits, report = prepare_from_config(_cfg(repo_root, validation_fraction=0.0, test_fraction=0.0))
+    assert len(splits["train"]) == 1057 and len(splits["validation"]) == 0 and len(splits["test"]) == 0
+    assert splits["validation"].column_names == splits["train"].column_names
+    _assert_adds_up(report)
+
+
+def test_histogram_labels_never_render_as_boxes(repo_root):
+    import re
+
+    from medgemma_lib import plots
+    from medgemma_lib.data.lengths import cut_table, length_summary, recommend_max_length
+    from medgemma_lib.data import plot_token_lengths
+
+    totals = [30, 50, 80, 120, 400, 900, 2000]
+    lengths = {"prompt": [10] * 7, "completion": [t - 10 for t in totals], "total": totals}
+    report = {"summary": length_summary(lengths), "cut_table": cut_table(totals), "recommended": recommend_max_length(totals, 20.0), "lengths": lengths}
+    ax = plot_token_lengths(report)
+    texts = [ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), *(t.get_text() for t in ax.get_legend().get_texts())]
+    has_cjk = any(re.search(r"[\u4e00-\u9fff]", t) for t in texts)
+    assert has_cjk == plots.has_cjk_font()  # Chinese only when a CJK font exists, English otherwise
+    assert str(report["recommended"]["max_length"]) in texts[-1]

@@ -18,9 +18,12 @@ DROP_REASONS = {
     "malformed": "格式錯誤的列",
     "empty_question": "問題是空的",
     "empty_answer": "答案是空的",
+    "control_tokens": "含有對話模板的控制符號（例如 <start_of_turn>）",
     "duplicate": "完全重複（問題與答案都相同）",
     "answer_too_long": "答案超過長度上限（drop）",
 }
+# Literal Gemma control tokens in data would be parsed as real turn markers and break the masking.
+_CONTROL_TOKENS = re.compile(r"<(?:bos|eos|pad|start_of_turn|end_of_turn|start_of_image|end_of_image|image_soft_token)>")
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？；;])\s|(?<=[。！？；])|\n")
 
 
@@ -146,6 +149,8 @@ def clean_rows(
             reason = "empty_question"
         elif not a:
             reason = "empty_answer"
+        elif _CONTROL_TOKENS.search(q) or _CONTROL_TOKENS.search(a):
+            reason = "control_tokens"
         elif pair in seen:
             reason = "duplicate"
         elif len(a) > max_answer_chars:
