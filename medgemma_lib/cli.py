@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "medgemma_lib.train",
     "medgemma_lib.demo",
     "medgemma_lib.evaluate",
+    "medgemma_lib.chat",
     "medgemma_lib.export",
     "medgemma_lib.bench",
 ]

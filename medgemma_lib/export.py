@@ -1,0 +1,311 @@
+"""Merge a run's LoRA adapter into the base model and export a standalone folder (notebook 07).
+
+Why the base is loaded *unquantised* for merging: QLoRA trains the adapter on top of NF4 weights,
+but adding the LoRA update ``B·A`` into 4-bit weights would round it away again (NF4 has 16
+levels per block), and PEFT would have to dequantise, add and re-quantise — a lossy round trip.
+So the base is loaded in bf16 (or fp32 on CPU), the adapter is added exactly, and the merged
+weights are saved as safetensors. The folder (weights, tokenizer, chat template, generation
+config with both stop tokens, a model card) loads with plain ``transformers``::
+
+    AutoModelForCausalLM.from_pretrained("results/<run>/merged")
+
+Memory: merging needs the whole base in bf16 in CPU RAM (about 2 bytes per parameter: 0.6 GB for
+the demo model, 9 GB for 4B, 55 GB for 27B) plus the same on disk.
+
+:func:`verify_export` checks that the exported folder gives the same greedy answer as base +
+adapter. :func:`push_to_hub` uploads the folder (private by default) with a token from
+``medgemma_lib.auth.find_token``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from medgemma_lib import MEDICAL_DISCLAIMER
+from medgemma_lib.errors import AuthError, ConfigError, ModelError, OutputError
+
+MERGED_DIR = "merged"
+EXPORT_MANIFEST = "medgemma_export.json"
+DTYPES = ("bfloat16", "float32")
+VERIFY_QUESTIONS = ["What are the symptoms of diabetes?", "糖尿病的症狀是什麼?"]
+_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def default_output_dir(run_dir: str | Path, dtype: str = "bfloat16") -> Path:
+    """``results/<run>/merged`` (bf16) or ``results/<run>/merged-float32``."""
+    return Path(run_dir) / (MERGED_DIR if dtype == "bfloat16" else f"{MERGED_DIR}-{dtype}")
+
+
+def load_merge_pair(run_dir: str | Path, dtype: str = "bfloat16", device: str = "cpu"):
+    """Unquantised base + adapter (a ``PeftModel``), the tokenizer and the run; nothing merged yet."""
+    from medgemma_lib.evaluate import attach_adapter, open_run
+    from medgemma_lib.models import check_dtype_allowed, load_model, load_tokenizer
+
+    if dtype not in DTYPES:
+        check_dtype_allowed(dtype)  # fp16 gets its own explanation
+        raise ConfigError(f"不支援的匯出精度 {dtype!r}。", hint="請用 bfloat16（預設）或 float32（只在 CPU 上需要完全精確時）。")
+    run = open_run(run_dir)
+    tokenizer = load_tokenizer(run.config.model.profile)
+    base = load_model(run.config.model.profile, "none", device, dtype=dtype)  # never NF4: see module docstring
+    return attach_adapter(base, run.adapter_dir), tokenizer, run
+
+
+def merge_adapter(
+    run_dir: str | Path,
+    output_dir: str | Path | None = None,
+    dtype: str = "bfloat16",
+    device: str = "cpu",
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> Path:
+    """Merge the run's adapter into an unquantised copy of the base and save a standalone folder.
+
+    The folder is written to a temporary sibling and renamed into place only when complete.
+    Returns the output folder.
+    """
+    started = time.time()
+    out = Path(output_dir) if output_dir else default_output_dir(run_dir, dtype)
+    if out.exists() and not overwrite:
+        raise OutputError(f"匯出資料夾 {out} 已經存在。", hint="請換一個 --output，或加上 --overwrite 覆蓋。")
+    if verbose:
+        print(f"載入未量化的基礎模型（{dtype}，{device}）並掛上轉接器…", flush=True)
+    model, tokenizer, run = load_merge_pair(run_dir, dtype, device)
+    merged = model.merge_and_unload()
+    _check_merged(merged)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+        tokenizer.save_pretrained(tmp)
+        _write_generation_config(merged, tmp)
+        (tmp / "README.md").write_text(model_card(run, dtype), encoding="utf-8")
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(_manifest(run, dtype, started), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"無法寫入匯出資料夾 {out}：{exc.strerror or exc}", hint="請確認磁碟空間（約為模型大小）與寫入權限。") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verbose:
+        size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 1e9
+        print(f"已匯出合併後的模型：{out}（{size:.2f} GB，{time.time() - started:.0f} 秒）", flush=True)
+    return out
+
+
+def _check_merged(model) -> None:
+    leftover = [n for n, _ in model.named_modules() if n.endswith("lora_A") or n.endswith("lora_B")]
+    if leftover:
+        raise ModelError(f"合併後仍有 LoRA 層（例如 {leftover[0]}）。", hint="請回報此問題並附上 peft 版本。")
+
+
+def _write_generation_config(model, folder: Path) -> None:
+    """Stop on both ``<eos>`` and ``<end_of_turn>``, pad with ``<pad>``, greedy by default."""
+    from transformers import GenerationConfig
+
+    from medgemma_lib.models import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
+
+    gc = getattr(model, "generation_config", None) or GenerationConfig()
+    eos = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id] if gc.eos_token_id is not None else []
+    gc.eos_token_id = sorted({*eos, EOS_ID, END_OF_TURN_ID})
+    gc.pad_token_id = PAD_ID if gc.pad_token_id is None else gc.pad_token_id
+    gc.bos_token_id = BOS_ID if gc.bos_token_id is None else gc.bos_token_id
+    gc.save_pretrained(folder)
+
+
+def _manifest(run, dtype: str, started: float) -> dict:
+    import hashlib
+
+    import peft
+    import transformers
+
+    digest = hashlib.sha256((run.adapter_dir / "adapter_model.safetensors").read_bytes()).hexdigest()
+    return {
+        "run": run.name,
+        "base_model": run.config.model.profile,
+        "trained_quantization": run.config.model.quantization,
+        "dtype": dtype,
+        "adapter_sha256": digest,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def model_card(run, dtype: str) -> str:
+    """A short Traditional Chinese model card (also the Hub README)."""
+    base = run.config.model.profile
+    return f"""---
+language: [zh, en]
+library_name: transformers
+tags: [medgemma, gemma3, lora, medquad, medgemma-zh]
+---
+
+# {run.name}（合併後的 LoRA 微調模型）
+
+- 基礎模型：`{base}`（訓練時以 {run.config.model.quantization} 載入）
+- 微調資料：`{run.config.data.input}`；LoRA r={run.config.lora.r}、alpha={run.config.lora.alpha}
+- 權重精度：{dtype}；轉接器已合併，可直接以 `transformers` 載入：
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("這個資料夾")
+tokenizer = AutoTokenizer.from_pretrained("這個資料夾")
+```
+
+> {MEDICAL_DISCLAIMER}
+
+使用本模型須遵守基礎模型的授權條款（Gemma 使用條款；MedGemma 另受 Health AI Developer Foundations 條款約束）。
+本模型由 medgemma-zh 課程產生，僅供教學與研究，未經臨床驗證。
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Verification
+
+
+def greedy_token_ids(model, tokenizer, questions: list[str], max_new_tokens: int = 24) -> list[list[int]]:
+    """Greedy answer token ids, one question at a time (no padding: exact comparisons)."""
+    import torch
+
+    from medgemma_lib.generation import _generate_kwargs, _model_device, build_prompt
+
+    device = _model_device(model)
+    kwargs = _generate_kwargs(model, tokenizer, max_new_tokens, False, 1.0, 1.0)
+    out = []
+    for q in questions:
+        enc = tokenizer(build_prompt(tokenizer, q), return_tensors="pt", add_special_tokens=False).to(device)
+        with torch.inference_mode():
+            ids = model.generate(**enc, **kwargs)
+        out.append(ids[0, enc["input_ids"].shape[1]:].tolist())
+    return out
+
+
+def verify_export(export_dir: str | Path, run_dir: str | Path, questions: list[str] | None = None, max_new_tokens: int = 24, verbose: bool = True) -> dict:
+    """Compare greedy answers of the exported folder with base + adapter (same dtype, unmerged).
+
+    Returns ``{"same": bool, "questions": [...], "exported": [...], "adapter": [...], "base": [...]}``;
+    ``base`` (adapter disabled) shows that the adapter really changes the answers.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export_dir = Path(export_dir)
+    manifest = json.loads((export_dir / EXPORT_MANIFEST).read_text(encoding="utf-8")) if (export_dir / EXPORT_MANIFEST).is_file() else {}
+    dtype = manifest.get("dtype", "bfloat16")
+    questions = questions or VERIFY_QUESTIONS
+    tok = AutoTokenizer.from_pretrained(str(export_dir))
+    exported = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=getattr(torch, dtype))
+    exported.eval()
+    got = greedy_token_ids(exported, tok, questions, max_new_tokens)
+    del exported
+    pair, tokenizer, _ = load_merge_pair(run_dir, dtype, "cpu")
+    want = greedy_token_ids(pair, tokenizer, questions, max_new_tokens)
+    with pair.disable_adapter():
+        base = greedy_token_ids(pair, tokenizer, questions, max_new_tokens)
+    decode = lambda rows: [tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]  # noqa: E731
+    result = {
+        "same": got == want,
+        "adapter_changes_answers": base != want,
+        "dtype": dtype,
+        "questions": questions,
+        "exported": decode(got),
+        "adapter": decode(want),
+        "base": decode(base),
+        "exported_ids": got,
+        "adapter_ids": want,
+    }
+    if verbose:
+        print("匯出模型與「基礎模型＋轉接器」的貪婪答案" + ("完全相同 ✓" if result["same"] else "不同 ✗"), flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Hub
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``owner/name`` with Hub-legal characters, else ConfigError."""
+    repo_id = (repo_id or "").strip()
+    if not _REPO_ID_RE.match(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")):
+        raise ConfigError(
+            f"Hub 儲存庫名稱 {repo_id!r} 格式不正確。",
+            hint="格式為 使用者或組織/模型名稱，例如 my-name/medgemma-zh-demo（只能用英數字、-、_、.）。",
+        )
+    return repo_id
+
+
+def push_to_hub(export_dir: str | Path, repo_id: str, token: str | None = None, private: bool = True, endpoint: str | None = None, verbose: bool = True) -> str:
+    """Upload an exported folder to the Hugging Face Hub (private by default); returns the repo URL."""
+    export_dir = Path(export_dir)
+    repo_id = check_repo_id(repo_id)
+    if not (export_dir / "config.json").is_file() or not any(export_dir.glob("*.safetensors")):
+        raise ModelError(f"{export_dir} 不是匯出的模型資料夾（缺少 config.json 或 *.safetensors）。", hint="請先執行 python -m medgemma_lib export --run 執行資料夾。")
+    from medgemma_lib.auth import TOKENS_PAGE, find_token, mask_token
+
+    token, source = find_token(token)
+    if not token:
+        raise AuthError("上傳到 Hugging Face Hub 需要具有寫入權限的存取權杖（token），但沒有找到。", hint="請執行 hf auth login，或設定環境變數 HF_TOKEN（權杖需要 write 權限）。")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise AuthError("目前是離線模式（HF_HUB_OFFLINE=1），無法上傳。", hint="請在有網路的環境取消 HF_HUB_OFFLINE 後再上傳。")
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint, token=token)
+    if verbose:
+        print(f"上傳 {export_dir.name} 到 {repo_id}（{'私人' if private else '公開'}，權杖 {mask_token(token)}）…", flush=True)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(folder_path=str(export_dir), repo_id=repo_id, repo_type="model", commit_message="Upload merged model from medgemma-zh")
+    except Exception as exc:  # HTTP errors from the Hub: explain in Chinese
+        from medgemma_lib.auth import classify_hub_error
+
+        kind = classify_hub_error(exc)
+        if kind in ("invalid_token", "forbidden"):
+            raise AuthError(f"Hub 拒絕上傳到 {repo_id}：權杖無效或沒有寫入權限。", hint=f"請到 {TOKENS_PAGE} 建立具有 write 權限的權杖，並確認你對這個使用者或組織有寫入權。") from None
+        if kind == "network_error":
+            raise AuthError("無法連線到 Hugging Face Hub。", hint="請檢查網路連線後重試；已上傳的檔案不會重複上傳。") from None
+        raise AuthError(f"上傳到 Hub 失敗：{str(exc).splitlines()[0][:200]}", hint="請檢查網路連線後重試；已上傳的檔案不會重複上傳。") from None
+    return str(url)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("export", help="把 LoRA 轉接器合併進基礎模型，匯出可直接以 transformers 載入的資料夾（可選上傳 Hub）")
+    p.add_argument("--run", required=True, help="訓練結果資料夾，例如 results/demo-run")
+    p.add_argument("--output", default=None, help="輸出資料夾（預設：<run>/merged）")
+    p.add_argument("--dtype", default="bfloat16", help="權重精度：bfloat16（預設）或 float32")
+    p.add_argument("--overwrite", action="store_true", help="輸出資料夾已存在時覆蓋")
+    p.add_argument("--verify", action="store_true", help="匯出後比對匯出模型與「基礎模型＋轉接器」的貪婪答案")
+    p.add_argument("--push-to-hub", metavar="使用者/名稱", default=None, help="匯出後上傳到 Hugging Face Hub 的儲存庫")
+    p.add_argument("--public", action="store_true", help="上傳為公開儲存庫（預設為私人）")
+    p.set_defaults(func=_cli_export)
+
+
+def _cli_export(args) -> int:
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)  # fail before the minutes of merging
+    out = merge_adapter(args.run, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    if args.verify:
+        result = verify_export(out, args.run)
+        if not result["same"]:
+            if args.dtype == "bfloat16":
+                print("注意：bf16 的捨入順序在合併前後不同，長答案偶爾會在後段分歧；需要完全一致時請用 --dtype float32。")
+            else:
+                raise ModelError("匯出的模型與「基礎模型＋轉接器」答案不同。", hint="請回報此問題並附上 transformers 與 peft 版本。")
+    if args.push_to_hub:
+        url = push_to_hub(out, args.push_to_hub, private=not args.public)
+        print(f"已上傳：{url}")
+    return 0
