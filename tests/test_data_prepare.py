@@ -165,3 +165,20 @@ def test_histogram_labels_never_render_as_boxes(repo_root):
     has_cjk = any(re.search(r"[\u4e00-\u9fff]", t) for t in texts)
     assert has_cjk == plots.has_cjk_font()  # Chinese only when a CJK font exists, English otherwise
     assert str(report["recommended"]["max_length"]) in texts[-1]
+
+
+def test_default_input_resolves_from_any_working_folder(repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root / "notebooks")
+    _, report = prepare_from_config(DataSection(max_train_examples=5, max_eval_examples=5))
+    assert report["input"]["path"] == SAMPLE and report["counts"]["final"]["train"] == 5
+
+
+def test_full_medquad_xml_tarball(shared_data):
+    started = time.perf_counter()
+    splits, report = prepare_from_config(DataSection(input=str(shared_data / "medquad" / "medquad_xml.tar.gz")))
+    print(f"\nfull MedQuAD XML prepare: {time.perf_counter() - started:.1f} s")
+    c = report["counts"]
+    assert c["rows_in"] == 47457 and c["dropped"]["empty_answer"] == 47457 - 16423 and c["dropped"]["malformed"] == 0
+    assert c["kept"] == 16423 - 48
+    _assert_adds_up(report)
+    _no_leakage(splits)

@@ -31,6 +31,17 @@ def display_path(path: str | Path) -> str:
         return p.name
 
 
+def resolve_path(path: str | Path) -> Path:
+    """``path`` as given; a relative path missing from the working folder is tried against the repository.
+
+    So ``data/medquad_sample.csv`` (the config default) works from the repository root and from ``notebooks/``.
+    """
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
+        return REPO_ROOT / p
+    return p
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file, or of every file (sorted relative names and bytes) in a folder."""
     digest = hashlib.sha256()
@@ -77,7 +88,7 @@ def _split_stats(records: list[dict]) -> dict:
 def prepare_records(data_cfg, tokenizer=None, input_format: str | None = None) -> tuple[dict[str, list[dict]], dict]:
     """Read, clean, de-identify, split and format ``data_cfg.input``; returns (records per split, report)."""
     started = time.perf_counter()
-    path = Path(data_cfg.input).expanduser()
+    path = resolve_path(data_cfg.input)
     mapping = _clean.parse_column_mapping(data_cfg.columns)
     table = readers.read_table(path, input_format, data_cfg.encoding)
     columns = _clean.resolve_columns(table.columns, mapping, f"輸入檔 {path.name}")
@@ -163,14 +174,15 @@ def prepare_from_config(
     if output_dir is not None:
         storage.check_output_dir(output_dir, overwrite)  # fail before any work
     if data_cfg.prepared_dir:
-        splits = storage.load_prepared(data_cfg.prepared_dir)
-        report = storage.load_report(data_cfg.prepared_dir)
+        prepared = resolve_path(data_cfg.prepared_dir)
+        splits = storage.load_prepared(prepared)
+        report = storage.load_report(prepared)
         limits = {"train": data_cfg.max_train_examples, "validation": data_cfg.max_eval_examples, "test": data_cfg.max_eval_examples}
         for name, limit in limits.items():
             if name in splits and limit is not None and len(splits[name]) > limit:
                 splits[name] = splits[name].select(range(limit))
         report.setdefault("counts", {})["final"] = {n: len(d) for n, d in splits.items()}
-        report["loaded_from"] = display_path(data_cfg.prepared_dir)
+        report["loaded_from"] = display_path(prepared)
     else:
         by_split, report = prepare_records(data_cfg, tokenizer, input_format)
         splits = to_dataset_dict(by_split)
