@@ -76,7 +76,7 @@ def _load_tokenizer(choice: str):
 
     if choice == "auto":
         if not models.demo_model_cached():
-            return None, "略過 token 長度：示範模型尚未下載轉換（執行 python -m medgemma_lib models prepare-demo 後再試，或加 --tokenizer demo）"
+            return None, "略過 token 長度：示範模型尚未下載轉換（執行 python -m medgemma_lib models --prepare-demo 後再試，或加 --tokenizer demo）"
         choice = "demo"
     return models.load_tokenizer(choice), None
 
