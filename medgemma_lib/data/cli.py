@@ -36,7 +36,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--seed", type=int, help="切分用的亂數種子（預設 42）")
     p.add_argument("--deidentify", choices=["report", "mask", "refuse"], help="個資處理：report、mask 或 refuse（預設 report）")
     p.add_argument("--max-train-examples", type=int, help="最多保留幾筆訓練資料")
-    p.add_argument("--max-eval-examples", type=int, help="驗證集與測試集最多各保留幾筆")
+    p.add_argument("--max-eval-examples", type=int, help="驗證集最多保留幾筆（測試集不受影響，評估時另有上限）")
     p.add_argument("--config", help="YAML 設定檔（讀取其中的 data: 區段；命令列參數優先）")
     p.add_argument("--tokenizer", default="auto", help="計算 token 長度用的 tokenizer：demo、模型資料夾、none；預設 auto（示範模型已在快取時才計算）")
     p.add_argument("--overwrite", action="store_true", help="輸出資料夾已有先前的結果時取代它")

@@ -108,8 +108,7 @@ def prepare_records(data_cfg, tokenizer=None, input_format: str | None = None) -
     by_split = {name: [formatting.to_record(rows[i], data_cfg.system_prompt) for i in idx] for name, idx in parts.items()}
     before = {name: len(recs) for name, recs in by_split.items()}
     by_split["train"] = _limit(by_split["train"], data_cfg.max_train_examples)
-    by_split["validation"] = _limit(by_split["validation"], data_cfg.max_eval_examples)
-    by_split["test"] = _limit(by_split["test"], data_cfg.max_eval_examples)
+    by_split["validation"] = _limit(by_split["validation"], data_cfg.max_eval_examples)  # test: see eval.max_eval_examples
     split_of_row = {i: name for name, idx in parts.items() for i in idx}
     report = {
         "input": {
@@ -177,7 +176,8 @@ def prepare_from_config(
         prepared = resolve_path(data_cfg.prepared_dir)
         splits = storage.load_prepared(prepared)
         report = storage.load_report(prepared)
-        limits = {"train": data_cfg.max_train_examples, "validation": data_cfg.max_eval_examples, "test": data_cfg.max_eval_examples}
+        # The test split is never trimmed here: evaluation applies its own limit (eval.max_eval_examples).
+        limits = {"train": data_cfg.max_train_examples, "validation": data_cfg.max_eval_examples}
         for name, limit in limits.items():
             if name in splits and limit is not None and len(splits[name]) > limit:
                 splits[name] = splits[name].select(range(limit))
