@@ -1,0 +1,1039 @@
+"""Training-throughput benchmark: QLoRA on the real MedGemma architectures with random weights.
+
+``python -m medgemma_lib bench`` builds the architecture of a profile (``27b``: medgemma-27b-text-it,
+``4b``: the language model of medgemma-4b-it, ``tiny``: a small stand-in for CPU tests) with
+random weights, quantises every decoder linear layer to NF4 exactly as
+:func:`medgemma_lib.models.quantization_config` would when loading the checkpoint, adds LoRA with
+peft, and times training steps on batches whose example lengths are drawn from the real MedQuAD
+token lengths (``resources/medquad_token_lengths.json``: Gemma 3 tokenizer + chat template).
+
+What counts: **useful tokens** are real input tokens; padding never counts. Each variant reports
+useful tokens/s over the measured steps (warm-up steps excluded), the median step time, and the
+peak allocated and reserved GPU memory. Several variants run side by side on one model build, so
+they share the GPU, the data draw and the software versions. Output: JSON plus a Markdown table.
+
+Layouts:
+
+* ``grouped``: the original guide's recipe: batches of examples truncated at ``max_length`` and
+  padded to the longest, ordered like ``group_by_length`` (megabatches of 50 batches sorted by length).
+* ``padded``: the same with random order.
+* ``packed``: examples truncated at ``max_length`` laid end to end in rows of ``row_length`` tokens,
+  ``position_ids`` restarting per example and no attention mask (transformers then keeps examples
+  apart; checked by :func:`packed_matches_unpacked`). A row's unused tail is one more dummy segment
+  whose tokens are not counted and carry no label.
+
+Attention for packed rows: ``sdpa`` (a block-diagonal boolean mask over the whole row) or
+``varlen`` (:func:`register_varlen_attention`: flash attention over each example only, through
+``torch.nn.attention.varlen``; exact masked sdpa where that is missing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import inspect
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from medgemma_lib.errors import ConfigError, DataError, ResourceError
+
+# Full MedQuAD (16,423 answered pairs) under the Gemma 3 chat template: 4,614,001 tokens.
+LENGTHS_RESOURCE = "resources/medquad_token_lengths.json"
+MATMUL_TFLOPS_H200 = 790.0  # bf16 8192^3 on random data, measured on this card (KINDS.md); remeasured per run on CUDA
+VARLEN_ATTN = "medgemma_varlen"
+
+# Architectures (Gemma3TextConfig keyword arguments). Vision tower of medgemma-4b-it: SigLIP
+# (27 layers, hidden 1152, MLP 4304, 896 px / 14 px patches) + projector to 2560 = ~419.6 M frozen
+# bf16 parameters, kept as a placeholder so memory matches loading Gemma3ForConditionalGeneration.
+ARCHS: dict[str, dict[str, Any]] = {
+    "27b": dict(
+        hidden_size=5376, intermediate_size=21504, num_hidden_layers=62, num_attention_heads=32,
+        num_key_value_heads=16, head_dim=128, vocab_size=262_208, sliding_window=1024,
+        query_pre_attn_scalar=168, max_position_embeddings=131_072,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+    ),
+    "4b": dict(
+        hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, vocab_size=262_208, sliding_window=1024,
+        query_pre_attn_scalar=256, max_position_embeddings=131_072,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+    ),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=4096, sliding_window=32,
+        query_pre_attn_scalar=16, max_position_embeddings=4096,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+}
+EXTRA_FROZEN_PARAMS = {"27b": 0, "4b": 419_600_000, "tiny": 0}
+ARCH_ALIASES = {"medgemma-27b-text-it": "27b", "medgemma-27b-it": "27b", "medgemma-4b-it": "4b", "demo": "tiny"}
+QV = ["q_proj", "v_proj"]
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Variant:
+    """One training setting to time."""
+
+    name: str
+    description: str
+    layout: str = "packed"  # grouped | padded | packed
+    micro_batch: int = 1  # examples per step (grouped/padded) or rows per step (packed)
+    max_length: int = 2048  # truncate each example here
+    row_length: int = 4096  # packed only
+    lora_targets: list = field(default_factory=lambda: list(ALL_LINEAR))
+    lora_r: int = 16
+    lora_dropout: float = 0.0
+    grad_ckpt: bool = True
+    liger: bool = False
+    attn: str = "sdpa"  # sdpa | varlen
+    optim: str = "adamw_fused"  # adamw | adamw_fused | adamw_8bit
+    steps: int = 10  # measured steps
+    warmup: int = 2  # steps run first and not counted
+    role: str = ""  # original | default | preset-24gb | preset-8gb | step
+
+    def short(self) -> str:
+        t = "q,v" if list(self.lora_targets) == QV else "all-linear"
+        shape = f"{self.micro_batch}×{self.row_length} packed" if self.layout == "packed" else f"{self.micro_batch} ex {self.layout}"
+        return (f"{t} r{self.lora_r} drop{self.lora_dropout:g}, {shape}, trunc {self.max_length}, "
+                f"ckpt {'on' if self.grad_ckpt else 'off'}, {'liger' if self.liger else 'full logits'}, {self.attn}, {self.optim}")
+
+
+def _original(steps: int = 25, warmup: int = 3) -> Variant:
+    return Variant("original", "原始指南：q,v LoRA、4 筆 group_by_length、截斷 512、補齊到最長", layout="grouped",
+                   micro_batch=4, max_length=512, lora_targets=list(QV), lora_dropout=0.05, grad_ckpt=True,
+                   liger=False, attn="sdpa", optim="adamw", steps=steps, warmup=warmup, role="original")
+
+
+def default_variants(arch: str) -> list[Variant]:
+    """The side-by-side set for one architecture: original recipe, the lever ladder, default and presets."""
+    if arch == "tiny":
+        return [
+            dataclasses.replace(_original(steps=3, warmup=1), micro_batch=2, max_length=64),
+            Variant("packed", "packed rows", micro_batch=2, max_length=96, row_length=128, steps=3, warmup=1, role="default"),
+        ]
+    ladder = [
+        _original(),
+        Variant("packed-sdpa", "+ packing, all-linear", row_length=4096, lora_dropout=0.05, optim="adamw", role="step"),
+        Variant("packed-liger", "+ Liger", row_length=4096, lora_dropout=0.05, liger=True, optim="adamw", role="step"),
+        Variant("packed-liger-nodrop", "+ dropout 0, fused AdamW", row_length=4096, liger=True, role="step"),
+        Variant("packed-liger-varlen", "+ varlen attention", row_length=4096, liger=True, attn="varlen", role="step"),
+    ]
+    if arch == "27b":
+        return ladder + [
+            Variant("default-141gb", "141 GB default: no checkpointing", row_length=4096, liger=True, attn="varlen",
+                    grad_ckpt=False, role="default"),
+            Variant("141gb-2x4096", "141 GB candidate: no checkpointing, 2 rows", micro_batch=2, row_length=4096,
+                    liger=True, attn="varlen", grad_ckpt=False, role="default"),
+            Variant("141gb-ckpt-4x4096", "141 GB candidate: checkpointing, 4 rows", micro_batch=4, row_length=4096,
+                    liger=True, attn="varlen", steps=6, role="step"),
+            Variant("24gb-2048", "24 GB preset candidate", row_length=2048, liger=True, attn="varlen", role="preset-24gb"),
+            Variant("24gb-2048-8bit", "24 GB preset candidate, 8-bit AdamW", row_length=2048, liger=True, attn="varlen",
+                    optim="adamw_8bit", role="preset-24gb"),
+            Variant("24gb-3072", "24 GB preset candidate", row_length=3072, liger=True, attn="varlen", role="preset-24gb"),
+        ]
+    return ladder + [
+        Variant("default-141gb", "141 GB default: no checkpointing, 4 rows", micro_batch=4, row_length=4096, liger=True,
+                attn="varlen", grad_ckpt=False, role="default"),
+        Variant("141gb-8x4096", "141 GB candidate: no checkpointing, 8 rows", micro_batch=8, row_length=4096, liger=True,
+                attn="varlen", grad_ckpt=False, role="default"),
+        Variant("8gb-8192", "8 GB preset candidate", row_length=8192, liger=True, attn="varlen", role="preset-8gb"),
+        Variant("8gb-2x8192", "8 GB preset candidate", micro_batch=2, row_length=8192, liger=True, attn="varlen", role="preset-8gb"),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: MedQuAD lengths and batch layouts
+
+
+def load_token_lengths(path: str | os.PathLike | None = None) -> tuple[list[int], list[int]]:
+    """(full lengths, prompt lengths) per example: the shipped resource, or a JSON/CSV file.
+
+    A CSV (question, answer columns) is tokenised with the demo profile's Gemma 3 tokenizer and chat template.
+    """
+    if path is None:
+        data = json.loads(resources.files("medgemma_lib").joinpath(LENGTHS_RESOURCE).read_text(encoding="utf-8"))
+        return list(data["full"]), list(data["prompt"])
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"找不到長度檔案 {p}。", hint="請給 MedQuAD CSV（question、answer 欄位）或 bench 產生的長度 JSON。")
+    if p.suffix.lower() == ".json":
+        data = json.loads(p.read_text(encoding="utf-8"))
+        return list(data["full"]), list(data["prompt"])
+    return compute_token_lengths(p)
+
+
+def compute_token_lengths(csv_path: str | os.PathLike, tokenizer=None) -> tuple[list[int], list[int]]:
+    """Token lengths of each (question, answer) row with Gemma 3's tokenizer and turn template."""
+    import pandas as pd
+
+    from medgemma_lib.models import load_tokenizer
+
+    try:
+        df = pd.read_csv(csv_path)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"無法讀取 {csv_path}：{exc}", hint="請提供 UTF-8 CSV，含 question 與 answer 欄位。") from None
+    if not {"question", "answer"} <= set(df.columns):
+        raise DataError(f"{csv_path} 缺少 question 或 answer 欄位（現有：{', '.join(map(str, df.columns))}）。",
+                        hint="請使用 MedQuAD 格式的 CSV。")
+    df = df.dropna(subset=["question", "answer"])
+    tok = tokenizer or load_tokenizer("demo")
+    qs, ans = df["question"].astype(str).tolist(), df["answer"].astype(str).tolist()
+    full_txt = [tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False)
+                for q, a in zip(qs, ans)]
+    prompt_txt = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True) for q in qs]
+    full = [len(x) for x in tok(full_txt, add_special_tokens=False)["input_ids"]]
+    prompt = [len(x) for x in tok(prompt_txt, add_special_tokens=False)["input_ids"]]
+    return full, prompt
+
+
+@dataclass
+class Batch:
+    """One step's tensors' recipe (token ids are drawn when the tensors are made)."""
+
+    layout: str
+    rows: list[list[tuple[int, int]]]  # per row: (length, prompt length) of each example, in order
+    width: int  # tensor width (padded length or row length)
+
+    @property
+    def useful_tokens(self) -> int:
+        return sum(n for row in self.rows for n, _ in row)
+
+    @property
+    def tensor_tokens(self) -> int:
+        return len(self.rows) * self.width
+
+
+def _truncate(full: int, prompt: int, max_length: int) -> tuple[int, int]:
+    n = min(full, max_length)
+    return n, min(prompt, n - 1)
+
+
+def make_batches(variant: Variant, full: list[int], prompt: list[int], n_batches: int, seed: int = 0) -> list[Batch]:
+    """Draw ``n_batches`` batches shaped by the real lengths, laid out as the variant says."""
+    rng = random.Random(seed)
+    order = list(range(len(full)))
+    rng.shuffle(order)
+    examples = [_truncate(full[i], prompt[i], variant.max_length) for i in order]
+    bs = variant.micro_batch
+    if variant.layout in ("padded", "grouped"):
+        if variant.layout == "grouped":
+            # transformers' LengthGroupedSampler: megabatches of 50 batches, each sorted longest first,
+            # and the batch holding the longest example moved to the front.
+            mega = bs * 50
+            groups = [sorted(examples[i:i + mega], key=lambda e: -e[0]) for i in range(0, len(examples), mega)]
+            examples = [e for g in groups for e in g]
+        batches = []
+        for i in range(0, len(examples) - bs + 1, bs):
+            rows = [[e] for e in examples[i:i + bs]]
+            batches.append(Batch(variant.layout, rows, max(r[0][0] for r in rows)))
+            if len(batches) == n_batches and variant.layout == "padded":
+                break
+        if variant.layout == "grouped":
+            # The longest batch comes first (as the sampler does); the rest are spread evenly over the
+            # epoch, since the first megabatch alone (sorted longest first) is not representative.
+            longest = batches.pop(max(range(len(batches)), key=lambda j: batches[j].width))
+            picks = [round(k * (len(batches) - 1) / max(n_batches - 2, 1)) for k in range(n_batches - 1)]
+            batches = [longest] + [batches[j] for j in picks]
+        return batches
+    if variant.layout != "packed":
+        raise ConfigError(f"不認識的批次排列 {variant.layout!r}。", hint="請用 grouped、padded 或 packed。")
+    if variant.max_length > variant.row_length:
+        raise ConfigError("packed 排列的 max_length 不能大於 row_length。", hint="把 max_length 設為不超過 row_length。")
+    # First fit over a look-ahead window keeps rows nearly full without reordering the data much.
+    pending: list[tuple[int, int]] = []
+    source = iter(examples)
+    batches = []
+    while len(batches) < n_batches:
+        rows = []
+        for _ in range(bs):
+            row, free = [], variant.row_length
+            while len(pending) < 256:
+                nxt = next(source, None)
+                if nxt is None:
+                    break
+                pending.append(nxt)
+            i = 0
+            while i < len(pending) and free > 0:
+                if pending[i][0] <= free:
+                    ex = pending.pop(i)
+                    row.append(ex)
+                    free -= ex[0]
+                else:
+                    i += 1
+            if not row:
+                raise DataError("資料不足以填滿一列。", hint="請用較完整的長度檔案或較少的步數。")
+            rows.append(row)
+        batches.append(Batch("packed", rows, variant.row_length))
+    return batches
+
+
+def batch_tensors(batch: Batch, vocab_size: int, device: str, seed: int = 0, varlen: bool = False) -> dict:
+    """input_ids, labels and (packed) position_ids, or attention_mask (padded), for one batch.
+
+    Labels cover answers only (the prompt and padding are -100). In packed rows the first token of
+    each example has label -100 too, so no loss term crosses from one example into the next.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n_rows, width = len(batch.rows), batch.width
+    ids = torch.randint(3, vocab_size, (n_rows, width), generator=g)
+    ids[:, 0] = 2  # <bos>
+    labels = torch.full((n_rows, width), -100, dtype=torch.long)
+    out: dict[str, Any] = {}
+    if batch.layout == "packed":
+        pos = torch.zeros((n_rows, width), dtype=torch.long)
+        seq_lens: list[int] = []
+        for r, row in enumerate(batch.rows):
+            start = 0
+            for n, p in row:
+                ids[r, start] = 2
+                pos[r, start:start + n] = torch.arange(n)
+                labels[r, start + p:start + n] = ids[r, start + p:start + n]
+                seq_lens.append(n)
+                start += n
+            if start < width:  # the row's unused tail: its own segment, never labelled nor counted
+                ids[r, start:] = 0
+                pos[r, start:] = torch.arange(width - start)
+                seq_lens.append(width - start)
+        out["position_ids"] = pos
+        if varlen:
+            cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+            cu[1:] = torch.cumsum(torch.tensor(seq_lens), 0)
+            out["cu_seq_lens_q"] = cu.to(device)
+            out["cu_seq_lens_k"] = out["cu_seq_lens_q"]
+            out["max_length_q"] = out["max_length_k"] = max(seq_lens)
+    else:
+        mask = torch.zeros((n_rows, width), dtype=torch.long)
+        for r, row in enumerate(batch.rows):
+            n, p = row[0]
+            mask[r, :n] = 1
+            ids[r, n:] = 0
+            labels[r, p:n] = ids[r, p:n]
+        out["attention_mask"] = mask
+    out["input_ids"] = ids
+    out["labels"] = labels
+    return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention over packed examples only
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                             sliding_window=None, **kwargs):
+    """Attention within each packed example, given ``cu_seq_lens_q`` (cumulative example lengths).
+
+    On CUDA with ``torch.nn.attention.varlen`` it is flash attention over the examples (cost
+    grows with each example's length, not the row's). Elsewhere, or where that API cannot do the
+    sliding window or grouped KV heads, an exact block-diagonal masked sdpa. Without
+    ``cu_seq_lens_q`` it is plain causal sdpa.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    cu = kwargs.get("cu_seq_lens_q")
+    b, h, s, d = query.shape
+    hkv = key.shape[1]
+    if cu is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    max_len = int(kwargs.get("max_length_q") or s)
+    fn, params = _varlen_fn()
+    if query.is_cuda and fn is not None:
+        q = query.transpose(1, 2).reshape(b * s, h, d)
+        k = key.transpose(1, 2).reshape(b * s, hkv, d)
+        v = value.transpose(1, 2).reshape(b * s, hkv, d)
+        kw: dict[str, Any] = {}
+        if "scale" in params:
+            kw["scale"] = scaling
+        window_ok = "window_size" in params
+        if window_ok:
+            kw["window_size"] = (sliding_window - 1, 0) if sliding_window else (-1, 0)
+        elif "is_causal" in params:
+            kw["is_causal"] = True
+        needs_window = bool(sliding_window) and max_len > sliding_window
+        if hkv != h:
+            if "enable_gqa" in params:
+                kw["enable_gqa"] = True
+            else:
+                k, v = k.repeat_interleave(h // hkv, dim=1), v.repeat_interleave(h // hkv, dim=1)
+        if window_ok or not needs_window:
+            out = fn(q, k, v, cu, cu, max_len, max_len, **kw)
+            if isinstance(out, tuple):
+                out = out[0]
+            return out.view(b, s, h, d), None
+    # Exact fallback: a block-diagonal (and sliding-window) causal mask over the flattened rows.
+    t = torch.arange(b * s, device=query.device)
+    seg = torch.searchsorted(cu[1:].to(torch.long), t, right=True).view(b, s)
+    pos = (t - cu.to(torch.long)[seg.view(-1)]).view(b, s)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (pos[:, None, :] <= pos[:, :, None])
+    if sliding_window:
+        allowed &= (pos[:, :, None] - pos[:, None, :]) < sliding_window
+    if hkv != h:
+        key, value = key.repeat_interleave(h // hkv, dim=1), value.repeat_interleave(h // hkv, dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None], scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+_VARLEN_CACHE: dict[str, Any] = {}
+
+
+def _varlen_fn():
+    if "fn" not in _VARLEN_CACHE:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+
+            _VARLEN_CACHE["fn"] = varlen_attn
+            _VARLEN_CACHE["params"] = set(inspect.signature(varlen_attn).parameters)
+        except (ImportError, AttributeError):
+            _VARLEN_CACHE["fn"], _VARLEN_CACHE["params"] = None, set()
+    return _VARLEN_CACHE["fn"], _VARLEN_CACHE["params"]
+
+
+def varlen_support() -> dict:
+    """What the installed torch offers for packed attention (recorded in the results)."""
+    fn, params = _varlen_fn()
+    return {"torch.nn.attention.varlen": fn is not None, "window_size": "window_size" in params,
+            "enable_gqa": "enable_gqa" in params}
+
+
+def register_varlen_attention() -> str:
+    """Register ``medgemma_varlen`` with transformers (attention and a no-op mask); returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_ATTN, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_ATTN, lambda *args, **kwargs: None)
+    return VARLEN_ATTN
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: random weights, NF4 like the real thing
+
+
+def text_config(arch: str):
+    from transformers import Gemma3TextConfig
+
+    from medgemma_lib.models import BOS_ID, EOS_ID, PAD_ID
+
+    if arch not in ARCHS:
+        raise ConfigError(f"不認識的架構 {arch!r}。", hint=f"可用：{', '.join(ARCHS)}（或設定檔名稱 {', '.join(ARCH_ALIASES)}）")
+    cfg = Gemma3TextConfig(**ARCHS[arch], bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, use_cache=False)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def build_model(arch: str, device: str, quantize: bool = True, seed: int = 0):
+    """A Gemma3ForCausalLM of ``arch`` with random weights, decoder linears in NF4 (double quant).
+
+    Built on the meta device and materialised one decoder layer at a time, each quantised right
+    away, so the 27B model never holds more than one layer in bf16. Returns (model, info).
+    """
+    import torch
+    from torch import nn
+    from transformers import Gemma3ForCausalLM
+
+    from medgemma_lib.models import compute_dtype, quantization_config
+
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    dtype = compute_dtype(device)
+    config = text_config(arch)
+    with torch.device("meta"):
+        model = Gemma3ForCausalLM(config)
+    qcfg = quantization_config("nf4", device) if quantize else None
+    if qcfg is not None:
+        import bitsandbytes as bnb
+
+    def materialise(module: nn.Module) -> None:
+        module.to_empty(device=device, recurse=True)
+        for name, p in module.named_parameters(recurse=True):
+            with torch.no_grad():
+                if p.dim() >= 2:
+                    p.normal_(0.0, config.initializer_range)
+                else:
+                    p.normal_(0.0, 0.1)  # Gemma norms scale by (1 + w)
+
+    model.model.embed_tokens.to_empty(device=device)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, config.initializer_range)
+    model.model.embed_tokens.to(dtype)
+    for layer in model.model.layers:
+        materialise(layer)
+        layer.to(dtype)
+        if qcfg is None:
+            continue
+        for parent in [layer.self_attn, layer.mlp]:
+            for cname, child in list(parent.named_children()):
+                if not isinstance(child, nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                      compute_dtype=qcfg.bnb_4bit_compute_dtype,
+                                      compress_statistics=qcfg.bnb_4bit_use_double_quant,
+                                      quant_type=qcfg.bnb_4bit_quant_type, quant_storage=qcfg.bnb_4bit_quant_storage,
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
+                                             compress_statistics=qcfg.bnb_4bit_use_double_quant,
+                                             quant_type=qcfg.bnb_4bit_quant_type,
+                                             quant_storage=qcfg.bnb_4bit_quant_storage, module=q).to(device)
+                setattr(parent, cname, q)
+                del child
+    materialise(model.model.norm)
+    model.model.norm.to(dtype)
+    _rebuild_computed_buffers(model, config, device)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in the checkpoints
+    extra = EXTRA_FROZEN_PARAMS.get(arch, 0)
+    if extra:
+        # Frozen stand-in for the vision tower + projector that Gemma3ForConditionalGeneration keeps in bf16.
+        model.register_buffer("_vision_tower_placeholder", torch.empty(extra, dtype=dtype, device=device), persistent=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if qcfg is not None:
+        model.is_loaded_in_4bit = True
+    model.config.use_cache = False
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    leftovers = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftovers:
+        raise RuntimeError(f"parameters left on meta: {leftovers[:3]}")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    matmul_params = sum(m.in_features * m.out_features for m in model.modules()
+                        if isinstance(m, nn.Linear) or m.__class__.__name__ == "Linear4bit")
+    info = {
+        "arch": arch,
+        "config": {k: v for k, v in ARCHS[arch].items()},
+        "build_seconds": round(time.perf_counter() - started, 2),
+        "weights_gib": round(weight_bytes / 2**30, 2),
+        "matmul_params": matmul_params,  # decoder linears + lm_head
+        "extra_frozen_params": extra,
+        "quantization": "nf4 double-quant (medgemma_lib.models.quantization_config)" if qcfg is not None else "none",
+    }
+    return model, info
+
+
+def _rebuild_computed_buffers(model, config, device: str) -> None:
+    """Recreate the non-persistent buffers (rotary frequencies, embedding scale) that meta init left empty."""
+    import torch
+
+    for name, module in list(model.named_modules()):
+        if "Rotary" in type(module).__name__:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, type(module)(config=config).to(device))
+        elif hasattr(module, "scalar_embed_scale"):
+            module.embed_scale = torch.tensor(module.scalar_embed_scale, device=device)
+    meta = [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if meta:
+        raise RuntimeError(f"buffers left on meta: {meta[:3]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Running one variant
+
+
+def _make_optimizer(params, name: str, device: str):
+    import torch
+
+    if name == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=2e-4, weight_decay=0.0)
+    fused = name == "adamw_fused" and device.startswith("cuda")
+    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=fused or None)
+
+
+class _LigerPatch:
+    """Apply Liger's Gemma 3 kernels to a model instance and undo the module-level patches later."""
+
+    _NAMES = ("apply_rotary_pos_emb", "Gemma3RMSNorm", "Gemma3MLP")
+
+    def __init__(self):
+        from transformers.models.gemma3 import modeling_gemma3
+
+        self.mod = modeling_gemma3
+        self.saved = {n: getattr(modeling_gemma3, n) for n in self._NAMES}
+        self.saved_forward = modeling_gemma3.Gemma3ForCausalLM.forward
+
+    def apply(self, model) -> None:
+        try:
+            from liger_kernel.transformers import apply_liger_kernel_to_gemma3_text
+        except ImportError:
+            raise ResourceError("未安裝 liger-kernel，無法測量 Liger 變體。", hint="在 CUDA 機器上 pip install liger-kernel==0.8.5，或不選 Liger 變體。") from None
+        apply_liger_kernel_to_gemma3_text(model=model)
+
+    def restore(self) -> None:
+        for n, v in self.saved.items():
+            setattr(self.mod, n, v)
+        self.mod.Gemma3ForCausalLM.forward = self.saved_forward
+
+
+def run_variant(model, arch_info: dict, variant: Variant, full: list[int], prompt: list[int], device: str,
+                seed: int = 0, log=print) -> dict:
+    """Add LoRA, train ``warmup + steps`` steps, remove LoRA again; returns the variant's results."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    cuda = device.startswith("cuda")
+    config = model.config
+    batches = make_batches(variant, full, prompt, variant.warmup + variant.steps, seed=seed)
+    config._attn_implementation = register_varlen_attention() if variant.attn == "varlen" else "sdpa"
+    for m in model.modules():
+        if hasattr(m, "config") and getattr(m, "config", None) is not None and m.config is not config:
+            if hasattr(m.config, "_attn_implementation") and m.config.model_type == config.model_type:
+                m.config._attn_implementation = config._attn_implementation
+    if variant.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+    lora = LoraConfig(r=variant.lora_r, lora_alpha=2 * variant.lora_r, lora_dropout=variant.lora_dropout,
+                      target_modules=list(variant.lora_targets), bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    peft_model.train()
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    optimizer = _make_optimizer([p for p in peft_model.parameters() if p.requires_grad], variant.optim, device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base_alloc = torch.cuda.memory_allocated() if cuda else 0
+    times, useful, tensor_tokens, losses = [], [], [], []
+    result: dict[str, Any] = {"name": variant.name, "variant": dataclasses.asdict(variant), "summary": variant.short(),
+                              "trainable_params": trainable}
+    try:
+        for i, batch in enumerate(batches):
+            inputs = batch_tensors(batch, config.vocab_size, device, seed=seed * 100_003 + i, varlen=variant.attn == "varlen")
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                out = peft_model(**inputs)
+            out.loss.backward()
+            if cuda:
+                torch.nn.utils.clip_grad_norm_([p for p in peft_model.parameters() if p.requires_grad], 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if i >= variant.warmup:
+                times.append(dt)
+                useful.append(batch.useful_tokens)
+                tensor_tokens.append(batch.tensor_tokens)
+            losses.append(float(out.loss.detach()))
+            del out, inputs
+        result["oom"] = False
+    except torch.OutOfMemoryError:
+        result["oom"] = True
+        log(f"  {variant.name}: GPU 記憶體不足（OOM），已略過")
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer
+        for p in peft_model.parameters():
+            p.grad = None
+        base = peft_model.unload()
+        assert base is model
+        model.gradient_checkpointing_disable()
+        del peft_model, base
+        gc.collect()  # free this variant's graph now, not during the next one's timed steps
+    if cuda:
+        result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        result["weights_allocated_gib"] = round(base_alloc / 2**30, 2)
+        torch.cuda.empty_cache()
+    if result["oom"]:
+        return result
+    total_useful, total_time = sum(useful), sum(times)
+    tok_s = total_useful / total_time
+    matmul = arch_info["matmul_params"]
+    flop_per_token = (6 if variant.grad_ckpt else 4) * matmul
+    tflops = arch_info.get("matmul_tflops", MATMUL_TFLOPS_H200)
+    ceiling = tflops * 1e12 / flop_per_token
+    epoch_tokens = sum(min(n, variant.max_length) for n in full)
+    result.update({
+        "steps_measured": len(times), "warmup_steps": variant.warmup,
+        "useful_tokens_per_step": round(total_useful / len(times), 1),
+        "tensor_tokens_per_step": round(sum(tensor_tokens) / len(times), 1),
+        "padding_share": round(1 - total_useful / sum(tensor_tokens), 4),
+        "useful_tokens_per_s": round(tok_s, 1),
+        "step_s_median": round(statistics.median(times), 4),
+        "step_s_mean": round(total_time / len(times), 4),
+        "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
+        "loss_finite": all(math.isfinite(x) for x in losses),
+        "compute_ceiling_tokens_per_s": round(ceiling, 1),
+        "share_of_ceiling": round(tok_s / ceiling, 3),
+        "epoch_tokens": epoch_tokens,
+        "truncated_share": round(1 - epoch_tokens / sum(full), 4),
+        "epoch_hours": round(epoch_tokens / tok_s / 3600, 2),
+    })
+    return result
+
+
+def measure_matmul_tflops(device: str) -> float | None:
+    """bf16 8192^3 matrix product rate on random data (mean of 10 after 3 warm-ups)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    rate = 10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return round(rate, 1)
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "accelerate", "triton"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    env = {"date": date.today().isoformat(), "python": platform.python_version(), "versions": versions,
+           "varlen": varlen_support(), "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+    import torch
+
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    else:
+        env["gpu"] = None
+    return env
+
+
+def run_bench(archs: list[str], device: str | None = None, variants: list[str] | None = None,
+              lengths: str | None = None, out_dir: str | os.PathLike = "results/bench", seed: int = 0,
+              steps: int | None = None, warmup: int | None = None, log=print) -> dict:
+    """Run the benchmark for each architecture; writes ``bench.json`` and ``bench.md`` into ``out_dir``."""
+    import torch
+
+    from medgemma_lib.models import default_device
+
+    device = device or default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ResourceError("指定了 CUDA，但這台機器沒有可用的 GPU。", hint="改用 --device cpu 與 --arch tiny。")
+    full, prompt = load_token_lengths(lengths)
+    results: dict[str, Any] = {"command": "python -m medgemma_lib bench", "environment": environment(), "archs": {}}
+    results["environment"]["lengths"] = {"source": lengths or LENGTHS_RESOURCE, "examples": len(full), "tokens": sum(full)}
+    tflops = measure_matmul_tflops(device)
+    results["environment"]["matmul_tflops_measured"] = tflops
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for arch in archs:
+        arch = ARCH_ALIASES.get(arch, arch)
+        model, info = build_model(arch, device, seed=seed)
+        info["matmul_tflops"] = tflops or MATMUL_TFLOPS_H200
+        log(f"[{arch}] 建立模型 {info['build_seconds']} 秒，權重 {info['weights_gib']} GiB")
+        chosen = default_variants(arch)
+        if variants:
+            chosen = [v for v in chosen if v.name in variants]
+            if not chosen:
+                raise ConfigError(f"沒有符合的變體：{variants}", hint=f"可用：{', '.join(v.name for v in default_variants(arch))}")
+        chosen = sorted(chosen, key=lambda v: v.liger)  # Liger patches the instance: run those last
+        liger = None
+        rows = []
+        for v in chosen:
+            if steps is not None:
+                v = dataclasses.replace(v, steps=steps)
+            if warmup is not None:
+                v = dataclasses.replace(v, warmup=warmup)
+            if v.liger and liger is None:
+                liger = _LigerPatch()
+                liger.apply(model)
+            r = run_variant(model, info, v, full, prompt, device, seed=seed, log=log)
+            rows.append(r)
+            log(_row_line(arch, r))
+            results["archs"][arch] = {"model": info, "variants": rows}
+            _write(results, out)
+        if liger is not None:
+            liger.restore()
+        _add_ratios(results["archs"][arch])
+        _write(results, out)
+        del model, chosen, liger
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    log(markdown_table(results))
+    return results
+
+
+def _add_ratios(arch_result: dict) -> None:
+    base = next((r for r in arch_result["variants"] if r["name"] == "original" and not r.get("oom")), None)
+    for r in arch_result["variants"]:
+        if base and not r.get("oom"):
+            r["x_original"] = round(r["useful_tokens_per_s"] / base["useful_tokens_per_s"], 2)
+
+
+def _row_line(arch: str, r: dict) -> str:
+    if r.get("oom"):
+        return f"  [{arch}] {r['name']}: OOM"
+    mem = f"，峰值 {r.get('peak_allocated_gib')}/{r.get('peak_reserved_gib')} GiB" if "peak_reserved_gib" in r else ""
+    return (f"  [{arch}] {r['name']}: {r['useful_tokens_per_s']} 有效 token/秒，每步 {r['step_s_median']} 秒"
+            f"（量測 {r['steps_measured']} 步，暖身 {r['warmup_steps']} 步）{mem}")
+
+
+def markdown_table(results: dict) -> str:
+    """The results as a Markdown table (one row per arch and variant)."""
+    env = results["environment"]
+    v = env["versions"]
+    head = (f"GPU: {env.get('gpu') or 'CPU'}; torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')}, "
+            f"bitsandbytes {v.get('bitsandbytes')}, liger-kernel {v.get('liger-kernel')}; {env['date']}; "
+            f"bf16 matmul {env.get('matmul_tflops_measured')} TFLOP/s measured\n\n")
+    lines = ["| arch | variant | setting | steps (warm-up) | useful tok/step | padding | useful tok/s | × original | share of ceiling | step s (median) | peak alloc GiB | peak reserved GiB | epoch h |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for arch, a in results["archs"].items():
+        for r in a["variants"]:
+            if r.get("oom"):
+                lines.append(f"| {arch} | {r['name']} | {r['summary']} | OOM | | | | | | | {r.get('peak_allocated_gib', '')} | {r.get('peak_reserved_gib', '')} | |")
+                continue
+            lines.append(
+                f"| {arch} | {r['name']} | {r['summary']} | {r['steps_measured']} ({r['warmup_steps']}) | "
+                f"{r['useful_tokens_per_step']:.0f} | {r['padding_share']:.1%} | {r['useful_tokens_per_s']:.0f} | "
+                f"{r.get('x_original', '')} | {r['share_of_ceiling']:.0%} | {r['step_s_median']} | "
+                f"{r.get('peak_allocated_gib', '')} | {r.get('peak_reserved_gib', '')} | {r['epoch_hours']} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _write(results: dict, out: Path) -> None:
+    (out / "bench.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+    (out / "bench.md").write_text(markdown_table(results), encoding="utf-8")
+
+
+def packed_matches_unpacked(arch: str = "tiny", device: str = "cpu", attn: str = "sdpa", lengths=(5, 9, 3),
+                            seed: int = 0, restart_positions: bool = True) -> float:
+    """Largest logit difference (relative to the largest logit) between examples packed in one row and
+    the same examples run one at a time; near rounding when packing keeps examples apart."""
+    import torch
+
+    model, _ = build_model(arch, device, quantize=False, seed=seed)
+    # Flash kernels take bf16 only; on CPU compare in float32.
+    model.to(torch.bfloat16 if device.startswith("cuda") else torch.float32).eval()
+    v = Variant("check", "", micro_batch=1, max_length=max(lengths), row_length=sum(lengths) + 2, attn=attn)
+    batch = Batch("packed", [[(n, 1) for n in lengths]], v.row_length)
+    inputs = batch_tensors(batch, model.config.vocab_size, device, seed=seed, varlen=attn == "varlen")
+    if not restart_positions:  # negative control: one long sequence, so later examples see earlier ones
+        width = inputs["input_ids"].shape[1]
+        inputs["position_ids"] = torch.arange(width, device=device)[None]
+        if attn == "varlen":
+            inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = torch.tensor([0, width], dtype=torch.int32, device=device)
+            inputs["max_length_q"] = inputs["max_length_k"] = width
+    model.config._attn_implementation = register_varlen_attention() if attn == "varlen" else "sdpa"
+    worst = 0.0
+    with torch.no_grad():
+        packed = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                       **{k: inputs[k] for k in inputs if k.startswith(("cu_", "max_"))}).logits
+        model.config._attn_implementation = "sdpa"
+        start = 0
+        for n in lengths:
+            alone = model(input_ids=inputs["input_ids"][:, start:start + n]).logits
+            diff = (alone.float() - packed[:, start:start + n].float()).abs().max() / alone.float().abs().max()
+            worst = max(worst, diff.item())
+            start += n
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------
+# Unsloth, as a peer, on the same architecture and batches (its own process: it patches on import)
+
+UNSLOTH_VARIANTS = {
+    "unsloth-8192": Variant("unsloth-8192", "Unsloth, 1×8192 rows, its offloaded checkpointing", row_length=8192,
+                            attn="unsloth", optim="adamw_fused", role="peer"),
+    "unsloth-4x4096-nockpt": Variant("unsloth-4x4096-nockpt", "Unsloth, 4×4096 rows, no checkpointing", micro_batch=4,
+                                     row_length=4096, grad_ckpt=False, attn="unsloth", optim="adamw_fused", role="peer"),
+}
+
+
+def run_unsloth(arch: str, names: list[str] | None, tokenizer_xz: str, out_dir: str | os.PathLike, seed: int = 0,
+                log=print) -> dict:
+    """Time Unsloth's FastModel (NF4, LoRA, its kernels) on the same random architecture and packed batches.
+
+    Unsloth loads from a folder, so random bf16 weights of ``arch`` are saved first (with the Gemma 3
+    tokenizer from ``tokenizer_xz``); loading quantises them to NF4 as for a real checkpoint.
+    """
+    import unsloth  # noqa: F401  (must come before transformers)
+    from unsloth import FastModel
+
+    import lzma
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import Gemma3ForCausalLM
+
+    device = "cuda"
+    full, prompt = load_token_lengths(None)
+    folder = Path(tempfile.mkdtemp(prefix=f"random-{arch}-"))
+    started = time.perf_counter()
+    config = text_config(arch)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Gemma3ForCausalLM(config)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    (folder / "tokenizer.json").write_bytes(lzma.decompress(Path(tokenizer_xz).read_bytes()))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "backend": "tokenizers", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "mask_token": "<mask>", "tokenizer_class": "GemmaTokenizer"}), encoding="utf-8")
+    save_s = time.perf_counter() - started
+    results: dict[str, Any] = {"command": "python -m medgemma_lib.bench --unsloth", "environment": environment(), "archs": {}}
+    import importlib.metadata as md
+
+    for pkg in ("unsloth", "unsloth_zoo", "xformers", "trl"):
+        try:
+            results["environment"]["versions"][pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            results["environment"]["versions"][pkg] = None
+    rows = []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names or list(UNSLOTH_VARIANTS):
+        v = UNSLOTH_VARIANTS[name]
+        t0 = time.perf_counter()
+        model, _tok = FastModel.from_pretrained(str(folder), max_seq_length=v.row_length, load_in_4bit=True,
+                                                dtype=torch.bfloat16, full_finetuning=False)
+        load_s = time.perf_counter() - t0
+        model = FastModel.get_peft_model(model, r=v.lora_r, lora_alpha=2 * v.lora_r, lora_dropout=0.0,
+                                         target_modules=list(v.lora_targets), bias="none",
+                                         use_gradient_checkpointing="unsloth" if v.grad_ckpt else False,
+                                         random_state=seed)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = _make_optimizer(params, v.optim, device)
+        batches = make_batches(v, full, prompt, v.warmup + v.steps, seed=seed)
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        times, useful, losses = [], [], []
+        row: dict[str, Any] = {"name": v.name, "variant": dataclasses.asdict(v), "summary": v.short().replace("unsloth", "Unsloth kernels"),
+                               "trainable_params": sum(p.numel() for p in params), "load_seconds": round(load_s, 1),
+                               "save_random_weights_seconds": round(save_s, 1)}
+        try:
+            for i, batch in enumerate(batches):
+                inputs = batch_tensors(batch, config.vocab_size, device, seed=seed * 100_003 + i)
+                torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                outp = model(**inputs)
+                outp.loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                dt = time.perf_counter() - t1
+                if i >= v.warmup:
+                    times.append(dt)
+                    useful.append(batch.useful_tokens)
+                losses.append(float(outp.loss.detach()))
+                del outp, inputs
+            row["oom"] = False
+        except torch.OutOfMemoryError:
+            row["oom"] = True
+        row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        if not row["oom"]:
+            tok_s = sum(useful) / sum(times)
+            row.update({"steps_measured": len(times), "warmup_steps": v.warmup,
+                        "useful_tokens_per_step": round(sum(useful) / len(times), 1), "padding_share": 0.0,
+                        "useful_tokens_per_s": round(tok_s, 1), "step_s_median": round(statistics.median(times), 4),
+                        "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
+                        "loss_finite": all(math.isfinite(x) for x in losses),
+                        "share_of_ceiling": 0.0, "epoch_hours": round(sum(min(n, v.max_length) for n in full) / tok_s / 3600, 2)})
+        rows.append(row)
+        log(_row_line(arch, row))
+        results["archs"][arch] = {"model": {"arch": arch, "save_seconds": round(save_s, 1)}, "variants": rows}
+        _write(results, out)
+        del model, optimizer, params
+        gc.collect()
+        torch.cuda.empty_cache()
+    shutil.rmtree(folder, ignore_errors=True)
+    log(markdown_table(results))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("bench", help="以隨機權重的真實架構量測 QLoRA 訓練速度與 GPU 記憶體（輸出 JSON 與 Markdown 表格）")
+    p.add_argument("--arch", default="27b,4b", help="架構，逗號分隔：27b、4b、tiny（或設定檔名稱），預設 27b,4b")
+    p.add_argument("--variants", default=None, help="只跑這些變體（逗號分隔的名稱）；預設全部")
+    p.add_argument("--device", default=None, help="cuda 或 cpu；預設有 GPU 就用 GPU")
+    p.add_argument("--lengths", default=None, help="長度來源：MedQuAD CSV 或長度 JSON；預設用套件內附的完整 MedQuAD 長度")
+    p.add_argument("--steps", type=int, default=None, help="覆寫每個變體的量測步數")
+    p.add_argument("--warmup", type=int, default=None, help="覆寫每個變體的暖身步數（不計入）")
+    p.add_argument("--out", default="results/bench", help="輸出資料夾（bench.json、bench.md）")
+    p.add_argument("--seed", type=int, default=0, help="亂數種子")
+    p.add_argument("--check-packing", action="store_true", help="先檢查：打包後每筆的 logits 與單獨執行相同")
+    p.add_argument("--unsloth", default=None, metavar="TOKENIZER_XZ",
+                   help="改為量測 Unsloth（需另行安裝）；參數為 xz 壓縮的 Gemma 3 tokenizer.json（Unsloth 從資料夾載入模型）")
+    p.set_defaults(func=_cli_bench)
+
+
+def _cli_bench(args) -> int:
+    # Reserved memory close to allocated: expandable segments instead of fixed-size blocks.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    if args.unsloth:
+        for arch in archs:
+            run_unsloth(ARCH_ALIASES.get(arch, arch), variants, args.unsloth, args.out, seed=args.seed,
+                        log=lambda s: print(s, flush=True))
+        return 0
+    if args.check_packing:
+        from medgemma_lib.models import default_device
+
+        device = args.device or default_device()
+        for attn in ("sdpa", "varlen"):
+            diff = packed_matches_unpacked("tiny", device, attn=attn)
+            control = packed_matches_unpacked("tiny", device, attn=attn, restart_positions=False)
+            print(f"打包檢查（{attn}，{device}）：最大 logits 相對差 {diff:.2e}（對照組：位置不重新起算時 {control:.2e}）", flush=True)
+            if diff > (2e-2 if device.startswith("cuda") else 1e-4):
+                raise ResourceError(f"打包後的結果與單獨執行不同（{attn}，差 {diff:.2e}）：樣本之間互相看到了。",
+                                    hint="請回報此問題，並附上 torch 與 transformers 版本。")
+    run_bench(archs, device=args.device, variants=variants, lengths=args.lengths, out_dir=args.out, seed=args.seed,
+              steps=args.steps, warmup=args.warmup, log=lambda s: print(s, flush=True))
+    print(f"結果已寫入 {args.out}/bench.json 與 bench.md")
+    return 0
+
+
+if __name__ == "__main__":  # `python -m medgemma_lib.bench ...`: the bench alone, without the other steps' imports
+    import sys
+
+    from medgemma_lib.cli import ChineseArgumentParser
+
+    _parser = ChineseArgumentParser(prog="python -m medgemma_lib.bench")
+    register_cli(_parser.add_subparsers(dest="command"))
+    _args = _parser.parse_args(["bench", *sys.argv[1:]])
+    sys.exit(_args.func(_args))
