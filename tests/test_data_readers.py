@@ -38,6 +38,15 @@ def test_encodings_are_detected_and_decoded_exactly(tmp_path, encoding, rows, ex
     assert [(r["question"], r["answer"]) for r in table.rows] == rows
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_bom_english(tmp_path, encoding):
+    text = "question,answer\nWhat is anemia?,A lack of healthy red blood cells.\n"
+    path = tmp_path / "en16.csv"
+    path.write_bytes(text.encode(encoding))
+    table = read_table(path)
+    assert table.encoding == encoding and table.rows[0]["question"] == "What is anemia?"
+
+
 def test_forced_encoding_is_strict(tmp_path):
     path = tmp_path / "big5.csv"
     path.write_bytes(_csv(ROWS_ZH_T).encode("cp950"))

@@ -105,6 +105,9 @@ def decode_bytes(data: bytes, where: str, encoding: str | None = None) -> tuple[
         return _strict(data, "utf-8-sig", where), "utf-8-sig", True
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return _strict(data, "utf-16", where), "utf-16", True
+    utf16 = _utf16_without_bom(data)
+    if utf16:
+        return data.decode(utf16), utf16, True
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -116,6 +119,23 @@ def decode_bytes(data: bytes, where: str, encoding: str | None = None) -> tuple[
             raise _ambiguous_error(where, ["utf-8", "gb18030", "cp950"])
         return text, "utf-8", True
     return _detect_legacy(data, where)
+
+
+def _utf16_without_bom(data: bytes) -> str | None:
+    """``utf-16-le``/``-be`` when NUL bytes sit on every other position (ASCII in UTF-16) and it decodes cleanly."""
+    sample = data[: 4096 - 4096 % 2]
+    if len(sample) < 4 or b"\x00" not in sample:
+        return None
+    even, odd = sample[0::2].count(0), sample[1::2].count(0)
+    half = len(sample) // 2
+    encoding = "utf-16-le" if odd > 0.3 * half and even < 0.05 * half else "utf-16-be" if even > 0.3 * half and odd < 0.05 * half else None
+    if encoding is None or len(data) % 2:
+        return None
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError:
+        return None
+    return None if "\x00" in text or _looks_binary(text.encode("utf-8")) else encoding
 
 
 def _cjk(text: str) -> int:
