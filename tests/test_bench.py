@@ -1,0 +1,113 @@
+"""bench: MedQuAD-shaped batches, useful-token accounting, packing that keeps examples apart, CLI end to end (tiny, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medgemma_lib import bench
+from medgemma_lib.cli import main
+
+
+def test_shipped_lengths_are_full_medquad():
+    full, prompt = bench.load_token_lengths()
+    assert len(full) == len(prompt) == 16_423
+    assert sum(full) == 4_614_001  # GUIDE.md: 4.61 M tokens with the Gemma 3 chat template
+    assert all(0 < p < n for n, p in zip(full, prompt))
+    assert sorted(full)[len(full) // 2] == 197
+
+
+def _variant(**kw):
+    base = dict(name="t", description="", steps=6, warmup=0)
+    base.update(kw)
+    return bench.Variant(**base)
+
+
+def test_padded_batches_never_count_padding():
+    full = [10, 3, 700, 50, 9, 2]
+    prompt = [2, 1, 20, 5, 3, 1]
+    v = _variant(layout="padded", micro_batch=3, max_length=64)
+    batches = bench.make_batches(v, full, prompt, 2, seed=1)
+    for b in batches:
+        inputs = bench.batch_tensors(b, 100, "cpu")
+        mask = inputs["attention_mask"]
+        assert mask.shape == (3, b.width)
+        # useful tokens are exactly the unmasked ones, and each example is truncated at max_length
+        assert int(mask.sum()) == b.useful_tokens == sum(min(n, 64) for row in b.rows for n, _ in row)
+        assert b.tensor_tokens == 3 * b.width
+        # padding never carries a label
+        assert bool((inputs["labels"][mask == 0] == -100).all())
+
+
+def test_grouped_batches_start_with_the_longest_and_stay_homogeneous():
+    full, prompt = bench.load_token_lengths()
+    v = _variant(layout="grouped", micro_batch=4, max_length=512)
+    batches = bench.make_batches(v, full, prompt, 28)
+    assert len(batches) == 28
+    assert batches[0].width == 512
+    # group_by_length keeps similar lengths together: little padding compared with random batches
+    padded = bench.make_batches(_variant(layout="padded", micro_batch=4, max_length=512), full, prompt, 200)
+    waste = lambda bs: 1 - sum(b.useful_tokens for b in bs) / sum(b.tensor_tokens for b in bs)  # noqa: E731
+    assert waste(batches) < 0.1 < waste(padded)
+
+
+def test_packed_rows_count_every_real_token_exactly():
+    full = [30, 7, 120, 64, 5, 90, 33, 12, 41, 100, 8, 3]
+    prompt = [3, 2, 10, 4, 1, 9, 3, 2, 5, 7, 1, 1]
+    v = _variant(layout="packed", micro_batch=2, max_length=100, row_length=128)
+    batches = bench.make_batches(v, full, prompt, 2, seed=3)
+    seen = []
+    for b in batches:
+        assert all(sum(n for n, _ in row) <= 128 for row in b.rows)
+        inputs = bench.batch_tensors(b, 1000, "cpu", varlen=True)
+        pos, labels, ids = inputs["position_ids"], inputs["labels"], inputs["input_ids"]
+        assert "attention_mask" not in inputs  # packed rows rely on position ids only
+        for r, row in enumerate(b.rows):
+            start = 0
+            for n, p in row:
+                assert pos[r, start:start + n].tolist() == list(range(n))
+                assert int(ids[r, start]) == 2  # each example starts with <bos>
+                assert bool((labels[r, start:start + p] == -100).all())  # prompt (and the first token) unlabelled
+                assert bool((labels[r, start + p:start + n] == ids[r, start + p:start + n]).all())
+                seen.append(n)
+                start += n
+            assert bool((labels[r, start:] == -100).all())  # the unused tail is never trained
+        assert b.useful_tokens == sum(n for row in b.rows for n, _ in row)
+        cu = inputs["cu_seq_lens_q"].tolist()
+        assert cu[-1] == b.tensor_tokens and sorted(set(cu)) == cu
+    # truncation at max_length, nothing else dropped or duplicated among the examples placed
+    assert all(n <= 100 for n in seen) and 100 in seen
+
+
+def test_packing_keeps_examples_apart_and_the_check_can_fail():
+    for attn in ("sdpa", "varlen"):
+        assert bench.packed_matches_unpacked("tiny", "cpu", attn=attn) < 1e-4
+    # negative control: positions that do not restart let later examples attend to earlier ones
+    assert bench.packed_matches_unpacked("tiny", "cpu", attn="sdpa", restart_positions=False) > 1e-2
+
+
+@pytest.mark.slow
+def test_cli_bench_tiny_cpu_end_to_end(tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    code = main(["bench", "--arch", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "bench.json").read_text(encoding="utf-8"))
+    rows = {r["name"]: r for r in data["archs"]["tiny"]["variants"]}
+    assert set(rows) == {"original", "packed"}
+    for r in rows.values():
+        assert r["steps_measured"] == 2 and r["warmup_steps"] == 1
+        assert r["loss_finite"] and r["useful_tokens_per_s"] > 0
+        assert 0 <= r["padding_share"] < 1
+    assert rows["original"]["x_original"] == 1.0
+    info = data["archs"]["tiny"]["model"]
+    assert info["quantization"].startswith("nf4")
+    table = (out / "bench.md").read_text(encoding="utf-8")
+    assert "| tiny | original |" in table and "| tiny | packed |" in table and "useful tok/s" in table
+
+
+def test_cli_bench_unknown_arch_is_a_chinese_error(tmp_path, capsys):
+    code = main(["bench", "--arch", "70b", "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "不認識的架構" in err and "27b" in err
