@@ -344,7 +344,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     On CUDA with ``torch.nn.attention.varlen`` it is flash attention over the examples (cost
     grows with each example's length, not the row's). Elsewhere, or where that API cannot do the
     sliding window or grouped KV heads, an exact block-diagonal masked sdpa. Without
-    ``cu_seq_lens_q`` it is plain causal sdpa.
+    ``cu_seq_lens_q`` the examples are found where ``position_ids`` restart at 0 (TRL's padding-free
+    collator); with a padding mask, or a KV cache, it is plain sdpa.
     """
     import torch
     import torch.nn.functional as F
@@ -352,9 +353,18 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     cu = kwargs.get("cu_seq_lens_q")
     b, h, s, d = query.shape
     hkv = key.shape[1]
-    if cu is None:
+    position_ids = kwargs.get("position_ids")
+    if cu is None and attention_mask is None and position_ids is not None and key.shape[2] == s:
+        # TRL's padding-free collator sends only position ids: each example starts where they restart.
+        flat = position_ids.expand(b, s).reshape(-1)
+        starts = torch.nonzero(flat == 0).view(-1)
+        if starts.numel() and int(starts[0]) == 0:
+            cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+            kwargs["max_length_q"] = int((cu[1:] - cu[:-1]).max())
+    if cu is None or key.shape[2] != s:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("cu_seq_lens", "max_length"))}
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     max_len = int(kwargs.get("max_length_q") or s)
     fn, params = _varlen_fn()
@@ -419,10 +429,15 @@ def varlen_support() -> dict:
 def register_varlen_attention() -> str:
     """Register ``medgemma_varlen`` with transformers (attention and a no-op mask); returns the name."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def mask(*args, **kwargs):
+        # Packed rows carry no padding mask: no mask at all (attention follows the examples). Padded
+        # batches (evaluation) keep sdpa's mask, and the attention then falls back to sdpa.
+        return None if kwargs.get("attention_mask") is None else sdpa_mask(*args, **kwargs)
 
     AttentionInterface.register(VARLEN_ATTN, varlen_attention_forward)
-    AttentionMaskInterface.register(VARLEN_ATTN, lambda *args, **kwargs: None)
+    AttentionMaskInterface.register(VARLEN_ATTN, mask)
     return VARLEN_ATTN
 
 

@@ -111,3 +111,27 @@ def test_cli_bench_unknown_arch_is_a_chinese_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "不認識的架構" in err and "27b" in err
+
+
+def test_varlen_attention_finds_examples_from_position_ids_alone():
+    """TRL's padding-free collator sends position ids only; the varlen attention must split on them."""
+    import torch
+
+    model, _ = bench.build_model("tiny", "cpu", quantize=False)
+    model.float().eval()
+    batch = bench.Batch("packed", [[(6, 1), (9, 1), (4, 1)]], 19)
+    inputs = bench.batch_tensors(batch, model.config.vocab_size, "cpu", varlen=False)
+    with torch.no_grad():
+        model.config._attn_implementation = "sdpa"
+        reference = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"]).logits
+        model.config._attn_implementation = bench.register_varlen_attention()
+        packed = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"]).logits
+        # a padded batch with a mask still works (falls back to sdpa with the mask)
+        ids = inputs["input_ids"][:, :6].repeat(2, 1)
+        mask = torch.ones_like(ids)
+        mask[1, 4:] = 0
+        padded = model(input_ids=ids, attention_mask=mask).logits
+        model.config._attn_implementation = "sdpa"
+        padded_ref = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(packed, reference, atol=1e-5)
+    assert torch.allclose(padded[mask.bool()], padded_ref[mask.bool()], atol=1e-5)
