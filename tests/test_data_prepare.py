@@ -48,7 +48,7 @@ def test_shipped_sample_prepares_without_leakage(repo_root, tmp_path):
     assert set(rec) >= {"prompt", "completion", "source", "focus_area", "qtype", "id"}
     saved = json.loads((tmp_path / "out" / "prepare_report.json").read_text(encoding="utf-8"))
     assert saved["input"]["sha256"] == report["input"]["sha256"] and len(saved["input"]["sha256"]) == 64
-    assert saved["input"]["path"] == SAMPLE  # relative to the repository, no home path
+    assert saved["input"]["path"] == saved["options"]["input"] == SAMPLE  # relative to the repository, no home path
     assert saved["deidentification"]["mode"] == "report"
     loaded = load_prepared(tmp_path / "out")
     for name in splits:

@@ -116,7 +116,7 @@ def prepare_records(data_cfg, tokenizer=None, input_format: str | None = None) -
             "encoding_detected": table.encoding_detected, "sha256": file_sha256(path),
             "columns_found": table.columns, "columns_used": columns,
         },
-        "options": {f.name: getattr(data_cfg, f.name) for f in dataclasses.fields(data_cfg)},
+        "options": {**{f.name: getattr(data_cfg, f.name) for f in dataclasses.fields(data_cfg)}, "input": display_path(path)},
         "counts": {
             "rows_in": cleaned.rows_in,
             "kept": len(cleaned.rows),
