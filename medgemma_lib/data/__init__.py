@@ -6,7 +6,7 @@ Public API::
     splits = load_prepared("prepared/medquad")
     example = label_mask_example(tok, splits["train"][0])   # what TRL trains on, token by token
 
-Modules: ``readers`` (CSV/JSONL/XML, encodings), ``clean`` (validation, counted drops),
+Modules: ``readers`` (CSV/JSONL/XML), ``encodings`` (strict decoding, detection), ``clean`` (validation, counted drops),
 ``split`` (focus-area/question groups, stratified by source), ``formatting`` (records, OpenCC),
 ``lengths`` (token lengths, histogram, recommended max length), ``masking`` (trained vs masked
 tokens), ``storage`` (atomic save/load), ``report`` (Chinese summary), ``samples`` (shipped samples),
