@@ -138,7 +138,6 @@ def question_box(model, tokenizer, max_new_tokens: int = 192, do_sample: bool = 
         return answer.value
 
     button.on_click(lambda _: ask())
-    question.on_submit(lambda _: ask())
     box = w.VBox([w.HBox([question, button]), adapter, w.HBox([w.VBox([answer], layout=w.Layout(width="66%")), disclaimer])])
     box.ask = ask
     return box

@@ -295,7 +295,7 @@ def register_cli(sub) -> None:
 
 
 def _cli_export(args) -> int:
-    if args.push_to_hub:
+    if args.push_to_hub is not None:
         check_repo_id(args.push_to_hub)  # fail before the minutes of merging
     out = merge_adapter(args.run, args.output, dtype=args.dtype, overwrite=args.overwrite)
     if args.verify:
@@ -305,7 +305,7 @@ def _cli_export(args) -> int:
                 print("注意：bf16 的捨入順序在合併前後不同，長答案偶爾會在後段分歧；需要完全一致時請用 --dtype float32。")
             else:
                 raise ModelError("匯出的模型與「基礎模型＋轉接器」答案不同。", hint="請回報此問題並附上 transformers 與 peft 版本。")
-    if args.push_to_hub:
+    if args.push_to_hub is not None:
         url = push_to_hub(out, args.push_to_hub, private=not args.public)
         print(f"已上傳：{url}")
     return 0
