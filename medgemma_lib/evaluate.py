@@ -133,6 +133,28 @@ def open_run(run_dir: str | Path) -> Run:
     return Run(path=path, adapter_dir=adapter_dir, config=config)
 
 
+def find_or_train_run(run_dir: str | Path, config: str | Path = "configs/demo.yaml", verbose: bool = True) -> Path:
+    """``run_dir`` when it holds an adapter; otherwise train it now with ``config`` (notebook 06 run alone).
+
+    The training is the same :func:`medgemma_lib.train.run_training` that notebook 05 and the
+    demo call, written to the same folder, so running 05 later simply replaces it.
+    """
+    run_dir = Path(run_dir)
+    if find_adapter_dir(run_dir) is not None:
+        return run_dir
+    from medgemma_lib.config import load_config
+    from medgemma_lib.train import run_training
+
+    cfg_path = Path(config) if Path(config).is_file() else REPO_ROOT / config
+    if verbose:
+        print(f"找不到 {run_dir.name} 的訓練結果（通常由 notebook 05 產生）。現在用 {cfg_path.name} 快速訓練一次，"
+              "CPU 上約需數分鐘；建議下次先執行 05_LoRA訓練.ipynb。", flush=True)
+    cfg = load_config(cfg_path, [f"train.output_dir={run_dir.parent.resolve()}", f"train.run_name={run_dir.name}"])
+    cfg.data.input = _resolve_input(cfg.data.input)
+    run_training(cfg, verbose=verbose)
+    return run_dir
+
+
 def load_for_evaluation(run_dir: str | Path, quantization: str | None = None, device: str | None = None, verbose: bool = True):
     """Load the base model once and attach the run's adapter. Returns ``(model, tokenizer, run)``.
 
@@ -401,6 +423,10 @@ def run_evaluation(
     from medgemma_lib.data import answer_of, question_of
 
     questions = [question_of(r) for r in gen_set] + [z["question"] for z in zh_set]
+    from medgemma_lib.generation import _model_device
+
+    if _model_device(model).type == "cpu":  # one batch: NF4 de-quantises every weight at each step, whatever the batch size
+        batch_size = max(batch_size, len(questions))
     system_prompt = run.config.data.system_prompt
     max_length = run.config.train.max_length
     loss_rows: dict[str, list[dict]] = {}
@@ -569,6 +595,18 @@ def side_by_side_markdown(result: dict, n: int | None = None, chinese: bool = Fa
             s = row["scores"].get(name, {})
             parts.append(f"**{label}**（ROUGE-L {_fmt(s.get('rougeL'))}，chrF {_fmt(s.get('chrf'))}）：{_clip(row['answers'].get(name, '')) or '（空白）'}\n")
     return "\n".join(parts)
+
+
+def before_after_markdown(result: dict, before: dict) -> str:
+    """Answers saved before fine-tuning (notebook 04) next to the fine-tuned answers, same questions."""
+    tuned = {row["question"]: row["answers"].get("tuned", "") for row in result["chinese"]["answers"] + result["answers"]}
+    parts = [f"> {MEDICAL_DISCLAIMER}\n"]
+    for item in before.get("answers", []):
+        if item["question"] in tuned:
+            parts.append(f"**問：{item['question']}**\n")
+            parts.append(f"- 微調前（notebook 04）：{_clip(item['answer']) or '（空白）'}")
+            parts.append(f"- 微調後：{_clip(tuned[item['question']]) or '（空白）'}\n")
+    return "\n".join(parts) if len(parts) > 1 else "（沒有相同的問題可以比較）"
 
 
 def _clip(text: str, limit: int = 600) -> str:
