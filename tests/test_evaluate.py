@@ -44,6 +44,12 @@ def test_missing_run_folder(tmp_path, capsys):
     assert "找不到執行資料夾" in err and "Traceback" not in err
 
 
+def test_existing_run_is_not_retrained(tiny_run):
+    before = sorted(p.name for p in tiny_run.rglob("*"))
+    assert ev.find_or_train_run(tiny_run, verbose=False) == tiny_run
+    assert sorted(p.name for p in tiny_run.rglob("*")) == before
+
+
 def test_folder_without_adapter(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("model:\n  profile: demo\n", encoding="utf-8")
