@@ -341,7 +341,7 @@ def footprint(model) -> dict:
         if qs is not None:
             n = int(torch.Size(qs.shape).numel())
             nbytes = p.numel() * p.element_size() + _quant_state_bytes(qs, seen)
-            kind = f"nf4（{qs.quant_type}）" if getattr(qs, "quant_type", None) else "4 位元"
+            kind = str(getattr(qs, "quant_type", None) or "4 位元")
         elif p.dtype == torch.int8 and hasattr(p, "SCB"):
             n, nbytes, kind = p.numel(), p.numel() + (p.SCB.numel() * 4 if p.SCB is not None else 0), "int8"
         else:
