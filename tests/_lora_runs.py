@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medgemma_lib.models import BOS_ID  # noqa: F401  (keeps the import path honest: package installed)
 
 ROOT = Path(__file__).resolve().parents[1]
 
