@@ -450,10 +450,8 @@ def run_training(
             if evaluate_before and eval_ds is not None and initial_eval is None:
                 initial_eval = trainer.evaluate()
                 if _is_main_process():
+                    # the monitor callback already logged it as step 0 of the curve
                     (run_dir / "initial_eval.json").write_text(json.dumps(initial_eval), encoding="utf-8")
-                    mon.records.append({"step": 0, "eval_loss": initial_eval["eval_loss"]})
-                    with open(log_path, "a", encoding="utf-8") as handle:
-                        handle.write(json.dumps({"step": 0, **initial_eval}) + "\n")
                 if verbose:
                     print(f"訓練前驗證集 loss：{initial_eval['eval_loss']:.4f}", flush=True)
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -43,7 +43,7 @@ def test_sft_config_maps_our_settings(tmp_path):
     assert args.prediction_loss_only is True  # evaluation must not rebuild the full logits
     assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     assert args.bf16 is False and args.fp16 is False and args.use_cpu is True  # fp32 on CPU, never fp16
-    assert args.get_warmup_steps(24) == 3  # a ratio rounded up: warmup really applies
+    assert args.get_warmup_steps(20) == 2  # a ratio rounded up: warmup really applies
     gpu = load_config("configs/medgemma-27b-24gb.yaml")
     assert gpu.train.gradient_checkpointing and gpu.train.packing
 
