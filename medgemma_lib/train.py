@@ -424,6 +424,9 @@ def run_training(
     from peft import PeftModel, get_peft_model
 
     if not isinstance(model, PeftModel):
+        from transformers import set_seed
+
+        set_seed(cfg.train.seed)  # the Trainer seeds only after the model exists: seed the LoRA init here
         model = get_peft_model(model, lora_config(cfg, profile))
     trainable, total = model.get_nb_trainable_parameters()
     if verbose:
