@@ -38,7 +38,9 @@ ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "train_log.jsonl"
 SUMMARY_FILE = "train_summary.json"
-_RUN_ARTEFACTS = (ADAPTER_DIR, CHECKPOINT_DIR, "tensorboard", LOG_FILE, "loss.png", "memory.json", SUMMARY_FILE, "config.yaml", "initial_eval.json")
+# What a fresh run replaces; an old evaluation describes an adapter that no longer exists, so it goes too.
+_RUN_ARTEFACTS = (ADAPTER_DIR, CHECKPOINT_DIR, "tensorboard", LOG_FILE, "loss.png", "memory.json", SUMMARY_FILE, "config.yaml",
+                  "initial_eval.json", "demo_summary.json", "eval.json", "eval.md", "eval.png")
 
 
 @dataclass
@@ -99,10 +101,11 @@ class TrainResult:
 def display_path(path: str | os.PathLike) -> str:
     """A path relative to the current folder when inside it, else with the home folder shown as ``~``."""
     p = Path(path).resolve()
-    try:
-        return str(p.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        pass
+    for base in (Path.cwd().resolve(), Path(__file__).resolve().parents[1]):  # the working folder, then the project
+        try:
+            return str(p.relative_to(base))
+        except ValueError:
+            pass
     home = Path.home().resolve()
     try:
         return "~/" + str(p.relative_to(home))
