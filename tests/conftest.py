@@ -84,3 +84,22 @@ def build_tiny_gemma3(folder: Path, tokenizer, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, demo_tokenizer) -> Path:
     return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"), demo_tokenizer)
+
+
+_SECRET_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+@pytest.fixture(autouse=True)
+def _no_token_leaks_between_tests():
+    """Some code under test sets HF_TOKEN for the process (the notebook token box does, on purpose).
+
+    Restore the variables after every test, so a later test or an nbval kernel never inherits a
+    token that an earlier test planted.
+    """
+    before = {name: os.environ.get(name) for name in _SECRET_VARS}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
