@@ -77,6 +77,7 @@ class TrainSection:
     per_device_train_batch_size: int = _f(4, "每張卡每步的樣本數（micro-batch）", min=1, max=4096)
     gradient_accumulation_steps: int = _f(1, "梯度累積步數", min=1, max=4096)
     max_length: int = _f(1024, "每筆樣本最多幾個 token（超過則截斷）", min=8, max=131072)
+    max_example_length: int | None = _f(None, "packing 前每筆樣本最多幾個 token（超過則截斷）；不填則以 max_length（列長）為上限", min=8, max=131072)
     packing: bool = _f(False, "把多筆樣本接成一列以免填充（padding-free packing）")
     padding_free: bool = _f(True, "不填充：一個批次的樣本首尾相接，省去 padding 的計算")
     use_liger_kernel: bool = _f(False, "使用 Liger 核心（需要 CUDA 與 liger-kernel 套件）")

@@ -15,7 +15,10 @@ train (with out-of-memory retry) → save the run folder. The run folder ``resul
 Speed on CPU (the demo): the 262,144-token output layer costs as much per position as the rest of
 the 270M model, so :class:`LeanSFTTrainer` projects only the positions that carry a label
 (``logits_to_keep`` with a boolean mask) and skips TRL's entropy metric; packing (best-fit
-decreasing, padding-free) removes padding. On CUDA TRL's own fused, chunked LM head is used.
+decreasing, padding-free) removes padding. On CUDA TRL's own fused, chunked LM head is used (it takes
+the place of Liger's fused linear cross-entropy, which TRL refuses), plus, as measured on the H200
+(docs/benchmarks.md): Liger's RMSNorm / RoPE / GeGLU kernels (:func:`apply_liger`) and, for packed
+rows, attention within each example only (:func:`use_varlen_attention`).
 """
 
 from __future__ import annotations
@@ -223,7 +226,8 @@ def sft_config(cfg: RunConfig, run_dir: Path, device: str, micro_batch: int | No
         packing_strategy="bfd",
         padding_free=padding_free,
         completion_only_loss=True,
-        use_liger_kernel=t.use_liger_kernel,
+        # On CUDA run_training applies Liger itself (apply_liger): TRL would only repeat it, with a deprecation warning.
+        use_liger_kernel=t.use_liger_kernel if device == "cpu" else False,
         prediction_loss_only=True,  # else TRL's evaluation rebuilds the full logits
         report_to=[],  # TensorBoard is attached as a callback writing into the run folder
         dataloader_num_workers=0,
@@ -251,6 +255,24 @@ def make_lean_trainer_class():
 
         label_only_logits: bool = False
         needs_token_type_ids: bool = False
+        example_max_length: int | None = None  # packing: cut each example to this before packing rows of max_length
+
+        def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+            if not packing or not self.example_max_length or self.example_max_length >= args.max_length:
+                return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+            from trl.data_utils import pack_dataset
+
+            row_length = args.max_length
+            args.max_length = self.example_max_length  # TRL truncates (and drops fully masked examples) only unpacked
+            try:
+                dataset = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
+            finally:
+                args.max_length = row_length
+            dataset = dataset.select_columns(["input_ids", "labels"])
+            if args.shuffle_dataset:
+                dataset = dataset.shuffle(seed=args.seed)
+            map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Packing {dataset_name} dataset"}
+            return pack_dataset(dataset, row_length, args.packing_strategy, map_kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.needs_token_type_ids and "token_type_ids" not in inputs:
@@ -284,6 +306,45 @@ def make_lean_trainer_class():
             return loss
 
     return LeanSFTTrainer
+
+
+def apply_liger(model) -> None:
+    """Liger's Gemma 3 kernels (RMSNorm, RoPE, GeGLU) on ``model`` (CUDA, before LoRA), once.
+
+    Not its fused linear cross-entropy: TRL 1.16 refuses it and computes the loss with its own fused,
+    chunked LM head, which likewise never builds the full 262k-wide logits.
+    """
+    if getattr(model, "_medgemma_liger", False):
+        return
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_gemma3, apply_liger_kernel_to_gemma3_text
+    except ImportError:
+        raise TrainingError(
+            "設定了 train.use_liger_kernel=true，但沒有安裝 liger-kernel。",
+            hint="請執行 pip install liger-kernel==0.8.5，或改用 train.use_liger_kernel=false。",
+        ) from None
+    kernels = {"rope": True, "rms_norm": True, "geglu": True, "cross_entropy": False, "fused_linear_cross_entropy": False}
+    if getattr(model.config, "model_type", "") == "gemma3":  # multimodal checkpoint (4B): text layers get the kernels
+        apply_liger_kernel_to_gemma3(model=model, layer_norm=False, **kernels)
+    else:
+        apply_liger_kernel_to_gemma3_text(model=model, **kernels)
+    model._medgemma_liger = True
+
+
+def use_varlen_attention(model, verbose: bool = True) -> str:
+    """Attention within each packed example (flash varlen) when the installed torch has it, else sdpa."""
+    from medgemma_lib.attention import register_varlen_attention, varlen_support
+
+    if not varlen_support()["torch.nn.attention.varlen"]:
+        if verbose:
+            print("注意：這個 PyTorch 沒有 torch.nn.attention.varlen，打包的資料改用 sdpa 注意力（較慢，結果相同）。", flush=True)
+        return getattr(model.config, "_attn_implementation", "sdpa")
+    name = register_varlen_attention()
+    configs = [model.config, getattr(model.config, "text_config", None), *(getattr(m, "config", None) for m in model.modules())]
+    for config in {id(c): c for c in configs if c is not None}.values():
+        if getattr(config, "model_type", "") == "gemma3_text":  # the language model only; the vision tower keeps sdpa
+            config._attn_implementation = name
+    return name
 
 
 def _tensorboard_callback(run_dir: Path):
@@ -426,6 +487,11 @@ def run_training(
         model = load_model(cfg.model.profile, cfg.model.quantization, device, attn_implementation=cfg.model.attn_implementation)
     from peft import PeftModel, get_peft_model
 
+    if device.startswith("cuda") and not isinstance(model, PeftModel):
+        if cfg.train.use_liger_kernel:
+            apply_liger(model)
+        if cfg.train.packing or cfg.train.padding_free:
+            use_varlen_attention(model, verbose=verbose)
     if not isinstance(model, PeftModel):
         from transformers import set_seed
 
@@ -532,6 +598,7 @@ def _build_trainer(cfg, run_dir, device, model, tokenizer, train_ds, eval_ds, ca
     if eval_ds is None:
         args.eval_strategy = "no"
     trainer_cls = make_lean_trainer_class()
+    trainer_cls.example_max_length = cfg.train.max_example_length if cfg.train.packing else None
     try:
         trainer = trainer_cls(
             model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks,
