@@ -208,15 +208,23 @@ def verify_export(export_dir: str | Path, run_dir: str | Path, questions: list[s
     exported = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=getattr(torch, dtype))
     exported.eval()
     got = greedy_token_ids(exported, tok, questions, max_new_tokens)
+    got_logits = _next_token_logits(exported, tok, questions)
     del exported
     pair, tokenizer, _ = load_merge_pair(run_dir, dtype, "cpu")
     want = greedy_token_ids(pair, tokenizer, questions, max_new_tokens)
+    want_logits = _next_token_logits(pair, tokenizer, questions)
     with pair.disable_adapter():
         base = greedy_token_ids(pair, tokenizer, questions, max_new_tokens)
+        base_logits = _next_token_logits(pair, tokenizer, questions)
+    merge_error = (got_logits - want_logits).abs().max().item()
+    adapter_effect = (want_logits - base_logits).abs().max().item()
     decode = lambda rows: [tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]  # noqa: E731
     result = {
         "same": got == want,
         "adapter_changes_answers": base != want,
+        # How far the exported logits are from base+adapter, relative to how far the adapter moves them:
+        # 0 = exact; 1 = as if the merge had been skipped. bf16 rounding of W + ΔW gives a small non-zero value.
+        "merge_error_ratio": merge_error / adapter_effect if adapter_effect > 0 else float("inf"),
         "dtype": dtype,
         "questions": questions,
         "exported": decode(got),
@@ -226,8 +234,23 @@ def verify_export(export_dir: str | Path, run_dir: str | Path, questions: list[s
         "adapter_ids": want,
     }
     if verbose:
-        print("匯出模型與「基礎模型＋轉接器」的貪婪答案" + ("完全相同 ✓" if result["same"] else "不同 ✗"), flush=True)
+        print("匯出模型與「基礎模型＋轉接器」的貪婪答案" + ("完全相同 ✓" if result["same"] else "不完全相同"), flush=True)
+        print(f"下一個 token 的 logits 差距：轉接器造成的變化的 {result['merge_error_ratio']:.1%}（0% 表示完全一致；100% 等於沒有合併）", flush=True)
     return result
+
+
+def _next_token_logits(model, tokenizer, questions: list[str]):
+    """Last-position logits (float32) of each question's prompt, stacked."""
+    import torch
+
+    from medgemma_lib.generation import _model_device, build_prompt
+
+    rows = []
+    for q in questions:
+        ids = tokenizer(build_prompt(tokenizer, q), return_tensors="pt", add_special_tokens=False).input_ids.to(_model_device(model))
+        with torch.inference_mode():
+            rows.append(model(input_ids=ids, logits_to_keep=1).logits[0, -1].float().cpu())
+    return torch.stack(rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,11 +323,10 @@ def _cli_export(args) -> int:
     out = merge_adapter(args.run, args.output, dtype=args.dtype, overwrite=args.overwrite)
     if args.verify:
         result = verify_export(out, args.run)
+        if result["merge_error_ratio"] >= 0.5 or (args.dtype == "float32" and not result["same"]):
+            raise ModelError("匯出的模型與「基礎模型＋轉接器」差異過大，合併可能沒有生效。", hint="請回報此問題並附上 transformers 與 peft 版本。")
         if not result["same"]:
-            if args.dtype == "bfloat16":
-                print("注意：bf16 的捨入順序在合併前後不同，長答案偶爾會在後段分歧；需要完全一致時請用 --dtype float32。")
-            else:
-                raise ModelError("匯出的模型與「基礎模型＋轉接器」答案不同。", hint="請回報此問題並附上 transformers 與 peft 版本。")
+            print("注意：bf16 只有 8 位元有效數字，W + ΔW 存成 bf16 時，比 W 小很多的更新量會被捨入，貪婪答案可能在某個 token 開始分歧；需要逐位元一致時請用 --dtype float32。")
     if args.push_to_hub is not None:
         url = push_to_hub(out, args.push_to_hub, private=not args.public)
         print(f"已上傳：{url}")
