@@ -216,8 +216,8 @@ def verify_export(export_dir: str | Path, run_dir: str | Path, questions: list[s
     with pair.disable_adapter():
         base = greedy_token_ids(pair, tokenizer, questions, max_new_tokens)
         base_logits = _next_token_logits(pair, tokenizer, questions)
-    merge_error = (got_logits - want_logits).abs().max().item()
-    adapter_effect = (want_logits - base_logits).abs().max().item()
+    merge_error = (got_logits - want_logits).norm().item()  # L2 over all questions' next-token logits
+    adapter_effect = (want_logits - base_logits).norm().item()
     decode = lambda rows: [tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]  # noqa: E731
     result = {
         "same": got == want,

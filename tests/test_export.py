@@ -145,14 +145,14 @@ def test_demo_export_answers_like_base_plus_adapter(tmp_path, demo_model_dir):
 
     fp32: the merged folder gives exactly the greedy answer of base + adapter. bf16: W + ΔW is
     rounded to 8 significant bits, so near-tied tokens may flip; the next-token logits must stay
-    within 10 % of the adapter's own effect (a skipped merge would be 100 %).
+    within 25 % (L2) of the adapter's own effect (a skipped merge would be 100 %).
     """
-    run = make_run(tmp_path / "demo-run", str(demo_model_dir), "demo", "nf4", b_scale=0.05)
+    run = make_run(tmp_path / "demo-run", str(demo_model_dir), "demo", "nf4", b_scale=0.2)
     out = ex.merge_adapter(run, dtype="bfloat16", verbose=False)
     assert out == run / "merged"
     _check_standalone(out, "bfloat16")
     bf16 = ex.verify_export(out, run, QUESTIONS, max_new_tokens=8, verbose=False)
-    assert bf16["merge_error_ratio"] < 0.1, bf16
+    assert bf16["merge_error_ratio"] < 0.25, bf16
     out32 = ex.merge_adapter(run, dtype="float32", verbose=False)
     fp32 = ex.verify_export(out32, run, QUESTIONS, max_new_tokens=16, verbose=False)
     assert fp32["adapter_changes_answers"], fp32  # otherwise this test could not tell a skipped merge
