@@ -43,7 +43,7 @@ LOG_FILE = "train_log.jsonl"
 SUMMARY_FILE = "train_summary.json"
 # What a fresh run replaces; an old evaluation describes an adapter that no longer exists, so it goes too.
 _RUN_ARTEFACTS = (ADAPTER_DIR, CHECKPOINT_DIR, "tensorboard", LOG_FILE, "loss.png", "memory.json", SUMMARY_FILE, "config.yaml",
-                  "initial_eval.json", "demo_summary.json", "eval.json", "eval.md", "eval.png")
+                  "initial_eval.json", "demo_summary.json", "eval.json", "eval.md", "eval.png", "merged", "merged-float32")
 
 
 @dataclass
