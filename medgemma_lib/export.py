@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 from medgemma_lib import MEDICAL_DISCLAIMER
+from medgemma_lib.atomic import atomic_folder
 from medgemma_lib.errors import AuthError, ConfigError, ModelError, OutputError
 
 MERGED_DIR = "merged"
@@ -77,25 +77,12 @@ def merge_adapter(
     model, tokenizer, run = load_merge_pair(run_dir, dtype, device)
     merged = model.merge_and_unload()
     _check_merged(merged)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with atomic_folder(out, what="匯出資料夾", hint="請確認磁碟空間（約為模型大小）與寫入權限；") as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
         _write_generation_config(merged, tmp)
         (tmp / "README.md").write_text(model_card(run, dtype), encoding="utf-8")
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(_manifest(run, dtype, started), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"無法寫入匯出資料夾 {out}：{exc.strerror or exc}", hint="請確認磁碟空間（約為模型大小）與寫入權限。") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if verbose:
         size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 1e9
         print(f"已匯出合併後的模型：{out}（{size:.2f} GB，{time.time() - started:.0f} 秒）", flush=True)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from medgemma_lib.atomic import atomic_folder
 from medgemma_lib.errors import DataError, OutputError
 
 REPORT_NAME = "prepare_report.json"
@@ -56,28 +55,10 @@ def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
 def save_prepared(splits, report: dict, path: str | Path, overwrite: bool = False) -> Path:
     """Write ``splits`` (a DatasetDict) and ``report`` to ``path`` atomically."""
     out = check_output_dir(path, overwrite)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise OutputError(f"無法在 {out.parent} 建立暫存資料夾：{exc.strerror or exc}", hint="請確認磁碟空間與寫入權限。") from None
-    try:
+    with atomic_folder(out, what="輸出資料夾", hint="請確認磁碟空間與寫入權限；") as tmp:
         with quiet_datasets():
             splits.save_to_disk(str(tmp / "splits"))
         (tmp / REPORT_NAME).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"寫入 {out} 失敗：{exc.strerror or exc}", hint="請確認磁碟空間與寫入權限；原本的資料夾沒有被更動。") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
