@@ -1,25 +1,38 @@
-"""Checkpoints that are either complete or ignored.
+"""Checkpoints and adapters that are either complete and intact, or refused with a reason.
 
 The Trainer writes ``checkpoint-N/`` folders file by file; a process killed in the middle leaves a
-folder that looks like a checkpoint but is not one. After the Trainer has finished saving,
-:class:`CompletionMarkerCallback` writes ``medgemma_complete.json`` (the size of every file) into
-the folder, last and atomically. :func:`latest_complete_checkpoint` only returns folders whose
-marker exists and whose files still have the recorded sizes, so ``--resume`` never picks a
-half-written checkpoint; :func:`remove_incomplete_checkpoints` deletes the rest before resuming.
+folder that looks like a checkpoint but is not one, and a disk can later damage a file that was
+written correctly. After the Trainer has finished saving, :class:`CompletionMarkerCallback` writes
+``medgemma_complete.json`` (size and SHA-256 of every file) into the folder, last and atomically;
+training writes the same marker into the final ``adapter/`` folder.
+
+:func:`checkpoint_problem` says in Chinese why a checkpoint cannot be used (no marker, a file
+missing, truncated, or with other bytes than when it was saved, a safetensors file whose header
+does not match its size) or returns None. :func:`latest_complete_checkpoint` returns the newest
+usable one, so ``--resume`` falls back to the previous good checkpoint;
+:func:`remove_incomplete_checkpoints` deletes the others before resuming and says why.
+:func:`verify_adapter` is called before any adapter is loaded (evaluation, chat, export): only
+safetensors, and a damaged file gives a clear :class:`~medgemma_lib.errors.ModelError`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 
+from medgemma_lib.errors import ModelError
+
 MARKER = "medgemma_complete.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Files without which the Trainer cannot resume (adapter weights, optimizer, scheduler, trainer state).
 _REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors refuses headers over 100 MB too
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -36,58 +49,168 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: checkpoint_step(p))
 
 
-def write_completion_marker(checkpoint: str | os.PathLike) -> Path:
-    """Record every file's size, then rename the marker into place (the last write of a checkpoint)."""
-    checkpoint = Path(checkpoint)
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(4 * 1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_completion_marker(folder: str | os.PathLike) -> Path:
+    """Record every file's size and SHA-256, then rename the marker into place (the folder's last write)."""
+    folder = Path(folder)
     files = {
-        str(p.relative_to(checkpoint)): p.stat().st_size
-        for p in sorted(checkpoint.rglob("*"))
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_of(p)}
+        for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")
     }
-    tmp = checkpoint / (MARKER + ".tmp")
+    tmp = folder / (MARKER + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"step": checkpoint_step(checkpoint), "files": files}, handle, indent=1)
+        json.dump({"step": checkpoint_step(folder), "files": files}, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, checkpoint / MARKER)
-    return checkpoint / MARKER
+    os.replace(tmp, folder / MARKER)
+    return folder / MARKER
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why a ``.safetensors`` file is not whole (header unreadable, size not what the header says), or None."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return f"{path.name} 只有 {size} 位元組（檔案被截斷）"
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, _MAX_HEADER):
+                return f"{path.name} 的標頭長度不合理（檔案損壞或被截斷）"
+            header = json.loads(handle.read(n))
+    except OSError as exc:
+        return f"無法讀取 {path.name}：{exc.strerror or exc}"
+    except (ValueError, UnicodeDecodeError):
+        return f"{path.name} 的標頭不是有效的 JSON（檔案損壞）"
+    if not isinstance(header, dict):
+        return f"{path.name} 的標頭格式不對（檔案損壞）"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return f"{path.name} 的標頭格式不對（檔案損壞）"
+    if 8 + n + end != size:
+        return f"{path.name} 應有 {8 + n + end:,} 位元組，實際 {size:,} 位元組（檔案被截斷或損壞）"
+    return None
+
+
+def _marker_problem(folder: Path, required: tuple[str, ...]) -> str | None:
+    try:
+        info = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "沒有完成標記（存檔時被中斷，或不是本工具寫的）"
+    except (OSError, ValueError):
+        return "完成標記無法讀取（檔案損壞）"
+    files = info.get("files") or {}
+    for name in required:
+        if name not in files:
+            return f"缺少 {name}"
+    for name, record in files.items():
+        f = folder / name
+        if not f.is_file():
+            return f"缺少 {name}"
+        # markers written before hashes were added hold only the size
+        want_size = record if isinstance(record, int) else record.get("size")
+        size = f.stat().st_size
+        if size != want_size:
+            return f"{name} 應有 {want_size:,} 位元組，實際 {size:,} 位元組（檔案被截斷或被改寫）"
+        want_hash = None if isinstance(record, int) else record.get("sha256")
+        if want_hash and sha256_of(f) != want_hash:
+            return f"{name} 的內容與存檔時不同（SHA-256 不符，檔案損壞）"
+    return None
+
+
+def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from, in Chinese, or None when it is complete and intact."""
+    checkpoint = Path(checkpoint)
+    problem = _marker_problem(checkpoint, _REQUIRED)
+    if problem:
+        return problem
+    weights = sorted(checkpoint.glob("*.safetensors"))
+    if not weights:
+        return "沒有 safetensors 權重檔"
+    for f in weights:
+        problem = safetensors_problem(f)
+        if problem:
+            return problem
+    return None
 
 
 def is_complete(checkpoint: str | os.PathLike) -> bool:
-    """True when the marker exists, lists the required files, and every listed file has its size."""
-    checkpoint = Path(checkpoint)
-    try:
-        info = json.loads((checkpoint / MARKER).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    files = info.get("files") or {}
-    if not all(name in files for name in _REQUIRED):
-        return False
-    if not any(name.endswith(".safetensors") for name in files):
-        return False
-    for name, size in files.items():
-        f = checkpoint / name
-        if not f.is_file() or f.stat().st_size != size:
-            return False
-    return True
+    """True when the marker exists, lists the required files, and every file is as it was saved."""
+    return checkpoint_problem(checkpoint) is None
 
 
 def latest_complete_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``folder``, or None."""
+    """The newest complete and intact checkpoint under ``folder``, or None."""
     for ckpt in reversed(list_checkpoints(folder)):
         if is_complete(ckpt):
             return ckpt
     return None
 
 
-def remove_incomplete_checkpoints(folder: str | os.PathLike) -> list[Path]:
-    """Delete checkpoint folders without a valid marker (left by a crash); return what was removed."""
+def remove_incomplete_checkpoints(folder: str | os.PathLike) -> list[tuple[Path, str]]:
+    """Delete checkpoint folders that cannot be resumed from; return ``(folder, reason)`` for each."""
     removed = []
     for ckpt in list_checkpoints(folder):
-        if not is_complete(ckpt):
+        problem = checkpoint_problem(ckpt)
+        if problem:
             shutil.rmtree(ckpt, ignore_errors=True)
-            removed.append(ckpt)
+            removed.append((ckpt, problem))
     return removed
+
+
+def adapter_problem(adapter_dir: str | os.PathLike) -> str | None:
+    """Why the LoRA adapter in ``adapter_dir`` must not be loaded, in Chinese, or None."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        return "資料夾不存在"
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        if any(adapter_dir.glob("*.bin")) or any(adapter_dir.glob("*.pt")):
+            return f"只有 .bin／.pt 權重：本課程只載入 safetensors（{ADAPTER_WEIGHTS}），因為 pickle 格式在載入時可以執行任意程式碼"
+        return f"缺少 {ADAPTER_WEIGHTS}"
+    try:
+        json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"缺少 {ADAPTER_CONFIG}"
+    except (OSError, ValueError):
+        return f"{ADAPTER_CONFIG} 無法讀取（不是有效的 JSON）"
+    problem = safetensors_problem(weights)
+    if problem:
+        return problem
+    if (adapter_dir / MARKER).exists():  # adapters written by this project's training carry a marker
+        return _marker_problem(adapter_dir, (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
+    return None
+
+
+def verify_adapter(adapter_dir: str | os.PathLike, *, run_dir: str | os.PathLike | None = None) -> None:
+    """Raise :class:`ModelError` with a reason and a way out when the adapter is missing or damaged."""
+    problem = adapter_problem(adapter_dir)
+    if problem is None:
+        return
+    hint = "請重新訓練（python -m medgemma_lib train …）。"
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        good = latest_complete_checkpoint(run_dir / "checkpoints")
+        if good is not None:
+            hint = (f"訓練的完整檢查點 {good.name} 還在：執行 python -m medgemma_lib train --config {_shown(run_dir / 'config.yaml')} --resume "
+                    "會從它接續並重新寫出轉接器（若它已是最後一步，只會重新存檔，不再訓練）。")
+    raise ModelError(f"LoRA 轉接器 {_shown(adapter_dir)} 已損毀或不完整，無法使用：{problem}。", hint=hint)
+
+
+def _shown(path) -> str:
+    from medgemma_lib.train import display_path
+
+    return display_path(path)
 
 
 def make_marker_callback():

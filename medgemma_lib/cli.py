@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except MedgemmaError as err:
         if debug:
             raise
-        sys.stderr.write(f"錯誤：{err.format()}\n")
-        return EXIT_USER_ERROR
+        sys.stderr.write(f"{err.label}：{err.format()}\n")
+        return err.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("\n已中斷（Ctrl+C）。\n")
         return 130

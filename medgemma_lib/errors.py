@@ -13,6 +13,9 @@ EXIT_USER_ERROR = 2
 class MedgemmaError(Exception):
     """Base class: an error the user can fix. ``str(err)`` is the Chinese message."""
 
+    exit_code = EXIT_USER_ERROR
+    label = "錯誤"  # the CLI prints "<label>：<message>"
+
     def __init__(self, message: str, *, hint: str | None = None):
         self.message = message
         self.hint = hint
@@ -50,3 +53,24 @@ class TrainingError(MedgemmaError):
 
 class OutputError(MedgemmaError):
     """An output folder cannot be created or written."""
+
+
+class TrainingInterrupted(MedgemmaError):
+    """Training stopped cleanly after Ctrl+C (SIGINT): a complete checkpoint is on disk. CLI exit code 130."""
+
+    exit_code = 130
+    label = "已停止"
+
+    def __init__(self, step: int, checkpoint, run_dir):
+        from pathlib import Path
+
+        from medgemma_lib.train import display_path as _short
+
+        self.step, self.checkpoint, self.run_dir = step, checkpoint, run_dir
+        where = f"完整的檢查點在 {_short(checkpoint)}" if checkpoint else "但沒有找到完整的檢查點"
+        config = _short(Path(run_dir) / "config.yaml")
+        super().__init__(
+            f"訓練已在第 {step} 步安全停止（Ctrl+C），{where}。\n"
+            f"接續訓練：python -m medgemma_lib train --config {config} --resume（notebook 中：run_training(cfg, resume=True)）。"
+        )
+

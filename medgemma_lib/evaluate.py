@@ -82,19 +82,22 @@ def find_adapter_dir(run_dir: str | Path) -> Path | None:
     return None
 
 
-def check_adapter_file(adapter_dir: Path) -> None:
-    """Read the adapter's safetensors header and config; raise ModelError when either is damaged."""
+def check_adapter_file(adapter_dir: Path, run_dir: Path | None = None) -> None:
+    """Refuse a damaged adapter with a ModelError (what is wrong, and how to get it back).
+
+    :func:`medgemma_lib.checkpoints.verify_adapter` checks the files (safetensors only, header and
+    size, and the SHA-256 recorded when training saved it); then two tensors are read for real.
+    """
     from safetensors import safe_open
 
+    from medgemma_lib.checkpoints import verify_adapter
+
+    verify_adapter(adapter_dir, run_dir=run_dir)
     weights = adapter_dir / "adapter_model.safetensors"
-    try:
-        json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"LoRA 轉接器設定檔 {adapter_dir.name}/adapter_config.json 損毀：{exc}", hint="請重新訓練，或從備份複製完整的 adapter 資料夾。") from None
     try:
         with safe_open(str(weights), framework="pt") as handle:
             names = list(handle.keys())
-            for name in names[:2]:  # touch real data: a truncated file fails here
+            for name in names[:2]:  # touch real data
                 handle.get_tensor(name)
     except Exception as exc:  # safetensors raises its own SafetensorError and OSError
         raise ModelError(
@@ -116,12 +119,14 @@ def open_run(run_dir: str | Path) -> Run:
         listing = f"{parent} 底下有訓練結果的資料夾：{'、'.join(found)}" if found else "請先執行 notebook 05 或 python -m medgemma_lib demo 訓練一次"
         raise ModelError(f"找不到執行資料夾 {path}。", hint=listing + "。")
     adapter_dir = find_adapter_dir(path)
+    if adapter_dir is None and (path / "adapter").is_dir():
+        check_adapter_file(path / "adapter", path)  # says what is missing (e.g. only a pickle .bin)
     if adapter_dir is None:
         raise ModelError(
             f"執行資料夾 {path} 裡沒有 LoRA 轉接器（找不到 adapter/adapter_config.json 與 adapter/adapter_model.safetensors）。",
             hint="訓練可能沒有完成；請重新訓練，或指向含有 adapter/ 的執行資料夾（results/<執行名稱>）。",
         )
-    check_adapter_file(adapter_dir)
+    check_adapter_file(adapter_dir, path)
     cfg_file = path / "config.yaml"
     if cfg_file.is_file():
         config = load_config(cfg_file)
@@ -181,7 +186,10 @@ def attach_adapter(base, adapter_dir: str | Path):
     """``PeftModel`` around ``base`` with the adapter from ``adapter_dir`` (inference mode)."""
     from peft import PeftModel
 
+    from medgemma_lib.checkpoints import verify_adapter
+
     adapter_dir = Path(adapter_dir)
+    verify_adapter(adapter_dir)  # safetensors only, whole, as saved
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     except Exception as exc:  # mismatched shapes, wrong base model, damaged file

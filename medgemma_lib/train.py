@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from medgemma_lib.config import RunConfig, load_config, save_config
-from medgemma_lib.errors import ConfigError, ResourceError, TrainingError
+from medgemma_lib.errors import ConfigError, ResourceError, TrainingError, TrainingInterrupted
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
@@ -420,6 +420,83 @@ def _free_memory() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Ctrl+C: a clean stop with a checkpoint
+
+
+class GracefulStop:
+    """First Ctrl+C (SIGINT, also Jupyter's "interrupt kernel"): finish the current step, save a complete
+    checkpoint, stop (``run_training`` then raises :class:`TrainingInterrupted`). A second Ctrl+C stops
+    at once, as Python normally does. Only the main thread can own a signal handler; elsewhere this
+    does nothing. Under DDP every rank agrees on the stop at the same step (one tiny all-reduce per step).
+    """
+
+    def __init__(self, verbose: bool = True):
+        self.requested = False
+        self.verbose = verbose
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+            self._installed = False
+        return False
+
+    def _handle(self, signum, frame):
+        import signal
+        import sys
+
+        if self.requested:  # second Ctrl+C: give the user back the usual immediate interrupt
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+            self._installed = False
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.verbose:
+            print("\n收到中斷（Ctrl+C）：這一步結束後會儲存完整的檢查點並停止，之後可以用 --resume 接續。"
+                  "再按一次 Ctrl+C 會立即中止（不儲存）。", file=sys.stderr, flush=True)
+
+    def agreed(self) -> bool:
+        """Whether to stop now; with several processes, true when any of them was interrupted."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.requested
+        import torch
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        flag = torch.tensor([1 if self.requested else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.requested = bool(flag.item())
+        return self.requested
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        stop = self
+
+        class StopOnInterrupt(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if stop.agreed():
+                    control.should_save = True
+                    control.should_training_stop = True
+                return control
+
+        return StopOnInterrupt()
+
+
+# ----------------------------------------------------------------------------------------------
 # The training function
 
 
@@ -457,8 +534,9 @@ def run_training(
     if resume:
         removed = checkpoints.remove_incomplete_checkpoints(ckpt_dir) if _is_main_process() else []
         resume_from = checkpoints.latest_complete_checkpoint(ckpt_dir)
-        if verbose and removed:
-            print(f"已移除 {len(removed)} 個未寫完的檢查點：{', '.join(p.name for p in removed)}", flush=True)
+        if verbose:
+            for ckpt, reason in removed:
+                print(f"已移除無法使用的檢查點 {ckpt.name}（未寫完或已損壞）：{reason}", flush=True)
         if resume_from is None:
             raise TrainingError(f"在 {display_path(ckpt_dir)} 找不到完整的檢查點，無法接續訓練。", hint="請確認 train.run_name，或不加 --resume 重新開始。")
         if verbose:
@@ -508,37 +586,42 @@ def run_training(
     oom_retries = 0
     started = time.time()
     cpu_started = time.process_time()
-    while True:
-        mon = monitor.make_monitor_callback(log_path, device, previous_records)
-        cbs = [mon]
-        if "tensorboard" in (cfg.train.report_to or []) and _is_main_process():
-            cbs.append(_tensorboard_callback(run_dir))
-        if notebook:
-            cbs.append(monitor.make_live_plot_callback(mon))
-        cbs.extend(callbacks or [])
-        cbs.append(checkpoints.make_marker_callback())  # last: marks a checkpoint complete after everything else
-        trainer = _build_trainer(cfg, run_dir, device, model, tokenizer, train_ds, eval_ds, cbs, micro_batch, grad_accum)
-        try:
-            if evaluate_before and eval_ds is not None and initial_eval is None:
-                initial_eval = trainer.evaluate()
-                if _is_main_process():
-                    # the monitor callback already logged it as step 0 of the curve
-                    (run_dir / "initial_eval.json").write_text(json.dumps(initial_eval), encoding="utf-8")
+    stop = GracefulStop(verbose=verbose)
+    with stop:
+        while True:
+            mon = monitor.make_monitor_callback(log_path, device, previous_records)
+            cbs = [mon]
+            if "tensorboard" in (cfg.train.report_to or []) and _is_main_process():
+                cbs.append(_tensorboard_callback(run_dir))
+            if notebook:
+                cbs.append(monitor.make_live_plot_callback(mon))
+            cbs.extend(callbacks or [])
+            cbs.append(stop.callback())  # after the user's callbacks, before the marker: a Ctrl+C stop saves at this step
+            cbs.append(checkpoints.make_marker_callback())  # last: marks a checkpoint complete after everything else
+            trainer = _build_trainer(cfg, run_dir, device, model, tokenizer, train_ds, eval_ds, cbs, micro_batch, grad_accum)
+            try:
+                if evaluate_before and eval_ds is not None and initial_eval is None:
+                    initial_eval = trainer.evaluate()
+                    if _is_main_process():
+                        # the monitor callback already logged it as step 0 of the curve
+                        (run_dir / "initial_eval.json").write_text(json.dumps(initial_eval), encoding="utf-8")
+                    if verbose:
+                        print(f"訓練前驗證集 loss：{initial_eval['eval_loss']:.4f}", flush=True)
+                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+                break
+            except torch.OutOfMemoryError:
+                del trainer
+                _free_memory()
+                if not cfg.train.auto_oom_retry or micro_batch <= 1:
+                    raise oom_error(cfg, micro_batch, grad_accum, device) from None
+                oom_retries += 1
+                micro_batch, grad_accum = micro_batch // 2, grad_accum * 2
                 if verbose:
-                    print(f"訓練前驗證集 loss：{initial_eval['eval_loss']:.4f}", flush=True)
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-            break
-        except torch.OutOfMemoryError:
-            del trainer
-            _free_memory()
-            if not cfg.train.auto_oom_retry or micro_batch <= 1:
-                raise oom_error(cfg, micro_batch, grad_accum, device) from None
-            oom_retries += 1
-            micro_batch, grad_accum = micro_batch // 2, grad_accum * 2
-            if verbose:
-                print(f"記憶體不足：自動改用 micro-batch {micro_batch}、梯度累積 {grad_accum}（等效批次不變）重試。", flush=True)
-            resume_from = checkpoints.latest_complete_checkpoint(ckpt_dir)
-            previous_records = monitor.read_log(log_path)
+                    print(f"記憶體不足：自動改用 micro-batch {micro_batch}、梯度累積 {grad_accum}（等效批次不變）重試。", flush=True)
+                resume_from = checkpoints.latest_complete_checkpoint(ckpt_dir)
+                previous_records = monitor.read_log(log_path)
+    if stop.requested and trainer.state.global_step < trainer.state.max_steps:
+        raise TrainingInterrupted(trainer.state.global_step, checkpoints.latest_complete_checkpoint(ckpt_dir), run_dir)
     train_seconds = time.time() - started
     train_cpu = time.process_time() - cpu_started
 
@@ -547,7 +630,11 @@ def run_training(
         last = [r for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == trainer.state.global_step]
         final_eval = last[-1] if last else trainer.evaluate()
     adapter_dir = run_dir / ADAPTER_DIR
+    if _is_main_process() and (adapter_dir / checkpoints.MARKER).exists():
+        (adapter_dir / checkpoints.MARKER).unlink()  # a resumed run rewrites the adapter: the old marker no longer holds
     trainer.save_model(str(adapter_dir))  # adapter_model.safetensors + adapter_config.json (main process)
+    if _is_main_process():
+        checkpoints.write_completion_marker(adapter_dir)  # sizes and SHA-256: evaluation refuses a damaged adapter
     records = mon.records
     mem = monitor.memory_summary(records, device)
     advice = monitor.memory_advice(mem, micro_batch, cfg.train.gradient_checkpointing, cfg.train.max_length)

@@ -14,6 +14,7 @@ from train_helpers import tiny_overrides
 from medgemma_lib import checkpoints
 
 SCRIPT = Path(__file__).with_name("train_script.py")
+ROOT = SCRIPT.parents[1]
 
 
 def _run(overrides, *extra, result=None):
@@ -68,28 +69,174 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
     assert all(checkpoints.is_complete(c) for c in checkpoints.list_checkpoints(ckpt_dir))
 
 
-def test_half_written_checkpoint_is_never_chosen(tmp_path):
-    """Marker missing, marker listing a file that was later truncated, or required files absent."""
+def _safetensors(path, value=1.0):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"lora_A": torch.full((8, 4), value), "lora_B": torch.zeros(4, 8)}, str(path))
+
+
+def _make_checkpoint(root, step, complete=True):
+    d = root / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt"):
+        (d / name).write_bytes(b"x" * 100)
+    _safetensors(d / "adapter_model.safetensors", float(step))
+    if complete:
+        checkpoints.write_completion_marker(d)
+    return d
+
+
+def _flip_bytes(path, offset_from_end=16):
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - offset_from_end, len(data) - offset_from_end + 4):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))  # same size: only the recorded SHA-256 can tell
+
+
+def test_half_written_or_damaged_checkpoint_is_never_chosen(tmp_path):
+    """Marker missing, a file truncated or with other bytes after saving, required files absent."""
     root = tmp_path / "checkpoints"
-
-    def make(step, complete=True):
-        d = root / f"checkpoint-{step}"
-        d.mkdir(parents=True)
-        for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors"):
-            (d / name).write_bytes(b"x" * 100)
-        if complete:
-            checkpoints.write_completion_marker(d)
-        return d
-
-    make(2)
-    good = make(4)
-    make(6, complete=False)  # killed before the marker
-    truncated = make(8)
+    _make_checkpoint(root, 2)
+    good = _make_checkpoint(root, 4)
+    _make_checkpoint(root, 6, complete=False)  # killed before the marker
+    truncated = _make_checkpoint(root, 8)
     (truncated / "optimizer.pt").write_bytes(b"x" * 10)  # size no longer matches the marker
-    partial = make(10, complete=False)
+    partial = _make_checkpoint(root, 10, complete=False)
     (partial / "optimizer.pt").unlink()
     checkpoints.write_completion_marker(partial)  # a marker, but the optimizer is missing
+    flipped = _make_checkpoint(root, 12)
+    _flip_bytes(flipped / "adapter_model.safetensors")  # bit rot: same size, other bytes
+    cut = _make_checkpoint(root, 14, complete=False)
+    weights = cut / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-20])
+    checkpoints.write_completion_marker(cut)  # marker matches the cut file, but the safetensors header does not
+
     assert checkpoints.latest_complete_checkpoint(root) == good
-    removed = {p.name for p in checkpoints.remove_incomplete_checkpoints(root)}
-    assert removed == {"checkpoint-6", "checkpoint-8", "checkpoint-10"}
+    reasons = {p.name: why for p, why in checkpoints.remove_incomplete_checkpoints(root)}
+    assert set(reasons) == {"checkpoint-6", "checkpoint-8", "checkpoint-10", "checkpoint-12", "checkpoint-14"}
+    assert "完成標記" in reasons["checkpoint-6"]
+    assert "optimizer.pt" in reasons["checkpoint-8"] and "10 位元組" in reasons["checkpoint-8"]
+    assert "缺少 optimizer.pt" in reasons["checkpoint-10"]
+    assert "adapter_model.safetensors" in reasons["checkpoint-12"] and "SHA-256" in reasons["checkpoint-12"]
+    assert "adapter_model.safetensors" in reasons["checkpoint-14"] and "被截斷" in reasons["checkpoint-14"]
     assert [p.name for p in checkpoints.list_checkpoints(root)] == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_old_size_only_markers_still_accepted(tmp_path):
+    d = _make_checkpoint(tmp_path, 3, complete=False)
+    sizes = {p.name: p.stat().st_size for p in d.iterdir()}
+    (d / checkpoints.MARKER).write_text(json.dumps({"step": 3, "files": sizes}))
+    assert checkpoints.is_complete(d)
+
+
+def test_adapter_problems_are_named(tmp_path):
+    from medgemma_lib.errors import ModelError
+
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"r": 4}')
+    _safetensors(adapter / "adapter_model.safetensors")
+    checkpoints.write_completion_marker(adapter)
+    assert checkpoints.adapter_problem(adapter) is None
+
+    _flip_bytes(adapter / "adapter_model.safetensors")
+    assert "SHA-256" in checkpoints.adapter_problem(adapter)
+    # with a complete checkpoint beside it, the message says how to get the adapter back
+    ckpt = _make_checkpoint(tmp_path / "run" / "checkpoints", 5)
+    with pytest.raises(ModelError) as err:
+        checkpoints.verify_adapter(adapter, run_dir=tmp_path / "run")
+    assert "損毀" in str(err.value) and ckpt.name in str(err.value) and "--resume" in str(err.value)
+
+    (adapter / checkpoints.MARKER).unlink()  # adapters from elsewhere have no marker: header and size still checked
+    _safetensors(adapter / "adapter_model.safetensors")
+    data = (adapter / "adapter_model.safetensors").read_bytes()
+    (adapter / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    assert "被截斷" in checkpoints.adapter_problem(adapter)
+    (adapter / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
+    assert "標頭" in checkpoints.adapter_problem(adapter)
+
+    (adapter / "adapter_model.safetensors").unlink()
+    (adapter / "adapter_model.bin").write_bytes(b"pickle")
+    assert "只載入 safetensors" in checkpoints.adapter_problem(adapter)
+    (adapter / "adapter_model.bin").unlink()
+    _safetensors(adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text("{not json")
+    assert "adapter_config.json" in checkpoints.adapter_problem(adapter)
+
+
+def test_graceful_stop_first_ctrl_c_requests_second_interrupts():
+    import os
+
+    from medgemma_lib.train import GracefulStop
+
+    before = signal.getsignal(signal.SIGINT)
+    with GracefulStop(verbose=False) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.agreed()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def _cli(args, **kw):
+    return subprocess.run([sys.executable, "-m", "medgemma_lib", *args], capture_output=True, text=True, timeout=900, cwd=ROOT, **kw)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_then_resume_skips_a_damaged_checkpoint(tiny_model_dir, tmp_path):
+    """SIGINT (Ctrl+C, Jupyter's interrupt) mid-training: exit 130, a complete checkpoint at the stop step,
+    no traceback. The stop checkpoint is then damaged on disk: --resume says so, falls back to the
+    previous good one and finishes. Finally the adapter is damaged: evaluation refuses it with a way
+    back, and --resume rewrites it from the last checkpoint without training again."""
+    import os
+    import re
+    import time
+
+    max_steps = 60
+    overrides = tiny_overrides(tiny_model_dir, tmp_path, "ctrl-c", max_steps=max_steps, save_steps=2, eval_steps=1000,
+                               save_total_limit=3, logging_steps=1)
+    run = tmp_path / "ctrl-c"
+    log = run / "train_log.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "medgemma_lib", "train", *overrides], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:  # wait until a few steps are logged, as a user would
+        steps = [json.loads(line).get("step", 0) for line in log.read_text().splitlines()] if log.exists() else []
+        if any(s >= 5 for s in steps):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be interrupted"
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    assert "Traceback" not in err and "安全停止" in err and "--resume" in err, err[-2000:]
+    stopped = int(re.search(r"在第 (\d+) 步安全停止", err).group(1))
+    assert 5 <= stopped < max_steps
+    ckpt_dir = run / "checkpoints"
+    assert checkpoints.latest_complete_checkpoint(ckpt_dir).name == f"checkpoint-{stopped}"
+    assert not (run / "adapter").exists() and not (run / "train_summary.json").exists()
+    earlier = [c for c in checkpoints.list_checkpoints(ckpt_dir) if checkpoints.checkpoint_step(c) < stopped]
+    assert earlier, "save_steps=2 leaves earlier checkpoints"
+
+    # the newest checkpoint rots on disk; resume must notice and use the previous good one
+    _flip_bytes(ckpt_dir / f"checkpoint-{stopped}" / "adapter_model.safetensors")
+    resumed = _cli(["train", "--resume", *overrides])
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"已移除無法使用的檢查點 checkpoint-{stopped}" in resumed.stdout and "SHA-256" in resumed.stdout
+    assert f"{earlier[-1].name} 接續" in resumed.stdout
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["global_step"] == max_steps and summary["resumed_from"].endswith(earlier[-1].name)
+    assert checkpoints.adapter_problem(run / "adapter") is None
+
+    # a truncated adapter: refused before any model is loaded, with the way back
+    weights = run / "adapter" / "adapter_model.safetensors"
+    good_bytes = weights.read_bytes()
+    weights.write_bytes(good_bytes[: len(good_bytes) // 2])
+    refused = _cli(["evaluate", "--run", str(run)])
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "損毀" in refused.stderr and f"checkpoint-{max_steps}" in refused.stderr and "--resume" in refused.stderr
+    again = _cli(["train", "--resume", *overrides])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert weights.read_bytes() == good_bytes  # rewritten from checkpoint-60, no step trained twice
+    assert json.loads((run / "train_summary.json").read_text())["global_step"] == max_steps
