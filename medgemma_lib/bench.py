@@ -832,7 +832,7 @@ def run_unsloth(arch: str, names: list[str] | None, tokenizer_xz: str, out_dir: 
     for name in names or list(UNSLOTH_VARIANTS):
         v = UNSLOTH_VARIANTS[name]
         t0 = time.perf_counter()
-        model, _tok = FastModel.from_pretrained(str(folder), max_seq_length=v.row_length, load_in_4bit=True,
+        model, _tok = FastModel.from_pretrained(str(folder), use_safetensors=True, max_seq_length=v.row_length, load_in_4bit=True,
                                                 dtype=torch.bfloat16, full_finetuning=False)
         load_s = time.perf_counter() - t0
         model = FastModel.get_peft_model(model, r=v.lora_r, lora_alpha=2 * v.lora_r, lora_dropout=0.0,

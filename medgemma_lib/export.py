@@ -192,7 +192,7 @@ def verify_export(export_dir: str | Path, run_dir: str | Path, questions: list[s
     dtype = manifest.get("dtype", "bfloat16")
     questions = questions or VERIFY_QUESTIONS
     tok = AutoTokenizer.from_pretrained(str(export_dir))
-    exported = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=getattr(torch, dtype))
+    exported = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=getattr(torch, dtype), use_safetensors=True)
     exported.eval()
     got = greedy_token_ids(exported, tok, questions, max_new_tokens)
     got_logits = _next_token_logits(exported, tok, questions)

@@ -291,7 +291,7 @@ def _verify_demo_folder(folder: Path, reference: Any) -> None:
     from transformers import AutoTokenizer, Gemma3ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(folder))
-    reloaded = Gemma3ForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    reloaded = Gemma3ForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
     ids = tok("Diabetes is a chronic disease", return_tensors="pt").input_ids
     with torch.no_grad():
         a = reloaded(ids).logits
@@ -416,6 +416,7 @@ def load_model(
         "dtype": torch_dtype,
         "attn_implementation": attn_implementation or profile.attn_implementation,
         "device_map": device_map_for(device),
+        "use_safetensors": True,  # never unpickle weights (a .bin can run code when loaded)
     }
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
@@ -454,6 +455,12 @@ def lora_target_modules(profile: ModelProfile, targets: str | list[str] = "all-l
 
 
 def _load_error(profile_or_path: str, exc: Exception) -> ModelError:
+    folder = Path(profile_or_path).expanduser()
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and (any(folder.glob("*.bin")) or any(folder.glob("*.pt"))):
+        return ModelError(
+            f"模型資料夾 {profile_or_path} 只有 .bin／.pt（pickle）權重：本課程只載入 safetensors，因為 pickle 檔在載入時可以執行任意程式碼。",
+            hint="請用 safetensors 格式的模型（Hub 上的 MedGemma 都是），或在信任來源的前提下自行轉換成 safetensors。",
+        )
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     hint = "demo 設定檔可完全離線使用。" if offline else "請確認網路連線、Hugging Face 登入（python -m medgemma_lib auth check）以及模型存取權限。"
     return ModelError(f"無法載入模型 {profile_or_path}：{str(exc).splitlines()[0]}", hint=hint)
