@@ -1,4 +1,5 @@
-"""The README's main command on the real demo model: exit 0, validation loss clearly lower, results in place."""
+"""The README's main command on the real demo model: exit 0, validation loss clearly lower, results in place,
+and a Hugging Face token in the environment never reaches any file it wrote or anything it printed."""
 
 from __future__ import annotations
 
@@ -9,16 +10,21 @@ import time
 from pathlib import Path
 
 import pytest
+from test_no_secrets import FAKE_TOKEN, FAKE_TOKEN_CORE, files_containing, files_under
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_demo_command_trains_real_model_and_lowers_heldout_loss(demo_model_dir, tmp_path):
+    import os
+
     started = time.time()
+    hf_home = tmp_path / "hf-home"  # anything the Hub libraries write goes here, and is scanned
+    env = {**os.environ, "HF_TOKEN": FAKE_TOKEN, "HUGGING_FACE_HUB_TOKEN": FAKE_TOKEN, "HF_HOME": str(hf_home)}
     proc = subprocess.run(
         [sys.executable, "-m", "medgemma_lib", "demo", f"train.output_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=1500, cwd=ROOT,
+        capture_output=True, text=True, timeout=1500, cwd=ROOT, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "demo"
@@ -30,4 +36,13 @@ def test_demo_command_trains_real_model_and_lowers_heldout_loss(demo_model_dir, 
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "config.yaml", "loss.png", "train_log.jsonl", "memory.json", "train_summary.json"):
         assert (run / name).is_file(), name
     assert "驗證集 loss" in proc.stdout and "LoRA adapter" in proc.stdout and "醫療免責聲明" in proc.stdout
-    print(f"demo: {before:.3f} -> {after:.3f}, {time.time() - started:.0f} s")
+
+    # Secrets: nothing printed, and no file written by the run (run folder, TensorBoard events, saved config,
+    # logs, evaluation report, anything under HF_HOME, the model cache, the repository) holds the token.
+    assert FAKE_TOKEN_CORE not in proc.stdout + proc.stderr
+    written = files_under(tmp_path) + files_under(demo_model_dir.parent, ROOT / "results", ROOT / "data", since=started - 1)
+    names = {p.name for p in written}
+    assert "config.yaml" in names and "train_log.jsonl" in names and "eval.md" in names
+    assert any(n.startswith("events.out.tfevents") for n in names), "TensorBoard events were written and scanned"
+    assert not files_containing(written), files_containing(written)
+    print(f"demo: {before:.3f} -> {after:.3f}, {time.time() - started:.0f} s, {len(written)} files scanned")
