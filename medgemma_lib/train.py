@@ -34,8 +34,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import warnings
+
 from medgemma_lib.config import RunConfig, load_config, save_config
 from medgemma_lib.errors import ConfigError, ResourceError, TrainingError, TrainingInterrupted
+
+# transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing*; TRL 1.16 and PEFT still read the
+# old names, so every run printed three FutureWarnings (with the library's install path) that users cannot act on.
+warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_kwargs)?` is deprecated", category=FutureWarning)
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"

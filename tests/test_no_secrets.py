@@ -115,3 +115,20 @@ def test_token_notebook_with_a_token_in_the_environment_stores_none(tmp_path, mo
     outputs = json.dumps([c.get("outputs", []) for c in nb.cells], ensure_ascii=False)
     assert "hf_…KdVb" in outputs  # the token was found and shown masked
     assert not files_containing([out])
+
+
+def test_stored_notebook_outputs_hold_no_machine_paths(repo_root):
+    """No home folder, temp or install path, user or machine name in what a reader sees on GitHub."""
+    import json
+    import socket
+
+    needles = ["/home/", "/root/", "/Users/", "/tmp/", "site-packages", "C:\\Users"]
+    host = socket.gethostname()
+    if len(host) >= 6:
+        needles.append(host)
+    hits = []
+    for nb in sorted((repo_root / "notebooks").glob("*.ipynb")):
+        for i, cell in enumerate(json.loads(nb.read_text(encoding="utf-8"))["cells"]):
+            text = json.dumps(cell.get("outputs", []), ensure_ascii=False)
+            hits += [f"{nb.name} cell {i}: {n}" for n in needles if n in text]
+    assert not hits, hits
