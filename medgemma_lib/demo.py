@@ -101,10 +101,13 @@ def _evaluate(result, tokenizer) -> dict | None:
     if ev is not None and hasattr(ev, "run_evaluation"):
         out = ev.run_evaluation(result.run_dir, model=model, tokenizer=tokenizer, num_chinese_samples=2, verbose=True)
         models = out.get("models", {})
+        example = next((row for row in out.get("answers", []) if row.get("answers", {}).get("tuned")), None)
         return {
             name: {k: models[name].get(k) for k in ("loss", "perplexity", "rougeL", "chrf", "bleu") if k in models.get(name, {})}
             for name in ("base", "tuned") if name in models
-        } | {"report": display_rel(result.run_dir, "eval.md")}
+        } | {"report": display_rel(result.run_dir, "eval.md")} | (
+            {"example": {k: example.get(k) for k in ("question", "reference")} | {"base": example["answers"].get("base"), "tuned": example["answers"]["tuned"]}}
+            if example else {})
     # Fallback: the same masked loss as training, adapter off (base) and on (tuned).
     trainer = result.trainer
     from medgemma_lib.config import load_config
@@ -140,10 +143,27 @@ def _print_summary(s: dict) -> None:
             if key in b and key in t and b[key] is not None:
                 print(f"{name}：{b[key]:.2f} → {t[key]:.2f}")
     print(f"訓練 {s['steps']} 步，每步 {s['seconds_per_step'] or 0:.1f} 秒；全部 {s['timings']['total_s']:.0f} 秒。")
-    print(f"LoRA adapter：{s['adapter_dir']}")
-    print(f"執行資料夾：{s['run_dir']}（config.yaml、loss.png、train_log.jsonl、memory.json、tensorboard/、eval.md）")
-    print("下一步：notebooks/06_模型評估.ipynb，或 python -m medgemma_lib chat --run " + s["run_dir"])
-    print(MEDICAL_DISCLAIMER)
+    print("（只評幾題、每題 48 個 token，ROUGE-L／chrF 會上下跳動；可靠的是測試集 loss 的下降。）")
+    example = test.get("example")
+    if example:
+        print(f"\n{MEDICAL_DISCLAIMER}")
+        print(f"範例（測試集，模型沒看過）：{example['question']}")
+        print(f"  基礎模型：{_one_line(example.get('base'))}")
+        print(f"  微調後：  {_one_line(example['tuned'])}")
+        print(f"  參考答案：{_one_line(example.get('reference'), 200)}")
+    print(f"\nLoRA 轉接器：{s['adapter_dir']}")
+    print(f"執行資料夾：{s['run_dir']}（評估報告 eval.md、loss.png、config.yaml、train_log.jsonl、memory.json、tensorboard/）")
+    print("下一步：")
+    print("  看完整的評估報告：" + s["run_dir"] + "/eval.md")
+    print("  自己問模型問題：  python -m medgemma_lib chat --run " + s["run_dir"])
+    print("  一步一步學：      jupyter lab，打開 notebooks/01_環境檢查.ipynb")
+    if not example:
+        print(MEDICAL_DISCLAIMER)
+
+
+def _one_line(text, limit: int = 160) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def register_cli(sub) -> None:

