@@ -616,6 +616,8 @@ def run_training(
                         print(f"訓練前驗證集 loss：{initial_eval['eval_loss']:.4f}", flush=True)
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
                 break
+            except OSError as exc:
+                raise write_error(exc, "寫入檢查點或訓練紀錄", ckpt_dir, run_dir) from None
             except torch.OutOfMemoryError:
                 del trainer
                 _free_memory()
@@ -639,9 +641,12 @@ def run_training(
     adapter_dir = run_dir / ADAPTER_DIR
     if _is_main_process() and (adapter_dir / checkpoints.MARKER).exists():
         (adapter_dir / checkpoints.MARKER).unlink()  # a resumed run rewrites the adapter: the old marker no longer holds
-    trainer.save_model(str(adapter_dir))  # adapter_model.safetensors + adapter_config.json (main process)
-    if _is_main_process():
-        checkpoints.write_completion_marker(adapter_dir)  # sizes and SHA-256: evaluation refuses a damaged adapter
+    try:
+        trainer.save_model(str(adapter_dir))  # adapter_model.safetensors + adapter_config.json (main process)
+        if _is_main_process():
+            checkpoints.write_completion_marker(adapter_dir)  # sizes and SHA-256: evaluation refuses a damaged adapter
+    except OSError as exc:
+        raise write_error(exc, "寫入 LoRA 轉接器", ckpt_dir, run_dir) from None
     records = mon.records
     mem = monitor.memory_summary(records, device)
     advice = monitor.memory_advice(mem, micro_batch, cfg.train.gradient_checkpointing, cfg.train.max_length)
@@ -683,6 +688,26 @@ def run_training(
         print(result.summary_text(), flush=True)
     result.trainer = trainer  # for notebooks and the demo's held-out evaluation (not serialised)
     return result
+
+
+def write_error(exc: OSError, what: str, ckpt_dir: Path, run_dir: Path):
+    """A Chinese error for a failed write during training (disk full, quota, read-only, permissions).
+
+    Whatever was being written is incomplete and will never be used (checkpoints and the adapter are
+    only trusted with their completion marker); the newest complete checkpoint is named for ``--resume``.
+    """
+    import errno
+
+    from medgemma_lib import checkpoints
+    from medgemma_lib.errors import OutputError
+
+    reasons = {errno.ENOSPC: "磁碟空間不足", errno.EDQUOT: "超過磁碟配額", errno.EROFS: "磁碟是唯讀的", errno.EACCES: "沒有寫入權限"}
+    reason = reasons.get(exc.errno, exc.strerror or str(exc))
+    where = display_path(exc.filename) if getattr(exc, "filename", None) else display_path(run_dir)
+    good = checkpoints.latest_complete_checkpoint(ckpt_dir)
+    keep = (f"之前完整的檢查點 {display_path(good)} 沒有受影響；清出空間後執行 python -m medgemma_lib train --config "
+            f"{display_path(run_dir / 'config.yaml')} --resume 從它接續。") if good else "清出空間後重新訓練。"
+    return OutputError(f"{what}時失敗：{reason}（{where}）。寫到一半的檔案不會被使用。", hint=keep)
 
 
 def format_log_line(logs: dict, step: int, max_steps: int) -> str | None:

@@ -240,3 +240,39 @@ def test_ctrl_c_stops_cleanly_then_resume_skips_a_damaged_checkpoint(tiny_model_
     assert again.returncode == 0, again.stderr[-3000:]
     assert weights.read_bytes() == good_bytes  # rewritten from checkpoint-60, no step trained twice
     assert json.loads((run / "train_summary.json").read_text())["global_step"] == max_steps
+
+
+def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tiny_model_dir, tmp_path, monkeypatch):
+    """ENOSPC in the middle of writing checkpoint-4 (adapter weights written, optimizer not): a Chinese
+    OutputError naming the intact checkpoint-2 and the resume command; checkpoint-2 stays complete and
+    --resume (with space again) finishes the run."""
+    import errno
+
+    from transformers import Trainer
+
+    from medgemma_lib.config import load_config
+    from medgemma_lib.errors import OutputError
+    from medgemma_lib.train import run_training
+
+    overrides = tiny_overrides(tiny_model_dir, tmp_path, "full", max_steps=6, save_steps=2, eval_steps=100, save_total_limit=3)
+    original = Trainer._save_optimizer_and_scheduler
+
+    def disk_full_at_step_4(self, output_dir):
+        if self.state.global_step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(output_dir) / "optimizer.pt"))
+        return original(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", disk_full_at_step_4)
+    with pytest.raises(OutputError) as err:
+        run_training(load_config(None, overrides), verbose=False)
+    message = err.value.format()
+    assert "磁碟空間不足" in message and "optimizer.pt" in message and "checkpoint-2" in message and "--resume" in message
+    ckpt_dir = tmp_path / "full" / "checkpoints"
+    assert checkpoints.latest_complete_checkpoint(ckpt_dir).name == "checkpoint-2"
+    assert checkpoints.checkpoint_problem(ckpt_dir / "checkpoint-4")  # the half-written one is never trusted
+    assert not (tmp_path / "full" / "adapter").exists()
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", original)  # space again
+    result = run_training(load_config(None, overrides), resume=True, verbose=False)
+    assert result.global_step == 6 and result.resumed_from.endswith("checkpoint-2")
+    assert checkpoints.adapter_problem(tmp_path / "full" / "adapter") is None
