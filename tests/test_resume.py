@@ -42,7 +42,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
 
     resumed = _run(killed_overrides, "--resume", result=tmp_path / "resumed.json")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "checkpoint-4" in resumed.stdout and "未寫完的檢查點" in resumed.stdout
+    assert "checkpoint-4 接續" in resumed.stdout and "已移除無法使用的檢查點 checkpoint-6" in resumed.stdout and "沒有完成標記" in resumed.stdout
 
     a = json.loads((tmp_path / "straight.json").read_text())
     b = json.loads((tmp_path / "resumed.json").read_text())
