@@ -432,7 +432,50 @@ def load_model(
         ) from None
     if profile.has_vision_tower:
         freeze_vision_tower(model)
+    use_trainable_4bit_layout(model)
     return model
+
+
+def use_trainable_4bit_layout(model) -> int:
+    """Keep every bitsandbytes 4-bit layer in the layout that has gradients; returns how many were unpacked.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks an NF4 weight the first time its layer runs in
+    eval mode without grad, and from then on computes it with ``gemv_4bit``, which has no backward:
+    LoRA gradients below that layer come out wrong (about 1,000x too small in layer 0) and training
+    silently learns only in the last layers. The packed kernel also computes in bf16 where the rest of
+    the CPU path is fp32, so results would depend on the CPU. We switch the repacking off on every
+    layer, and undo it on layers that were already packed (the inverse stores the block scales in bf16,
+    so those layers differ from a never-packed load by that rounding).
+    """
+    unpacked = 0
+    for module in _linear4bit_layers(model):
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+            module.quant_state = module.weight.quant_state
+            unpacked += 1
+    return unpacked
+
+
+def _linear4bit_layers(model) -> list:
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes: no 4-bit layers either
+        return []
+    return [m for m in model.modules() if isinstance(m, Linear4bit)]
+
+
+def cpu_inference_packing_state(model) -> dict:
+    """How many 4-bit layers may repack (flag on) and how many are packed now: both must be 0 while training."""
+    layers = _linear4bit_layers(model)
+    return {
+        "layers": len(layers),
+        "may_pack": sum(bool(getattr(m, "support_avx512bf16_for_cpu", False)) for m in layers),
+        "packed": sum(bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)) for m in layers),
+    }
 
 
 def freeze_vision_tower(model) -> int:

@@ -250,6 +250,8 @@ def make_lean_trainer_class():
     import torch.nn.functional as F
     from trl import SFTTrainer
 
+    from medgemma_lib.models import use_trainable_4bit_layout
+
     class LeanSFTTrainer(SFTTrainer):
         """TRL's trainer with two additions.
 
@@ -279,6 +281,11 @@ def make_lean_trainer_class():
                 dataset = dataset.shuffle(seed=args.seed)
             map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Packing {dataset_name} dataset"}
             return pack_dataset(dataset, row_length, args.packing_strategy, map_kwargs)
+
+        def training_step(self, model, *args, **kwargs):
+            # An evaluation pass between steps must not leave a 4-bit layer in the CPU inference layout (no backward).
+            use_trainable_4bit_layout(model)
+            return super().training_step(model, *args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.needs_token_type_ids and "token_type_ids" not in inputs:
@@ -569,18 +576,7 @@ def run_training(
         if verbose:
             print(f"載入模型 {cfg.model.profile}（{cfg.model.quantization}，{device}）…", flush=True)
         model = load_model(cfg.model.profile, cfg.model.quantization, device, attn_implementation=cfg.model.attn_implementation)
-    from peft import PeftModel, get_peft_model
-
-    if device.startswith("cuda") and not isinstance(model, PeftModel):
-        if cfg.train.use_liger_kernel:
-            apply_liger(model)
-        if cfg.train.packing or cfg.train.padding_free:
-            use_varlen_attention(model, verbose=verbose)
-    if not isinstance(model, PeftModel):
-        from transformers import set_seed
-
-        set_seed(cfg.train.seed)  # the Trainer seeds only after the model exists: seed the LoRA init here
-        model = get_peft_model(model, lora_config(cfg, profile))
+    model = prepare_model_for_training(cfg, model, profile, device, verbose=verbose)
     trainable, total = model.get_nb_trainable_parameters()
     if verbose:
         print(f"可訓練參數：{trainable:,}／全部 {total:,}（{trainable / total:.3%}），LoRA r={cfg.lora.r}、alpha={cfg.lora.alpha}", flush=True)
@@ -688,6 +684,28 @@ def run_training(
         print(result.summary_text(), flush=True)
     result.trainer = trainer  # for notebooks and the demo's held-out evaluation (not serialised)
     return result
+
+
+def prepare_model_for_training(cfg: RunConfig, model, profile, device: str, verbose: bool = True):
+    """The model as :func:`run_training` trains it: 4-bit layers in their trainable layout, Liger and
+    varlen attention on CUDA, then LoRA (seeded). A model that already has LoRA keeps it."""
+    from peft import PeftModel, get_peft_model
+
+    from medgemma_lib.models import use_trainable_4bit_layout
+
+    if use_trainable_4bit_layout(model) and verbose:  # a model passed in after it generated or evaluated on a CPU
+        print("注意：這個模型的 4 位元層曾被 bitsandbytes 轉成只能推論的 CPU 格式，已轉回可訓練的格式再開始訓練。", flush=True)
+    if device.startswith("cuda") and not isinstance(model, PeftModel):
+        if cfg.train.use_liger_kernel:
+            apply_liger(model)
+        if cfg.train.packing or cfg.train.padding_free:
+            use_varlen_attention(model, verbose=verbose)
+    if not isinstance(model, PeftModel):
+        from transformers import set_seed
+
+        set_seed(cfg.train.seed)  # the Trainer seeds only after the model exists: seed the LoRA init here
+        model = get_peft_model(model, lora_config(cfg, profile))
+    return model
 
 
 def write_error(exc: OSError, what: str, ckpt_dir: Path, run_dir: Path):
