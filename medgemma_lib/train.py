@@ -282,10 +282,15 @@ def make_lean_trainer_class():
             map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Packing {dataset_name} dataset"}
             return pack_dataset(dataset, row_length, args.packing_strategy, map_kwargs)
 
+        # No 4-bit layer may enter bitsandbytes' CPU inference layout (no backward) while this trainer owns the
+        # model: checked before every evaluation batch (where the packing would happen) and every training step.
         def training_step(self, model, *args, **kwargs):
-            # An evaluation pass between steps must not leave a 4-bit layer in the CPU inference layout (no backward).
             use_trainable_4bit_layout(model)
             return super().training_step(model, *args, **kwargs)
+
+        def prediction_step(self, model, *args, **kwargs):
+            use_trainable_4bit_layout(model)
+            return super().prediction_step(model, *args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.needs_token_type_ids and "token_type_ids" not in inputs:
