@@ -32,7 +32,6 @@ def test_demo_command_trains_real_model_and_lowers_heldout_loss(demo_model_dir, 
     before, after = summary["validation_loss"]["before"], summary["validation_loss"]["after"]
     assert after < before * 0.9, (before, after)  # a clear drop, not noise
     # Known answers: the same on AVX2-only and AVX512-BF16 CPUs (2.877 -> 2.074 on both, 2026-11-29 / 2026-12-01).
-    # Training through bitsandbytes' inference layout (wrong gradients) still lowered the loss, but not to here.
     assert before == pytest.approx(2.877, abs=0.01) and after == pytest.approx(2.074, abs=0.03), (before, after)
     assert "gemv_4bit" not in proc.stderr  # torch's "no autograd kernel" warning: training must never go through it
     test = summary["test"]
