@@ -12,6 +12,20 @@ import os as _os
 # Must be set before torch loads its OpenMP runtime, hence here.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import logging as _logging
+
+
+class _DropKernelsHubNotice(_logging.Filter):
+    """bitsandbytes, on CPUs with AVX512-BF16 only, warns at import that it cannot fetch an optional kernel from
+    the Hub (``kernels`` is not installed, and the course is offline). It changes nothing we run (4-bit layers
+    never use that inference kernel: ``models.use_trainable_4bit_layout``), but it made outputs depend on the CPU."""
+
+    def filter(self, record):
+        return "kernels-community" not in record.getMessage()
+
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKernelsHubNotice())
+
 __version__ = "0.1.0"
 
 MEDICAL_DISCLAIMER = (
