@@ -109,7 +109,7 @@ class TrainResult:
 
 def display_path(path: str | os.PathLike) -> str:
     """A path relative to the current folder when inside it, else with the home folder shown as ``~``."""
-    p = Path(path).resolve()
+    p = Path(os.fsdecode(path)).resolve()  # OSError.filename can be bytes (TensorBoard writes with byte paths)
     for base in (Path.cwd().resolve(), Path(__file__).resolve().parents[1]):  # the working folder, then the project
         try:
             return str(p.relative_to(base))
