@@ -160,8 +160,11 @@ def _lora_key(name: str) -> str:
     return f"{m.group(1)}.{m.group(2)}"
 
 
-def reference_gradients(peft_model, examples, device: str) -> tuple[float, dict]:
-    """Loss and LoRA gradients from the plain computation described in the module docstring."""
+def reference_gradients(peft_model, examples, device: str, dtype=None) -> tuple[float, dict]:
+    """Loss and LoRA gradients from the plain computation described in the module docstring.
+
+    ``dtype``: fp32 by default; bf16 measures how far plain bf16 arithmetic alone moves the gradients (the floor
+    that a bf16 product can be held to, ``docs/bench/gradcheck_bf16_floor.py``)."""
     import torch
     import torch.nn.functional as F
     from bitsandbytes.functional import dequantize_4bit
@@ -171,7 +174,8 @@ def reference_gradients(peft_model, examples, device: str) -> tuple[float, dict]
     base = peft_model.get_base_model()
     config = base.config.__class__.from_dict({k: v for k, v in base.config.to_dict().items() if k != "quantization_config"})
     config._attn_implementation = "eager"
-    ref = type(base)(config).to(device=device, dtype=torch.float32).eval()  # eval: no dropout anywhere
+    dtype = dtype or torch.float32
+    ref = type(base)(config).to(device=device, dtype=dtype).eval()  # eval: no dropout anywhere
     with torch.no_grad():
         for name, param in ref.named_parameters():
             module_name, attr = name.rsplit(".", 1)
@@ -184,15 +188,15 @@ def reference_gradients(peft_model, examples, device: str) -> tuple[float, dict]
                 value = dequantize_4bit(src.weight.data, src.weight.quant_state)
             else:
                 value = getattr(src, attr)
-            param.copy_(value.to(device=device, dtype=torch.float32).reshape(param.shape))
+            param.copy_(value.to(device=device, dtype=dtype).reshape(param.shape))
     ref.requires_grad_(False)
     lora, hooks = {}, []
     for name, module in base.named_modules():
         if not isinstance(module, LoraLayer):
             continue
         adapter = module.active_adapters[0]
-        a = module.lora_A[adapter].weight.detach().to(device, torch.float32).clone().requires_grad_(True)
-        b = module.lora_B[adapter].weight.detach().to(device, torch.float32).clone().requires_grad_(True)
+        a = module.lora_A[adapter].weight.detach().to(device, dtype).clone().requires_grad_(True)
+        b = module.lora_B[adapter].weight.detach().to(device, dtype).clone().requires_grad_(True)
         scale = float(module.scaling[adapter])
         lora[f"{name}.A"], lora[f"{name}.B"] = a, b
 
