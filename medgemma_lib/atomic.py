@@ -1,13 +1,16 @@
-"""Write a whole output folder atomically: fill a temporary sibling, then rename it into place.
+"""Every file and folder the product writes is written atomically: filled under a temporary name
+beside its place, then renamed into place (``os.replace``).
 
-Used by ``data prepare`` (prepared splits) and ``export`` (merged model). A crash, a full disk or
-Ctrl+C while writing leaves the previous folder exactly as it was and no half-written folder under
-the final name.
+:func:`atomic_folder` for whole folders (prepared splits, exports, the demo model cache);
+:func:`atomic_file`, :func:`write_text` and :func:`write_json` for single files (configs, reports,
+run summaries, completion markers, plots). A crash, a full disk or Ctrl+C while writing leaves the
+previous version exactly as it was and nothing half-written under the final name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -15,6 +18,44 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from medgemma_lib.errors import OutputError
+
+TMP_TAG = ".tmp-"  # in every temporary name: readers that list a folder skip such files
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one of our temporary names (a write in progress, or left by a crash)."""
+    return name.startswith(".") and TMP_TAG in name
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix, so e.g. matplotlib still sees ``.png``);
+    when the block ends without an error it replaces ``path``; otherwise it is removed. ``OSError``
+    propagates unchanged, so callers can say what they were writing."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}{TMP_TAG}{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str, *, durable: bool = False) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; ``durable``: on disk (fsync) before the rename."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data, *, indent: int | None = 1, durable: bool = False) -> Path:
+    """Write ``data`` as JSON (UTF-8, non-ASCII kept readable) to ``path`` atomically."""
+    return write_text(path, json.dumps(data, ensure_ascii=False, indent=indent) + "\n", durable=durable)
 
 
 @contextlib.contextmanager
@@ -27,7 +68,7 @@ def atomic_folder(out: Path, *, what: str, hint: str) -> Iterator[Path]:
     """
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}", dir=out.parent))
     except OSError as exc:
         raise OutputError(f"無法在 {out.parent} 建立{what}的暫存資料夾：{exc.strerror or exc}", hint=hint) from None
     try:

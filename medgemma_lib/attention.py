@@ -9,6 +9,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
 VARLEN_ATTN = "medgemma_varlen"
 
 
@@ -24,8 +29,6 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     ``cu_seq_lens_q`` the examples are found where ``position_ids`` restart at 0 (TRL's padding-free
     collator); with a padding mask, or a KV cache, it is plain sdpa.
     """
-    import torch
-    import torch.nn.functional as F
 
     cu = kwargs.get("cu_seq_lens_q")
     b, h, s, d = query.shape
@@ -105,8 +108,6 @@ def varlen_support() -> dict:
 
 def register_varlen_attention() -> str:
     """Register ``medgemma_varlen`` with transformers (attention and a no-op mask); returns the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def mask(*args, **kwargs):
         # Packed rows carry no padding mask: no mask at all (attention follows the examples). Padded

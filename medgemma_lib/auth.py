@@ -16,7 +16,14 @@ import difflib
 import os
 from dataclasses import dataclass
 
+import huggingface_hub
+import pandas as pd
+from huggingface_hub import HfApi, constants, login
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
 from medgemma_lib.errors import AuthError
+from medgemma_lib.profiles import PROFILES, WRONG_IDS
 
 HUB_URL = "https://huggingface.co"
 TOKENS_PAGE = "https://huggingface.co/settings/tokens"
@@ -57,9 +64,7 @@ def find_token(token: str | None = None) -> tuple[str | None, str]:
     env = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     if env and env.strip():
         return env.strip(), "HF_TOKEN"
-    from huggingface_hub.utils._auth import _get_token_from_file
-
-    stored = _get_token_from_file()
+    stored = huggingface_hub.get_token()  # the login file (HF_HOME / HF_TOKEN_PATH honoured); env was checked above
     if stored:
         return stored, "login"
     return None, "none"
@@ -108,8 +113,6 @@ def model_page(model_id: str) -> str:
 
 def suggest_model_id(model_id: str) -> str | None:
     """The id the user probably meant: a known wrong id's fix, else the closest known profile id."""
-    from medgemma_lib.models import PROFILES, WRONG_IDS
-
     if model_id in WRONG_IDS:
         return WRONG_IDS[model_id]
     known = [p.hub_id for p in PROFILES.values() if p.hub_id]
@@ -118,8 +121,6 @@ def suggest_model_id(model_id: str) -> str | None:
 
 
 def _offline_mode() -> bool:
-    from huggingface_hub import constants
-
     return bool(constants.is_offline_mode()) if hasattr(constants, "is_offline_mode") else bool(constants.HF_HUB_OFFLINE)
 
 
@@ -179,8 +180,6 @@ def check_access(model_id: str, token: str | None = None, *, endpoint: str | Non
     invalid token, ``OfflineModeIsEnabled`` → offline, transport errors → network.
     ``offline=True`` answers as in offline mode without asking (used by notebook 02 in CI).
     """
-    from medgemma_lib.models import PROFILES
-
     if model_id in PROFILES and PROFILES[model_id].hub_id:  # accept profile names too
         model_id = PROFILES[model_id].hub_id
     tok, source = find_token(token)
@@ -201,8 +200,6 @@ def check_access(model_id: str, token: str | None = None, *, endpoint: str | Non
 
 def _auth_check_request(model_id: str, token: str, endpoint: str | None, timeout: float) -> None:
     """``HfApi.auth_check`` with a timeout (the shared session has none)."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     base = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     response = get_session().get(f"{base}/api/models/{model_id}/auth-check", headers=build_hf_headers(token=token), timeout=timeout)
@@ -211,7 +208,6 @@ def _auth_check_request(model_id: str, token: str, endpoint: str | None, timeout
 
 def classify_hub_error(exc: BaseException) -> str | None:
     """Map a huggingface_hub / transport exception to an outcome code (None: not a Hub outcome)."""
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
 
     if isinstance(exc, OfflineModeIsEnabled):
         return OFFLINE
@@ -240,7 +236,6 @@ def classify_hub_error(exc: BaseException) -> str | None:
 
 def outcome_table(model_id: str = "google/medgemma-4b-it"):
     """Every outcome's Chinese message and fix, as a pandas table (what a user would see online)."""
-    import pandas as pd
 
     rows = []
     for status, what in [(OK, "一切正常"), (NO_TOKEN, "沒有權杖"), (INVALID_TOKEN, "權杖無效（401）"), (GATED, "尚未同意條款（403）"),
@@ -261,7 +256,6 @@ def whoami(token: str | None = None, *, endpoint: str | None = None) -> dict:
 
     Raises :class:`AuthError` (Chinese) for no token, an invalid token, offline mode or no network.
     """
-    from huggingface_hub import HfApi
 
     tok, source = find_token(token)
     if _offline_mode():
@@ -297,8 +291,6 @@ def use_token(token: str, *, save_login: bool = False) -> str:
         raise AuthError("沒有輸入權杖。", hint=f"到 {TOKENS_PAGE} 建立 Read 權杖後貼上。")
     os.environ["HF_TOKEN"] = token
     if save_login:
-        from huggingface_hub import login
-
         login(token=token, add_to_git_credential=False, skip_if_logged_in=False)
     return mask_token(token)
 
@@ -329,37 +321,3 @@ def token_widget(model_id: str = "google/medgemma-4b-it", *, check: bool = True)
 
     button.on_click(_on_click)
     return widgets.VBox([widgets.HBox([box, button]), save, out])
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("auth", help="Hugging Face 權杖與 MedGemma 存取權檢查")
-    asub = p.add_subparsers(dest="auth_command", metavar="動作")
-    c = asub.add_parser("check", help="檢查權杖能否下載某個模型（可以：結束碼 0；不行：2）")
-    c.add_argument("--model", default="google/medgemma-4b-it", help="模型 id 或設定檔名稱（預設 google/medgemma-4b-it）")
-    c.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="等待 Hub 回應的秒數")
-    c.set_defaults(func=_cli_check)
-    w = asub.add_parser("whoami", help="顯示權杖屬於哪個帳號（權杖只以遮蔽形式顯示）")
-    w.set_defaults(func=_cli_whoami)
-    p.set_defaults(func=_cli_help, _parser=p)
-
-
-def _cli_help(args) -> int:
-    args._parser.print_help()
-    return 2
-
-
-def _cli_check(args) -> int:
-    result = check_access(args.model, timeout=args.timeout)
-    print(result.format())
-    return 0 if result.ok else 2
-
-
-def _cli_whoami(args) -> int:
-    info = whoami()
-    print(f"帳號：{info['name']}")
-    print(f"權杖：{info['masked_token']}（來源：{SOURCE_NAMES[info['token_source']]}；權限：{info['role'] or '未知'}）")
-    return 0

@@ -31,18 +31,29 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib.metadata as md
 import json
+import lzma
 import math
 import os
 import platform
 import random
+import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import date
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+from transformers.models.gemma3 import modeling_gemma3
 
 from medgemma_lib.attention import (  # noqa: F401 - shared with train.py; re-exported for existing callers
     VARLEN_ATTN,
@@ -52,44 +63,27 @@ from medgemma_lib.attention import (  # noqa: F401 - shared with train.py; re-ex
     varlen_support,
 )
 from medgemma_lib.errors import ConfigError, DataError, ResourceError
+from medgemma_lib.models import compute_dtype, default_device, load_tokenizer, quantization_config
+from medgemma_lib.profiles import (
+    BENCH_ALIASES,
+    BENCH_ARCHITECTURES,
+    BENCH_EXTRA_FROZEN_PARAMS,
+    BOS_ID,
+    EOS_ID,
+    LORA_LINEAR_LAYERS,
+    PAD_ID,
+)
 
 # Full MedQuAD (16,423 answered pairs) under the Gemma 3 chat template: 4,614,001 tokens.
 LENGTHS_RESOURCE = "resources/medquad_token_lengths.json"
 MATMUL_TFLOPS_H200 = 790.0  # bf16 8192^3 on random data, measured on this card (KINDS.md); remeasured per run on CUDA
 
-# Architectures (Gemma3TextConfig keyword arguments). Vision tower of medgemma-4b-it: SigLIP
-# (27 layers, hidden 1152, MLP 4304, 896 px / 14 px patches) + projector to 2560 = ~419.6 M frozen
-# bf16 parameters, kept as a placeholder so memory matches loading Gemma3ForConditionalGeneration.
-ARCHS: dict[str, dict[str, Any]] = {
-    "27b": dict(
-        hidden_size=5376, intermediate_size=21504, num_hidden_layers=62, num_attention_heads=32,
-        num_key_value_heads=16, head_dim=128, vocab_size=262_208, sliding_window=1024,
-        query_pre_attn_scalar=168, max_position_embeddings=131_072,
-        rope_parameters={
-            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-        },
-    ),
-    "4b": dict(
-        hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=256, vocab_size=262_208, sliding_window=1024,
-        query_pre_attn_scalar=256, max_position_embeddings=131_072,
-        rope_parameters={
-            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-        },
-    ),
-    "tiny": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, vocab_size=4096, sliding_window=32,
-        query_pre_attn_scalar=16, max_position_embeddings=4096,
-        layer_types=["sliding_attention", "full_attention"],
-    ),
-}
-EXTRA_FROZEN_PARAMS = {"27b": 0, "4b": 419_600_000, "tiny": 0}
-ARCH_ALIASES = {"medgemma-27b-text-it": "27b", "medgemma-27b-it": "27b", "medgemma-4b-it": "4b", "demo": "tiny"}
+# Architectures: the model registry (profiles.BENCH_ARCHITECTURES). The 4B's vision tower (SigLIP + projector,
+# 419.6 M bf16 parameters) is a frozen placeholder, so memory matches loading Gemma3ForConditionalGeneration.
+EXTRA_FROZEN_PARAMS = BENCH_EXTRA_FROZEN_PARAMS
+ARCH_ALIASES = BENCH_ALIASES
 QV = ["q_proj", "v_proj"]
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = list(LORA_LINEAR_LAYERS)
 
 
 @dataclass
@@ -186,9 +180,6 @@ def load_token_lengths(path: str | os.PathLike | None = None) -> tuple[list[int]
 
 def compute_token_lengths(csv_path: str | os.PathLike, tokenizer=None) -> tuple[list[int], list[int]]:
     """Token lengths of each (question, answer) row with Gemma 3's tokenizer and turn template."""
-    import pandas as pd
-
-    from medgemma_lib.models import load_tokenizer
 
     try:
         df = pd.read_csv(csv_path)
@@ -295,7 +286,6 @@ def batch_tensors(batch: Batch, vocab_size: int, device: str, seed: int = 0, var
     Labels cover answers only (the prompt and padding are -100). In packed rows the first token of
     each example has label -100 too, so no loss term crosses from one example into the next.
     """
-    import torch
 
     g = torch.Generator().manual_seed(seed)
     n_rows, width = len(batch.rows), batch.width
@@ -343,13 +333,10 @@ def batch_tensors(batch: Batch, vocab_size: int, device: str, seed: int = 0, var
 
 
 def text_config(arch: str):
-    from transformers import Gemma3TextConfig
-
-    from medgemma_lib.models import BOS_ID, EOS_ID, PAD_ID
-
-    if arch not in ARCHS:
-        raise ConfigError(f"不認識的架構 {arch!r}。", hint=f"可用：{', '.join(ARCHS)}（或設定檔名稱 {', '.join(ARCH_ALIASES)}）")
-    cfg = Gemma3TextConfig(**ARCHS[arch], bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, use_cache=False)
+    if arch not in BENCH_ARCHITECTURES:
+        raise ConfigError(f"不認識的架構 {arch!r}。",
+                          hint=f"可用：{', '.join(BENCH_ARCHITECTURES)}（或設定檔名稱 {', '.join(ARCH_ALIASES)}）")
+    cfg = Gemma3TextConfig(**BENCH_ARCHITECTURES[arch].text_config_kwargs(), bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, use_cache=False)
     cfg._attn_implementation = "sdpa"
     return cfg
 
@@ -360,11 +347,6 @@ def build_model(arch: str, device: str, quantize: bool = True, seed: int = 0):
     Built on the meta device and materialised one decoder layer at a time, each quantised right
     away, so the 27B model never holds more than one layer in bf16. Returns (model, info).
     """
-    import torch
-    from torch import nn
-    from transformers import Gemma3ForCausalLM
-
-    from medgemma_lib.models import compute_dtype, quantization_config
 
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -434,7 +416,7 @@ def build_model(arch: str, device: str, quantize: bool = True, seed: int = 0):
                         if isinstance(m, nn.Linear) or m.__class__.__name__ == "Linear4bit")
     info = {
         "arch": arch,
-        "config": {k: v for k, v in ARCHS[arch].items()},
+        "config": BENCH_ARCHITECTURES[arch].text_config_kwargs(),
         "build_seconds": round(time.perf_counter() - started, 2),
         "weights_gib": round(weight_bytes / 2**30, 2),
         "matmul_params": matmul_params,  # decoder linears + lm_head
@@ -446,7 +428,6 @@ def build_model(arch: str, device: str, quantize: bool = True, seed: int = 0):
 
 def _rebuild_computed_buffers(model, config, device: str) -> None:
     """Recreate the non-persistent buffers (rotary frequencies, embedding scale) that meta init left empty."""
-    import torch
 
     for name, module in list(model.named_modules()):
         if "Rotary" in type(module).__name__:
@@ -464,8 +445,6 @@ def _rebuild_computed_buffers(model, config, device: str) -> None:
 
 
 def _make_optimizer(params, name: str, device: str):
-    import torch
-
     if name == "adamw_8bit":
         import bitsandbytes as bnb
 
@@ -480,8 +459,6 @@ class _LigerPatch:
     _NAMES = ("apply_rotary_pos_emb", "Gemma3RMSNorm", "Gemma3MLP")
 
     def __init__(self):
-        from transformers.models.gemma3 import modeling_gemma3
-
         self.mod = modeling_gemma3
         self.saved = {n: getattr(modeling_gemma3, n) for n in self._NAMES}
         self.saved_forward = modeling_gemma3.Gemma3ForCausalLM.forward
@@ -502,8 +479,6 @@ class _LigerPatch:
 def run_variant(model, arch_info: dict, variant: Variant, full: list[int], prompt: list[int], device: str,
                 seed: int = 0, log=print) -> dict:
     """Add LoRA, train ``warmup + steps`` steps, remove LoRA again; returns the variant's results."""
-    import torch
-    from peft import LoraConfig, get_peft_model
 
     cuda = device.startswith("cuda")
     config = model.config
@@ -602,7 +577,6 @@ def run_variant(model, arch_info: dict, variant: Variant, full: list[int], promp
 
 def measure_matmul_tflops(device: str) -> float | None:
     """bf16 8192^3 matrix product rate on random data (mean of 10 after 3 warm-ups)."""
-    import torch
 
     if not device.startswith("cuda"):
         return None
@@ -622,8 +596,6 @@ def measure_matmul_tflops(device: str) -> float | None:
 
 
 def environment() -> dict:
-    import importlib.metadata as md
-
     versions = {}
     for name in ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "accelerate", "triton"):
         try:
@@ -632,7 +604,6 @@ def environment() -> dict:
             versions[name] = None
     env = {"date": date.today().isoformat(), "python": platform.python_version(), "versions": versions,
            "varlen": varlen_support(), "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
-    import torch
 
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
@@ -646,9 +617,6 @@ def run_bench(archs: list[str], device: str | None = None, variants: list[str] |
               lengths: str | None = None, out_dir: str | os.PathLike = "results/bench", seed: int = 0,
               steps: int | None = None, warmup: int | None = None, log=print) -> dict:
     """Run the benchmark for each architecture; writes ``bench.json`` and ``bench.md`` into ``out_dir``."""
-    import torch
-
-    from medgemma_lib.models import default_device
 
     device = device or default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -744,7 +712,6 @@ def packed_matches_unpacked(arch: str = "tiny", device: str = "cpu", attn: str =
                             seed: int = 0, restart_positions: bool = True) -> float:
     """Largest logit difference (relative to the largest logit) between examples packed in one row and
     the same examples run one at a time; near rounding when packing keeps examples apart."""
-    import torch
 
     model, _ = build_model(arch, device, quantize=False, seed=seed)
     # Flash kernels take bf16 only; on CPU compare in float32.
@@ -791,15 +758,8 @@ def run_unsloth(arch: str, names: list[str] | None, tokenizer_xz: str, out_dir: 
     Unsloth loads from a folder, so random bf16 weights of ``arch`` are saved first (with the Gemma 3
     tokenizer from ``tokenizer_xz``); loading quantises them to NF4 as for a real checkpoint.
     """
-    import unsloth  # noqa: F401  (must come before transformers)
+    import unsloth  # noqa: F401  optional, GPU only; the CLI imports it before transformers, as it asks
     from unsloth import FastModel
-
-    import lzma
-    import shutil
-    import tempfile
-
-    import torch
-    from transformers import Gemma3ForCausalLM
 
     device = "cuda"
     full, prompt = load_token_lengths(None)
@@ -819,7 +779,6 @@ def run_unsloth(arch: str, names: list[str] | None, tokenizer_xz: str, out_dir: 
         "mask_token": "<mask>", "tokenizer_class": "GemmaTokenizer"}), encoding="utf-8")
     save_s = time.perf_counter() - started
     results: dict[str, Any] = {"command": "python -m medgemma_lib.bench --unsloth", "environment": environment(), "archs": {}}
-    import importlib.metadata as md
 
     for pkg in ("unsloth", "unsloth_zoo", "xformers", "trl"):
         try:
@@ -893,59 +852,9 @@ def run_unsloth(arch: str, names: list[str] | None, tokenizer_xz: str, out_dir: 
     return results
 
 
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("bench", help="以隨機權重的真實架構量測 QLoRA 訓練速度與 GPU 記憶體（輸出 JSON 與 Markdown 表格）")
-    p.add_argument("--arch", default="27b,4b", help="架構，逗號分隔：27b、4b、tiny（或設定檔名稱），預設 27b,4b")
-    p.add_argument("--variants", default=None, help="只跑這些變體（逗號分隔的名稱）；預設全部")
-    p.add_argument("--device", default=None, help="cuda 或 cpu；預設有 GPU 就用 GPU")
-    p.add_argument("--lengths", default=None, help="長度來源：MedQuAD CSV 或長度 JSON；預設用套件內附的完整 MedQuAD 長度")
-    p.add_argument("--steps", type=int, default=None, help="覆寫每個變體的量測步數")
-    p.add_argument("--warmup", type=int, default=None, help="覆寫每個變體的暖身步數（不計入）")
-    p.add_argument("--out", default="results/bench", help="輸出資料夾（bench.json、bench.md）")
-    p.add_argument("--seed", type=int, default=0, help="亂數種子")
-    p.add_argument("--check-packing", action="store_true", help="先檢查：打包後每筆的 logits 與單獨執行相同")
-    p.add_argument("--unsloth", default=None, metavar="TOKENIZER_XZ",
-                   help="改為量測 Unsloth（需另行安裝）；參數為 xz 壓縮的 Gemma 3 tokenizer.json（Unsloth 從資料夾載入模型）")
-    p.set_defaults(func=_cli_bench)
-
-
-def _cli_bench(args) -> int:
-    # Reserved memory close to allocated: expandable segments instead of fixed-size blocks.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
-    variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
-    if args.unsloth:
-        for arch in archs:
-            run_unsloth(ARCH_ALIASES.get(arch, arch), variants, args.unsloth, args.out, seed=args.seed,
-                        log=lambda s: print(s, flush=True))
-        return 0
-    if args.check_packing:
-        from medgemma_lib.models import default_device
-
-        device = args.device or default_device()
-        for attn in ("sdpa", "varlen"):
-            diff = packed_matches_unpacked("tiny", device, attn=attn)
-            control = packed_matches_unpacked("tiny", device, attn=attn, restart_positions=False)
-            print(f"打包檢查（{attn}，{device}）：最大 logits 相對差 {diff:.2e}（對照組：位置不重新起算時 {control:.2e}）", flush=True)
-            if diff > (2e-2 if device.startswith("cuda") else 1e-4):
-                raise ResourceError(f"打包後的結果與單獨執行不同（{attn}，差 {diff:.2e}）：樣本之間互相看到了。",
-                                    hint="請回報此問題，並附上 torch 與 transformers 版本。")
-    run_bench(archs, device=args.device, variants=variants, lengths=args.lengths, out_dir=args.out, seed=args.seed,
-              steps=args.steps, warmup=args.warmup, log=lambda s: print(s, flush=True))
-    print(f"結果已寫入 {args.out}/bench.json 與 bench.md")
-    return 0
-
-
-if __name__ == "__main__":  # `python -m medgemma_lib.bench ...`: the bench alone, without the other steps' imports
+if __name__ == "__main__":  # `python -m medgemma_lib.bench ...` (named in docs and configs): the bench sub-command
     import sys
 
-    from medgemma_lib.cli import ChineseArgumentParser
+    from medgemma_lib.cli import main  # entry point only: the CLI sits above every module
 
-    _parser = ChineseArgumentParser(prog="python -m medgemma_lib.bench")
-    register_cli(_parser.add_subparsers(dest="command"))
-    _args = _parser.parse_args(["bench", *sys.argv[1:]])
-    sys.exit(_args.func(_args))
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -24,7 +24,11 @@ import re
 import shutil
 from pathlib import Path
 
+from transformers import TrainerCallback
+
+from medgemma_lib.atomic import is_temporary, write_json
 from medgemma_lib.errors import ModelError
+from medgemma_lib.paths import display_path
 
 MARKER = "medgemma_complete.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -63,15 +67,9 @@ def write_completion_marker(folder: str | os.PathLike) -> Path:
     files = {
         str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_of(p)}
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")
+        if p.is_file() and p.name != MARKER and not is_temporary(p.name)
     }
-    tmp = folder / (MARKER + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"step": checkpoint_step(folder), "files": files}, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, folder / MARKER)
-    return folder / MARKER
+    return write_json(folder / MARKER, {"step": checkpoint_step(folder), "files": files}, durable=True)
 
 
 def safetensors_problem(path: str | os.PathLike) -> str | None:
@@ -202,27 +200,17 @@ def verify_adapter(adapter_dir: str | os.PathLike, *, run_dir: str | os.PathLike
         run_dir = Path(run_dir)
         good = latest_complete_checkpoint(run_dir / "checkpoints")
         if good is not None:
-            hint = (f"訓練的完整檢查點 {good.name} 還在：執行 python -m medgemma_lib train --config {_shown(run_dir / 'config.yaml')} --resume "
+            hint = (f"訓練的完整檢查點 {good.name} 還在：執行 python -m medgemma_lib train --config {display_path(run_dir / 'config.yaml')} --resume "
                     "會從它接續並重新寫出轉接器（若它已是最後一步，只會重新存檔，不再訓練）。")
-    raise ModelError(f"LoRA 轉接器 {_shown(adapter_dir)} 已損毀或不完整，無法使用：{problem}。", hint=hint)
+    raise ModelError(f"LoRA 轉接器 {display_path(adapter_dir)} 已損毀或不完整，無法使用：{problem}。", hint=hint)
 
 
-def _shown(path) -> str:
-    from medgemma_lib.train import display_path
+class CompletionMarkerCallback(TrainerCallback):
+    """Marks each checkpoint complete right after the Trainer saved it (add it as the last callback)."""
 
-    return display_path(path)
-
-
-def make_marker_callback():
-    """A ``TrainerCallback`` that marks each checkpoint complete right after the Trainer saved it."""
-    from transformers import TrainerCallback
-
-    class CompletionMarkerCallback(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if ckpt.is_dir():
-                    write_completion_marker(ckpt)
-            return control
-
-    return CompletionMarkerCallback()
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                write_completion_marker(ckpt)
+        return control

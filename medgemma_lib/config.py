@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medgemma_lib.errors import ConfigError
+import yaml
+
+from medgemma_lib.atomic import write_text
+from medgemma_lib.errors import ConfigError, OutputError
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
@@ -237,8 +240,6 @@ def _cross_checks(cfg: RunConfig) -> None:
 
 
 def _parse_scalar(text: str) -> Any:
-    import yaml
-
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -262,7 +263,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
-    import yaml
 
     data: dict = {}
     if path is not None:
@@ -285,23 +285,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically)."""
-    import yaml
-
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(
-        "# 本次執行實際使用的完整設定（由 medgemma_lib 自動寫入）\n"
-        + yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False),
-        encoding="utf-8",
-    )
-    os.replace(tmp, p)
-    return p
+    return write_text(path, "# 本次執行實際使用的完整設定（由 medgemma_lib 自動寫入）\n"
+                      + yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False))
 
 
 def check_paths(cfg: RunConfig, root: str | os.PathLike | None = None) -> None:
     """Fail early, in Chinese, when the input is missing or the output folder is not writable."""
-    from medgemma_lib.errors import OutputError
-
     base = Path(root) if root else Path.cwd()
     if cfg.data.prepared_dir is None:
         src = Path(cfg.data.input)
@@ -320,25 +309,6 @@ def check_paths(cfg: RunConfig, root: str | os.PathLike | None = None) -> None:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(f"無法寫入輸出資料夾 train.output_dir = {cfg.train.output_dir}（{probe} 不是可寫入的資料夾）。", hint="請改用可寫入的路徑，例如 results。")
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("config", help="檢查設定檔（YAML）是否正確，並印出套用覆寫後的完整設定")
-    p.add_argument("action", choices=["check", "show"], help="check：只檢查；show：檢查並印出完整設定")
-    p.add_argument("--config", help="設定檔路徑，例如 configs/demo.yaml")
-    p.add_argument("overrides", nargs="*", help="覆寫，例如 train.learning_rate=1e-4")
-    p.set_defaults(func=_cli_config)
-
-
-def _cli_config(args) -> int:
-    import yaml
-
-    cfg = load_config(args.config, args.overrides)
-    check_paths(cfg)
-    if args.action == "show":
-        print(yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False))
-    print("設定檢查通過 ✓")
-    return 0
 
 
 def field_help(section: str, key: str) -> str:

@@ -8,14 +8,20 @@ where everything is. Settings: ``configs/demo.yaml`` (overrides on the command l
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
+from medgemma_lib import MEDICAL_DISCLAIMER, evaluate
+from medgemma_lib.atomic import write_json
+from medgemma_lib.config import load_config
+from medgemma_lib.data import prepare_from_config
 from medgemma_lib.errors import TrainingError
+from medgemma_lib.models import ensure_demo_model, load_tokenizer
+from medgemma_lib.paths import REPO_ROOT, display_path, resolve_path
+from medgemma_lib.runs import DEMO_SUMMARY_FILE, EVAL_MD
+from medgemma_lib.train import run_training
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = "configs/demo.yaml"
 
 
@@ -29,20 +35,13 @@ def demo_config_path() -> Path:
 
 def load_demo_config(overrides: list[str] | None = None):
     """The demo config, with the sample data path made absolute when run from elsewhere."""
-    from medgemma_lib.config import load_config
-
     cfg = load_config(demo_config_path(), overrides)
-    data_path = Path(cfg.data.input)
-    if not data_path.is_absolute() and not data_path.exists() and (REPO_ROOT / data_path).exists():
-        cfg.data.input = str(REPO_ROOT / data_path)
+    cfg.data.input = str(resolve_path(cfg.data.input))
     return cfg
 
 
 def run_demo(overrides: list[str] | None = None, evaluate: bool = True) -> dict:
     """Run the demo end to end; returns a summary dict (also written to ``demo_summary.json``)."""
-    from medgemma_lib.models import ensure_demo_model, load_tokenizer
-    from medgemma_lib.train import display_path, run_training
-
     started = time.time()
     cfg = load_demo_config(overrides)
     if cfg.model.profile != "demo":
@@ -55,8 +54,6 @@ def run_demo(overrides: list[str] | None = None, evaluate: bool = True) -> dict:
 
     print("== 2/4 準備資料 ==", flush=True)
     t = time.time()
-    from medgemma_lib.data import prepare_from_config
-
     tokenizer = load_tokenizer("demo")
     splits, _report = prepare_from_config(cfg.data, output_dir=None, tokenizer=tokenizer)
     counts = {name: len(ds) for name, ds in splits.items()}
@@ -85,53 +82,30 @@ def run_demo(overrides: list[str] | None = None, evaluate: bool = True) -> dict:
         "tokens_per_second": result.tokens_per_second,
         "timings": timings,
     }
-    Path(result.run_dir, "demo_summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1), encoding="utf-8")
+    write_json(Path(result.run_dir, DEMO_SUMMARY_FILE), summary)
     _print_summary(summary)
     return summary
 
 
-def _evaluate(result, tokenizer) -> dict | None:
-    """Base vs fine-tuned on the test split: the full evaluator when present, else loss only."""
+def _evaluate(result, tokenizer) -> dict:
+    """Base vs fine-tuned on the test split (:func:`medgemma_lib.evaluate.run_evaluation`), in a few numbers."""
     model = result.trainer.model
     model.eval()
-    try:
-        from medgemma_lib import evaluate as ev
-    except ImportError:
-        ev = None
-    if ev is not None and hasattr(ev, "run_evaluation"):
-        out = ev.run_evaluation(result.run_dir, model=model, tokenizer=tokenizer, num_chinese_samples=2, verbose=True)
-        models = out.get("models", {})
-        example = next((row for row in out.get("answers", []) if row.get("answers", {}).get("tuned")), None)
-        return {
-            name: {k: models[name].get(k) for k in ("loss", "perplexity", "rougeL", "chrf", "bleu") if k in models.get(name, {})}
-            for name in ("base", "tuned") if name in models
-        } | {"report": display_rel(result.run_dir, "eval.md")} | (
-            {"example": {k: example.get(k) for k in ("question", "reference")} | {"base": example["answers"].get("base"), "tuned": example["answers"]["tuned"]}}
-            if example else {})
-    # Fallback: the same masked loss as training, adapter off (base) and on (tuned).
-    trainer = result.trainer
-    from medgemma_lib.config import load_config
-
-    cfg = load_config(Path(result.run_dir) / "config.yaml")
-    from medgemma_lib.data import prepare_from_config
-
-    splits, _ = prepare_from_config(cfg.data, output_dir=None, tokenizer=tokenizer)
-    test = splits["test"].select_columns(["prompt", "completion"])
-    with model.disable_adapter():
-        base = trainer.evaluate(eval_dataset=test, metric_key_prefix="test")["test_loss"]
-    tuned = trainer.evaluate(eval_dataset=test, metric_key_prefix="test")["test_loss"]
-    return {"base": {"loss": base, "perplexity": math.exp(base)}, "tuned": {"loss": tuned, "perplexity": math.exp(tuned)}}
-
-
-def display_rel(run_dir, name: str) -> str:
-    from medgemma_lib.train import display_path
-
-    return display_path(Path(run_dir) / name)
+    out = evaluate.run_evaluation(result.run_dir, model=model, tokenizer=tokenizer, num_chinese_samples=2, verbose=True)
+    scores = out.get("models", {})
+    example = next((row for row in out.get("answers", []) if row.get("answers", {}).get("tuned")), None)
+    summary = {
+        name: {k: scores[name].get(k) for k in ("loss", "perplexity", "rougeL", "chrf", "bleu") if k in scores.get(name, {})}
+        for name in ("base", "tuned") if name in scores
+    }
+    summary["report"] = display_path(Path(result.run_dir) / EVAL_MD)
+    if example:
+        summary["example"] = {k: example.get(k) for k in ("question", "reference")} | {
+            "base": example["answers"].get("base"), "tuned": example["answers"]["tuned"]}
+    return summary
 
 
 def _print_summary(s: dict) -> None:
-    from medgemma_lib import MEDICAL_DISCLAIMER
-
     v = s["validation_loss"]
     print("\n== 示範完成 ==", flush=True)
     print(f"驗證集 loss：{v['before']:.3f} → {v['after']:.3f}（{(v['before'] - v['after']) / v['before']:.1%} 下降）")
@@ -164,16 +138,3 @@ def _print_summary(s: dict) -> None:
 def _one_line(text, limit: int = 160) -> str:
     text = " ".join(str(text or "").split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("demo", help="一個指令跑完整個流程：示範模型（CPU、離線）準備資料、QLoRA 訓練、評估")
-    p.add_argument("--no-eval", action="store_true", help="略過測試集評估（只訓練）")
-    p.add_argument("overrides", nargs="*", metavar="區段.鍵=值", help="覆寫 configs/demo.yaml，例如 train.max_steps=40")
-    p.set_defaults(func=_cli_demo)
-
-
-def _cli_demo(args) -> int:
-    summary = run_demo(list(args.overrides), evaluate=not args.no_eval)
-    v = summary["validation_loss"]
-    return 0 if v["after"] < v["before"] else 1

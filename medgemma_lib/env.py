@@ -11,8 +11,9 @@ import importlib.metadata
 import os
 import platform
 import shutil
-import sys
 from dataclasses import asdict, dataclass, field
+
+from medgemma_lib.paths import cache_dir, display_path
 
 KEY_PACKAGES = [
     "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
@@ -77,12 +78,13 @@ def _ram_gib() -> float | None:
 
 def collect_environment() -> EnvironmentReport:
     """Inspect this machine (imports torch; takes a few seconds)."""
-    from medgemma_lib.models import cache_dir, demo_model_cached
+    # Local imports: the doctor must still report on a machine whose torch (which models imports) is broken or missing.
+    from medgemma_lib.models import demo_model_cached  # local: see above
 
     gpus: list[GPUInfo] = []
     torch_version = cuda_version = None
     try:
-        import torch
+        import torch  # local: see above
 
         torch_version = torch.__version__
         cuda_version = torch.version.cuda
@@ -113,14 +115,6 @@ def collect_environment() -> EnvironmentReport:
         demo_model_cached=demo_model_cached(),
         cache_dir=display_path(target),
     )
-
-
-def display_path(path) -> str:
-    """A path for display: the home folder shown as ``~`` (no user names in stored outputs)."""
-    from pathlib import Path
-
-    text, home = str(path), str(Path.home())
-    return "~" + text[len(home):] if home not in ("", "/") and text.startswith(home) else text
 
 
 def _parse_version(text: str | None) -> tuple[int, ...]:
@@ -196,25 +190,3 @@ def format_report(report: EnvironmentReport, rec: Recommendation) -> str:
     else:
         lines.append("沒有發現問題 ✓")
     return "\n".join(lines)
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("doctor", help="檢查環境（Python、PyTorch、GPU、套件、磁碟）並建議適合的設定檔")
-    p.add_argument("--json", action="store_true", help="以 JSON 輸出（給程式使用）")
-    p.set_defaults(func=_cli_doctor)
-
-
-def _cli_doctor(args) -> int:
-    import json
-
-    report = collect_environment()
-    rec = recommend(report)
-    if args.json:
-        print(json.dumps({"report": report.to_dict(), "recommendation": asdict(rec)}, ensure_ascii=False, indent=2))
-    else:
-        print(format_report(report, rec))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(_cli_doctor(type("A", (), {"json": False})()))

@@ -56,21 +56,20 @@ class OutputError(MedgemmaError):
 
 
 class TrainingInterrupted(MedgemmaError):
-    """Training stopped cleanly after Ctrl+C (SIGINT): a complete checkpoint is on disk. CLI exit code 130."""
+    """Training stopped cleanly after Ctrl+C (SIGINT): a complete checkpoint is on disk. CLI exit code 130.
+
+    ``checkpoint_shown`` and ``config_shown`` are the paths as the learner should read them
+    (``paths.display_path``; this module imports nothing of the project's, so the caller formats them).
+    """
 
     exit_code = 130
     label = "已停止"
 
-    def __init__(self, step: int, checkpoint, run_dir):
-        from pathlib import Path
-
-        from medgemma_lib.train import display_path as _short
-
+    def __init__(self, step: int, checkpoint, run_dir, *, checkpoint_shown: str | None, config_shown: str):
         self.step, self.checkpoint, self.run_dir = step, checkpoint, run_dir
-        where = f"完整的檢查點在 {_short(checkpoint)}" if checkpoint else "但沒有找到完整的檢查點"
-        config = _short(Path(run_dir) / "config.yaml")
+        where = f"完整的檢查點在 {checkpoint_shown}" if checkpoint_shown else "但沒有找到完整的檢查點"
         super().__init__(
             f"訓練已在第 {step} 步安全停止（Ctrl+C），{where}。\n"
-            f"接續訓練：python -m medgemma_lib train --config {config} --resume（notebook 中：run_training(cfg, resume=True)）。"
+            f"接續訓練：python -m medgemma_lib train --config {config_shown} --resume"
+            "（notebook 中：run_training(cfg, resume=True)）。"
         )
-

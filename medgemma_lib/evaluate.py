@@ -24,23 +24,42 @@ Results go to ``results/<run>/eval.json``, ``eval.md`` and ``eval.png``.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import re
 import time
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from medgemma_lib import MEDICAL_DISCLAIMER
-from medgemma_lib.errors import ConfigError, DataError, ModelError, OutputError
+import matplotlib.pyplot as plt
+import pandas as pd
+import sacrebleu
+import torch
+import torch.nn.functional as F
+from rouge_score import rouge_scorer
+from tqdm.auto import tqdm
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-ADAPTER_SUBDIRS = ("adapter", ".")  # train.py writes <run>/adapter/; a bare adapter folder also works
+from medgemma_lib import MEDICAL_DISCLAIMER, plots
+from medgemma_lib.atomic import atomic_file, write_json, write_text
+from medgemma_lib.config import load_config
+from medgemma_lib.data import (
+    answer_of,
+    chinese_converter,
+    label_mask_example,
+    prepare_from_config,
+    question_of,
+    read_table,
+)
+from medgemma_lib.errors import ConfigError, DataError, ModelError, OutputError
+from medgemma_lib.generation import generate_answers
+from medgemma_lib.paths import REPO_ROOT, display_path, resolve_path
+from medgemma_lib.runs import EVAL_JSON, EVAL_MD, EVAL_PNG, Run, find_adapter_dir, load_for_inference, open_run
+from medgemma_lib.train import run_training
+
 CHINESE_SAMPLE = "data/zh_toyhom_sample_gb18030.csv"
-EVAL_JSON, EVAL_MD, EVAL_PNG = "eval.json", "eval.md", "eval.png"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 _CJK = r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _CJK_RE = re.compile(f"[{_CJK}]")
 _TOKEN_RE = re.compile(f"[{_CJK}]|[a-z0-9]+")
@@ -56,86 +75,7 @@ LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
 # ----------------------------------------------------------------------------------------------
-# Run folder and model
-
-
-@dataclass
-class Run:
-    """A training run folder: where its adapter is and the config it was trained with."""
-
-    path: Path
-    adapter_dir: Path
-    config: Any  # RunConfig
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-
-def find_adapter_dir(run_dir: str | Path) -> Path | None:
-    """The folder holding ``adapter_config.json`` + ``adapter_model.safetensors``, or None."""
-    run_dir = Path(run_dir)
-    for sub in ADAPTER_SUBDIRS:
-        folder = (run_dir / sub).resolve() if sub != "." else run_dir
-        if all((folder / f).is_file() for f in ADAPTER_FILES):
-            return folder
-    return None
-
-
-def check_adapter_file(adapter_dir: Path, run_dir: Path | None = None) -> None:
-    """Refuse a damaged adapter with a ModelError (what is wrong, and how to get it back).
-
-    :func:`medgemma_lib.checkpoints.verify_adapter` checks the files (safetensors only, header and
-    size, and the SHA-256 recorded when training saved it); then two tensors are read for real.
-    """
-    from safetensors import safe_open
-
-    from medgemma_lib.checkpoints import verify_adapter
-
-    verify_adapter(adapter_dir, run_dir=run_dir)
-    weights = adapter_dir / "adapter_model.safetensors"
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            names = list(handle.keys())
-            for name in names[:2]:  # touch real data
-                handle.get_tensor(name)
-    except Exception as exc:  # safetensors raises its own SafetensorError and OSError
-        raise ModelError(
-            f"LoRA 轉接器權重檔 {adapter_dir.name}/adapter_model.safetensors 已損毀或不完整（{str(exc).splitlines()[0][:120]}）。",
-            hint="檔案可能在複製或訓練中途被截斷；請重新訓練（python -m medgemma_lib train ...）或重新複製整個執行資料夾。",
-        ) from None
-    if not names:
-        raise ModelError(f"LoRA 轉接器權重檔 {weights.name} 是空的（沒有任何權重）。", hint="請重新訓練。")
-
-
-def open_run(run_dir: str | Path) -> Run:
-    """Check a run folder (exists, has an intact adapter and config.yaml) and read its config."""
-    from medgemma_lib.config import RunConfig, load_config
-
-    path = Path(run_dir).expanduser()
-    if not path.is_dir():
-        parent = path.parent if str(path.parent) not in ("", ".") else Path("results")
-        found = sorted(p.name for p in parent.glob("*") if p.is_dir() and find_adapter_dir(p)) if parent.is_dir() else []
-        listing = f"{parent} 底下有訓練結果的資料夾：{'、'.join(found)}" if found else "請先執行 notebook 05 或 python -m medgemma_lib demo 訓練一次"
-        raise ModelError(f"找不到執行資料夾 {path}。", hint=listing + "。")
-    adapter_dir = find_adapter_dir(path)
-    if adapter_dir is None and (path / "adapter").is_dir():
-        check_adapter_file(path / "adapter", path)  # says what is missing (e.g. only a pickle .bin)
-    if adapter_dir is None:
-        raise ModelError(
-            f"執行資料夾 {path} 裡沒有 LoRA 轉接器（找不到 adapter/adapter_config.json 與 adapter/adapter_model.safetensors）。",
-            hint="訓練可能沒有完成；請重新訓練，或指向含有 adapter/ 的執行資料夾（results/<執行名稱>）。",
-        )
-    check_adapter_file(adapter_dir, path)
-    cfg_file = path / "config.yaml"
-    if cfg_file.is_file():
-        config = load_config(cfg_file)
-    else:  # a bare adapter folder: fall back to the base model named in the adapter config
-        config = RunConfig()
-        base = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if base:
-            config.model.profile = base
-    return Run(path=path, adapter_dir=adapter_dir, config=config)
+# The run (folder, adapter and loading: medgemma_lib.runs)
 
 
 def find_or_train_run(run_dir: str | Path, config: str | Path = "configs/demo.yaml", verbose: bool = True) -> Path:
@@ -147,82 +87,27 @@ def find_or_train_run(run_dir: str | Path, config: str | Path = "configs/demo.ya
     run_dir = Path(run_dir)
     if find_adapter_dir(run_dir) is not None:
         return run_dir
-    from medgemma_lib.config import load_config
-    from medgemma_lib.train import run_training
-
     cfg_path = Path(config) if Path(config).is_file() else REPO_ROOT / config
     if verbose:
         print(f"找不到 {run_dir.name} 的訓練結果（通常由 notebook 05 產生）。現在用 {cfg_path.name} 快速訓練一次，"
               "CPU 上約需數分鐘；建議下次先執行 05_LoRA訓練.ipynb。", flush=True)
     cfg = load_config(cfg_path, [f"train.output_dir={run_dir.parent.resolve()}", f"train.run_name={run_dir.name}"])
-    cfg.data.input = _resolve_input(cfg.data.input)
+    cfg.data.input = str(resolve_path(cfg.data.input))
     run_training(cfg, verbose=verbose)
     return run_dir
-
-
-def load_for_evaluation(run_dir: str | Path, quantization: str | None = None, device: str | None = None, verbose: bool = True):
-    """Load the base model once and attach the run's adapter. Returns ``(model, tokenizer, run)``.
-
-    ``quantization`` defaults to the one the run was trained with (usually ``nf4``): the adapter
-    is measured on the base it learned on.
-    """
-    from medgemma_lib.models import default_device, load_model, load_tokenizer
-
-    run = run_dir if isinstance(run_dir, Run) else open_run(run_dir)
-    quantization = quantization or run.config.model.quantization
-    device = device or default_device()
-    started = time.time()
-    if verbose:
-        print(f"載入基礎模型 {run.config.model.profile}（{quantization}，{device}），只載入一次…", flush=True)
-    tokenizer = load_tokenizer(run.config.model.profile)
-    base = load_model(run.config.model.profile, quantization, device, attn_implementation=run.config.model.attn_implementation)
-    model = attach_adapter(base, run.adapter_dir)
-    if verbose:
-        print(f"已掛上 LoRA 轉接器 {run.name}/{run.adapter_dir.name}（{time.time() - started:.0f} 秒）。", flush=True)
-    return model, tokenizer, run
-
-
-def attach_adapter(base, adapter_dir: str | Path):
-    """``PeftModel`` around ``base`` with the adapter from ``adapter_dir`` (inference mode)."""
-    from peft import PeftModel
-
-    from medgemma_lib.checkpoints import verify_adapter
-
-    adapter_dir = Path(adapter_dir)
-    verify_adapter(adapter_dir)  # safetensors only, whole, as saved
-    try:
-        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    except Exception as exc:  # mismatched shapes, wrong base model, damaged file
-        raise ModelError(
-            f"無法把 LoRA 轉接器 {adapter_dir} 掛到基礎模型上：{str(exc).splitlines()[0][:200]}",
-            hint="請確認轉接器是用同一個模型設定檔（config.yaml 的 model.profile）訓練的，且檔案完整。",
-        ) from None
-    model.eval()
-    return model
 
 
 # ----------------------------------------------------------------------------------------------
 # Data
 
 
-def _resolve_input(path: str) -> str:
-    """Config paths are relative to the repository; notebooks run from notebooks/."""
-    p = Path(path).expanduser()
-    if p.exists() or p.is_absolute():
-        return str(p)
-    return str(REPO_ROOT / p) if (REPO_ROOT / p).exists() else str(p)
-
-
 def test_records(run: Run, tokenizer=None, limit: int | None = None) -> list[dict]:
     """The held-out test split of the run (same data config and seed as training)."""
-    import copy
-
-    from medgemma_lib.data import prepare_from_config
 
     data_cfg = copy.deepcopy(run.config.data)
-    data_cfg.input = _resolve_input(data_cfg.input)
+    data_cfg.input = str(resolve_path(data_cfg.input))
     if data_cfg.prepared_dir:
-        data_cfg.prepared_dir = _resolve_input(data_cfg.prepared_dir)
+        data_cfg.prepared_dir = str(resolve_path(data_cfg.prepared_dir))
     splits, _ = prepare_from_config(data_cfg, output_dir=None, tokenizer=None)
     if "test" not in splits or len(splits["test"]) == 0:
         raise DataError("這次執行的資料沒有測試集（test split 是空的）。", hint="請把 data.test_fraction 設為大於 0（例如 0.1）後重新訓練。")
@@ -237,8 +122,6 @@ def chinese_eval_set(num_sample: int = 4) -> list[dict]:
     items = [{"question": q["question"], "reference": q["reference"], "source": "guide"} for q in spec["questions"]]
     sample = REPO_ROOT / CHINESE_SAMPLE
     if num_sample > 0 and sample.is_file():
-        from medgemma_lib.data import chinese_converter, read_table
-
         convert = chinese_converter("s2twp")
         rows = [r for r in read_table(sample).rows if r.get("title", "").strip() and r.get("answer", "").strip()]
         for row in rows[:num_sample]:
@@ -255,13 +138,8 @@ def answer_losses(model, tokenizer, records: list[dict], max_length: int | None 
 
     Returns one row per record: ``id``, ``source``, ``qtype``, ``nll`` (sum), ``tokens``.
     """
-    import torch
-    import torch.nn.functional as F
 
-    from medgemma_lib.data import label_mask_example
-    from medgemma_lib.generation import _model_device
-
-    device = _model_device(model)
+    device = model.device
     rows = []
     iterator = _progress(records, "loss", progress)
     for rec in iterator:
@@ -317,8 +195,6 @@ def text_metrics(predictions: list[str], references: list[str], chinese: bool = 
 
     Also returns the per-answer ROUGE-L and chrF lists (``per_answer``) for breakdowns.
     """
-    import sacrebleu
-    from rouge_score import rouge_scorer
 
     if not predictions:
         return {"rougeL": None, "bleu": None, "chrf": None, "length": None, "reference_length": None, "per_answer": []}
@@ -347,8 +223,6 @@ def _progress(items, desc: str, enabled: bool):
     if not enabled:
         return items
     try:
-        from tqdm.auto import tqdm
-
         return tqdm(items, desc=desc, leave=False)
     except ImportError:
         return items
@@ -401,10 +275,9 @@ def run_evaluation(
     Limits default to the run's ``eval`` config section: ``max_loss_examples`` test records for
     loss (``eval.max_eval_examples``; None = the whole test split), ``num_generate`` test questions
     answered greedily (``eval.num_generate``) with ``max_new_tokens`` each. ``model``/``tokenizer``:
-    an already loaded :func:`load_for_evaluation` pair (a notebook reuses it for the chat box).
+    an already loaded :func:`medgemma_lib.runs.load_for_inference` pair (a notebook reuses it for the chat box).
     Returns the metrics dict that is written to ``eval.json``.
     """
-    from medgemma_lib.generation import generate_answers
 
     started = time.time()
     run = run_dir if isinstance(run_dir, Run) else open_run(run_dir)
@@ -417,9 +290,9 @@ def run_evaluation(
         if value is not None and value < 0:
             raise ConfigError(f"{name} 不能是負數（收到 {value}）。", hint="請給 0 或正整數。")
     if model is None or tokenizer is None:
-        model, tokenizer, run = load_for_evaluation(run, quantization=quantization, device=device, verbose=verbose)
+        model, tokenizer, run = load_for_inference(run, quantization=quantization, device=device, verbose=verbose)
     if not hasattr(model, "disable_adapter"):
-        raise ModelError("評估需要掛著 LoRA 轉接器的模型（PeftModel），才能以同一份基礎模型比較微調前後。", hint="請用 evaluate.load_for_evaluation(執行資料夾) 載入模型。")
+        raise ModelError("評估需要掛著 LoRA 轉接器的模型（PeftModel），才能以同一份基礎模型比較微調前後。", hint="請用 runs.load_for_inference(執行資料夾) 載入模型。")
 
     records = test_records(run, tokenizer)
     loss_set = records[:max_loss_examples] if max_loss_examples else records
@@ -428,12 +301,9 @@ def run_evaluation(
     if verbose:
         print(f"測試集 {len(records)} 筆：{len(loss_set)} 筆計算 loss，{len(gen_set)} 題英文與 {len(zh_set)} 題中文產生答案（每題最多 {max_new_tokens} 個 token）。", flush=True)
 
-    from medgemma_lib.data import answer_of, question_of
-
     questions = [question_of(r) for r in gen_set] + [z["question"] for z in zh_set]
-    from medgemma_lib.generation import _model_device
 
-    if _model_device(model).type == "cpu":  # one batch: NF4 de-quantises every weight at each step, whatever the batch size
+    if model.device.type == "cpu":  # one batch: NF4 de-quantises every weight at each step, whatever the batch size
         batch_size = max(batch_size, len(questions))
     system_prompt = run.config.data.system_prompt
     max_length = run.config.train.max_length
@@ -442,7 +312,7 @@ def run_evaluation(
     timings: dict[str, float] = {}
     for name in ("base", "tuned"):
         t0 = time.time()
-        ctx = model.disable_adapter() if name == "base" else _nullcontext()
+        ctx = model.disable_adapter() if name == "base" else contextlib.nullcontext()
         with ctx:
             loss_rows[name] = answer_losses(model, tokenizer, loss_set, max_length=max_length, progress=verbose)
             t1 = time.time()
@@ -509,18 +379,8 @@ def run_evaluation(
     if write:
         write_reports(result, run.path)
         if verbose:
-            from medgemma_lib.train import display_path
-
             print(f"評估結果已寫入 {display_path(run.path)}/：{EVAL_JSON}、{EVAL_MD}、{EVAL_PNG}（共 {result['seconds']:.0f} 秒）。", flush=True)
     return result
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -559,14 +419,12 @@ def comparison_rows(result: dict, section: str = "models") -> list[dict]:
 
 def comparison_table(result: dict, section: str = "models"):
     """The base vs fine-tuned table as a pandas DataFrame (for notebooks)."""
-    import pandas as pd
 
     return pd.DataFrame(comparison_rows(result, section)).set_index("指標")
 
 
 def breakdown_table(result: dict, by: str = "source"):
     """Per source (``by="source"``) or question type (``by="qtype"``): loss and ROUGE-L, base vs tuned."""
-    import pandas as pd
 
     rows = []
     for key, e in result[f"by_{by}"].items():
@@ -582,7 +440,7 @@ def breakdown_table(result: dict, by: str = "source"):
     return pd.DataFrame(rows)
 
 
-def _md_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return "（無資料）\n"
     head = list(rows[0])
@@ -637,19 +495,19 @@ def render_markdown(result: dict) -> str:
         f"- loss：{result['tokenization']['loss']}",
         f"- 產生時間：{result['created']}，共 {result['seconds']:.0f} 秒\n",
         "## 基礎模型 vs 微調後（英文測試集）\n",
-        _md_table(comparison_rows(result)),
+        markdown_table(comparison_rows(result)),
         "✓ 表示微調後較好（loss、困惑度越低越好；ROUGE-L、BLEU、chrF 越高越好）。"
         "答案長度受 max_new_tokens 限制，參考答案平均長度："
         f"{_fmt(result['models']['base'].get('reference_length'), 0)} 個單字。\n",
         "## 依來源\n",
-        _md_table(breakdown_table(result, "source").to_dict("records")),
+        markdown_table(breakdown_table(result, "source").to_dict("records")),
         "## 依問題類型\n",
-        _md_table(breakdown_table(result, "qtype").to_dict("records")),
+        markdown_table(breakdown_table(result, "qtype").to_dict("records")),
     ]
     if result["chinese"]["answers"]:
         lines += [
             "## 中文問題（原始指南的三題＋隨附中文樣本）\n",
-            _md_table(comparison_rows(result, "chinese")),
+            markdown_table(comparison_rows(result, "chinese")),
             side_by_side_markdown(result, n=len(result["chinese"]["answers"]), chinese=True),
         ]
     lines += ["## 答案並排（英文測試題）\n", side_by_side_markdown(result)]
@@ -658,16 +516,14 @@ def render_markdown(result: dict) -> str:
 
 def plot_comparison(result: dict, path: str | Path | None = None):
     """Bars: test loss (left) and ROUGE-L / BLEU / chrF (right), base vs fine-tuned. Returns the figure."""
-    from medgemma_lib.plots import label, setup_cjk_font
 
-    setup_cjk_font()
-    import matplotlib.pyplot as plt
+    plots.setup_cjk_font()
 
     base, tuned = result["models"]["base"], result["models"]["tuned"]
-    names = (label("基礎模型", "base"), label("微調後", "fine-tuned"))
+    names = (plots.label("基礎模型", "base"), plots.label("微調後", "fine-tuned"))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [1, 2]})
     ax1.bar(names, [base["loss"], tuned["loss"]], color=["#9e9e9e", "#1e88e5"])
-    ax1.set_title(label("測試集 loss（越低越好）", "test loss (lower is better)"))
+    ax1.set_title(plots.label("測試集 loss（越低越好）", "test loss (lower is better)"))
     for i, v in enumerate([base["loss"], tuned["loss"]]):
         ax1.text(i, v, f"{v:.3f}", ha="center", va="bottom")
     metrics = [("rougeL", "ROUGE-L"), ("bleu", "BLEU"), ("chrf", "chrF")]
@@ -677,7 +533,7 @@ def plot_comparison(result: dict, path: str | Path | None = None):
         vals = [m.get(k) or 0.0 for k, _ in metrics]
         ax2.bar([x + offset for x in xs], vals, width, color=color, label=name)
     ax2.set_xticks(list(xs), [n for _, n in metrics])
-    ax2.set_title(label("英文答案與參考答案的重疊（越高越好）", "overlap with reference answers (higher is better)"))
+    ax2.set_title(plots.label("英文答案與參考答案的重疊（越高越好）", "overlap with reference answers (higher is better)"))
     ax2.legend()
     fig.suptitle(f"{result['run']} ({result['profile']})")
     fig.tight_layout()
@@ -691,17 +547,12 @@ def write_reports(result: dict, run_dir: str | Path) -> dict[str, Path]:
     run_dir = Path(run_dir)
     paths = {"json": run_dir / EVAL_JSON, "md": run_dir / EVAL_MD, "png": run_dir / EVAL_PNG}
     try:
-        for kind, text in (("json", json.dumps(result, ensure_ascii=False, indent=2) + "\n"), ("md", render_markdown(result))):
-            tmp = paths[kind].with_name(paths[kind].name + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(paths[kind])
-        import matplotlib.pyplot as plt
-
+        write_json(paths["json"], result, indent=2)
+        write_text(paths["md"], render_markdown(result))
         fig = plot_comparison(result)
-        tmp = paths["png"].with_name("eval.tmp.png")
-        fig.savefig(tmp, dpi=110)
+        with atomic_file(paths["png"]) as tmp:
+            fig.savefig(tmp, dpi=110)
         plt.close(fig)
-        tmp.replace(paths["png"])
     except OSError as exc:
         raise OutputError(f"無法把評估結果寫入 {run_dir}：{exc.strerror or exc}", hint="請確認磁碟空間與資料夾寫入權限。") from None
     return paths
@@ -713,40 +564,3 @@ def load_evaluation(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise OutputError(f"找不到 {path}。", hint=f"請先執行 python -m medgemma_lib evaluate --run {run_dir}。")
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("evaluate", help="評估一次訓練：基礎模型 vs 微調後（測試集 loss、ROUGE-L、BLEU、chrF、中文題）")
-    p.add_argument("--run", required=True, help="執行資料夾，例如 results/demo-20261129-101500")
-    p.add_argument("--max-loss-examples", type=int, default=None, help="計算 loss 的測試資料筆數上限（預設：設定檔 eval.max_eval_examples，未設定則全部）")
-    p.add_argument("--num-generate", type=int, default=None, help="產生答案並計分的英文測試題數（預設：eval.num_generate）")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="每題最多產生幾個 token（預設：eval.max_new_tokens）")
-    p.add_argument("--batch-size", type=int, default=None, help="產生答案的批次大小（預設：eval.batch_size）")
-    p.add_argument("--chinese-samples", type=int, default=4, help="從隨附中文樣本取幾題（另有原始指南的三題）；0 表示只用三題")
-    p.add_argument("--no-chinese", action="store_true", help="略過中文題")
-    p.add_argument("--quantization", choices=["nf4", "int8", "none"], default=None, help="基礎模型的量化方式（預設：與訓練相同）")
-    p.set_defaults(func=_cli_evaluate)
-
-
-def _cli_evaluate(args) -> int:
-    result = run_evaluation(
-        args.run,
-        max_loss_examples=args.max_loss_examples,
-        num_generate=args.num_generate,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        num_chinese_samples=args.chinese_samples,
-        chinese=not args.no_chinese,
-        quantization=args.quantization,
-    )
-    print()
-    print(_md_table(comparison_rows(result)))
-    if result["chinese"]["answers"]:
-        print("中文題：")
-        print(_md_table(comparison_rows(result, "chinese")))
-    print(MEDICAL_DISCLAIMER)
-    return 0

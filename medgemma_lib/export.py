@@ -19,15 +19,26 @@ adapter. :func:`push_to_hub` uploads the folder (private by default) with a toke
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import time
 from pathlib import Path
 
+import peft
+import torch
+import transformers
+from huggingface_hub import HfApi
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
 from medgemma_lib import MEDICAL_DISCLAIMER
 from medgemma_lib.atomic import atomic_folder
+from medgemma_lib.auth import TOKENS_PAGE, classify_hub_error, find_token, mask_token
 from medgemma_lib.errors import AuthError, ConfigError, ModelError, OutputError
+from medgemma_lib.generation import _generate_kwargs, build_prompt
+from medgemma_lib.models import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID, check_dtype_allowed, load_model, load_tokenizer
+from medgemma_lib.runs import attach_adapter, open_run
 
 MERGED_DIR = "merged"
 EXPORT_MANIFEST = "medgemma_export.json"
@@ -43,8 +54,6 @@ def default_output_dir(run_dir: str | Path, dtype: str = "bfloat16") -> Path:
 
 def load_merge_pair(run_dir: str | Path, dtype: str = "bfloat16", device: str = "cpu"):
     """Unquantised base + adapter (a ``PeftModel``), the tokenizer and the run; nothing merged yet."""
-    from medgemma_lib.evaluate import attach_adapter, open_run
-    from medgemma_lib.models import check_dtype_allowed, load_model, load_tokenizer
 
     if dtype not in DTYPES:
         check_dtype_allowed(dtype)  # fp16 gets its own explanation
@@ -97,9 +106,6 @@ def _check_merged(model) -> None:
 
 def _write_generation_config(model, folder: Path) -> None:
     """Stop on both ``<eos>`` and ``<end_of_turn>``, pad with ``<pad>``, greedy by default."""
-    from transformers import GenerationConfig
-
-    from medgemma_lib.models import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
 
     gc = getattr(model, "generation_config", None) or GenerationConfig()
     eos = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id] if gc.eos_token_id is not None else []
@@ -110,11 +116,6 @@ def _write_generation_config(model, folder: Path) -> None:
 
 
 def _manifest(run, dtype: str, started: float) -> dict:
-    import hashlib
-
-    import peft
-    import transformers
-
     digest = hashlib.sha256((run.adapter_dir / "adapter_model.safetensors").read_bytes()).hexdigest()
     return {
         "run": run.name,
@@ -163,11 +164,8 @@ tokenizer = AutoTokenizer.from_pretrained("這個資料夾")
 
 def greedy_token_ids(model, tokenizer, questions: list[str], max_new_tokens: int = 24) -> list[list[int]]:
     """Greedy answer token ids, one question at a time (no padding: exact comparisons)."""
-    import torch
 
-    from medgemma_lib.generation import _generate_kwargs, _model_device, build_prompt
-
-    device = _model_device(model)
+    device = model.device
     kwargs = _generate_kwargs(model, tokenizer, max_new_tokens, False, 1.0, 1.0)
     out = []
     for q in questions:
@@ -184,8 +182,6 @@ def verify_export(export_dir: str | Path, run_dir: str | Path, questions: list[s
     Returns ``{"same": bool, "questions": [...], "exported": [...], "adapter": [...], "base": [...]}``;
     ``base`` (adapter disabled) shows that the adapter really changes the answers.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     export_dir = Path(export_dir)
     manifest = json.loads((export_dir / EXPORT_MANIFEST).read_text(encoding="utf-8")) if (export_dir / EXPORT_MANIFEST).is_file() else {}
@@ -228,13 +224,10 @@ def verify_export(export_dir: str | Path, run_dir: str | Path, questions: list[s
 
 def _next_token_logits(model, tokenizer, questions: list[str]):
     """Last-position logits (float32) of each question's prompt, stacked."""
-    import torch
-
-    from medgemma_lib.generation import _model_device, build_prompt
 
     rows = []
     for q in questions:
-        ids = tokenizer(build_prompt(tokenizer, q), return_tensors="pt", add_special_tokens=False).input_ids.to(_model_device(model))
+        ids = tokenizer(build_prompt(tokenizer, q), return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
         with torch.inference_mode():
             rows.append(model(input_ids=ids, logits_to_keep=1).logits[0, -1].float().cpu())
     return torch.stack(rows)
@@ -261,14 +254,12 @@ def push_to_hub(export_dir: str | Path, repo_id: str, token: str | None = None, 
     repo_id = check_repo_id(repo_id)
     if not (export_dir / "config.json").is_file() or not any(export_dir.glob("*.safetensors")):
         raise ModelError(f"{export_dir} 不是匯出的模型資料夾（缺少 config.json 或 *.safetensors）。", hint="請先執行 python -m medgemma_lib export --run 執行資料夾。")
-    from medgemma_lib.auth import TOKENS_PAGE, find_token, mask_token
 
     token, source = find_token(token)
     if not token:
         raise AuthError("上傳到 Hugging Face Hub 需要具有寫入權限的存取權杖（token），但沒有找到。", hint="請執行 hf auth login，或設定環境變數 HF_TOKEN（權杖需要 write 權限）。")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise AuthError("目前是離線模式（HF_HUB_OFFLINE=1），無法上傳。", hint="請在有網路的環境取消 HF_HUB_OFFLINE 後再上傳。")
-    from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, token=token)
     if verbose:
@@ -277,8 +268,6 @@ def push_to_hub(export_dir: str | Path, repo_id: str, token: str | None = None, 
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(folder_path=str(export_dir), repo_id=repo_id, repo_type="model", commit_message="Upload merged model from medgemma-zh")
     except Exception as exc:  # HTTP errors from the Hub: explain in Chinese
-        from medgemma_lib.auth import classify_hub_error
-
         kind = classify_hub_error(exc)
         if kind in ("invalid_token", "forbidden"):
             raise AuthError(f"Hub 拒絕上傳到 {repo_id}：權杖無效或沒有寫入權限。", hint=f"請到 {TOKENS_PAGE} 建立具有 write 權限的權杖，並確認你對這個使用者或組織有寫入權。") from None
@@ -286,35 +275,3 @@ def push_to_hub(export_dir: str | Path, repo_id: str, token: str | None = None, 
             raise AuthError("無法連線到 Hugging Face Hub。", hint="請檢查網路連線後重試；已上傳的檔案不會重複上傳。") from None
         raise AuthError(f"上傳到 Hub 失敗：{str(exc).splitlines()[0][:200]}", hint="請檢查網路連線後重試；已上傳的檔案不會重複上傳。") from None
     return str(url)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("export", help="把 LoRA 轉接器合併進基礎模型，匯出可直接以 transformers 載入的資料夾（可選上傳 Hub）")
-    p.add_argument("--run", required=True, help="訓練結果資料夾，例如 results/demo-run")
-    p.add_argument("--output", default=None, help="輸出資料夾（預設：<run>/merged）")
-    p.add_argument("--dtype", default="bfloat16", help="權重精度：bfloat16（預設）或 float32")
-    p.add_argument("--overwrite", action="store_true", help="輸出資料夾已存在時覆蓋")
-    p.add_argument("--verify", action="store_true", help="匯出後比對匯出模型與「基礎模型＋轉接器」的貪婪答案")
-    p.add_argument("--push-to-hub", metavar="使用者/名稱", default=None, help="匯出後上傳到 Hugging Face Hub 的儲存庫")
-    p.add_argument("--public", action="store_true", help="上傳為公開儲存庫（預設為私人）")
-    p.set_defaults(func=_cli_export)
-
-
-def _cli_export(args) -> int:
-    if args.push_to_hub is not None:
-        check_repo_id(args.push_to_hub)  # fail before the minutes of merging
-    out = merge_adapter(args.run, args.output, dtype=args.dtype, overwrite=args.overwrite)
-    if args.verify:
-        result = verify_export(out, args.run)
-        if result["merge_error_ratio"] >= 0.5 or (args.dtype == "float32" and not result["same"]):
-            raise ModelError("匯出的模型與「基礎模型＋轉接器」差異過大，合併可能沒有生效。", hint="請回報此問題並附上 transformers 與 peft 版本。")
-        if not result["same"]:
-            print("注意：bf16 只有 8 位元有效數字，W + ΔW 存成 bf16 時，比 W 小很多的更新量會被捨入，貪婪答案可能在某個 token 開始分歧；需要逐位元一致時請用 --dtype float32。")
-    if args.push_to_hub is not None:
-        url = push_to_hub(out, args.push_to_hub, private=not args.public)
-        print(f"已上傳：{url}")
-    return 0

@@ -20,7 +20,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from medgemma_lib.models import END_OF_TURN_ID, EOS_ID, PAD_ID
+import torch
+from transformers import TextIteratorStreamer
+
+from medgemma_lib import MEDICAL_DISCLAIMER
+from medgemma_lib.atomic import write_json
+from medgemma_lib.errors import OutputError
+from medgemma_lib.profiles import END_OF_TURN_ID, EOS_ID, PAD_ID
+from medgemma_lib.safety import present_answer
 
 THOUGHT_START = "<unused94>"
 THOUGHT_END = "<unused95>"
@@ -88,15 +95,6 @@ def _generate_kwargs(model, tokenizer, max_new_tokens: int, do_sample: bool, tem
     return kw
 
 
-def _model_device(model):
-    import torch
-
-    try:
-        return next(p.device for p in model.parameters() if p.device.type != "meta")
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _decode(tokenizer, ids: list[int]) -> str:
     ids = strip_thinking(ids, tokenizer)
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -114,11 +112,10 @@ def generate_answers(
     top_p: float = 0.95,
 ) -> list[str]:
     """Answer each question (greedy by default); returns plain answers in the same order."""
-    import torch
 
     if not questions:
         return []
-    device = _model_device(model)
+    device = model.device
     kwargs = _generate_kwargs(model, tokenizer, max_new_tokens, do_sample, temperature, top_p)
     answers: list[str] = []
     old_side = tokenizer.padding_side
@@ -156,12 +153,11 @@ def stream_answer(
 
     The pieces joined equal :func:`generate_answers`' answer for the same greedy settings.
     """
-    import torch
 
-    device = _model_device(model)
+    device = model.device
     prompt = build_prompt(tokenizer, question, system_prompt)
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
-    streamer = _ThoughtFilteringStreamer(tokenizer)
+    streamer = ThoughtFilteringStreamer(tokenizer)
     kwargs = _generate_kwargs(model, tokenizer, max_new_tokens, do_sample, temperature, top_p)
     error: list[BaseException] = []
 
@@ -190,33 +186,27 @@ def stream_answer(
         raise error[0]
 
 
-def _ThoughtFilteringStreamer(tokenizer):
+class ThoughtFilteringStreamer(TextIteratorStreamer):
     """A ``TextIteratorStreamer`` that drops ``<unused94>…<unused95>`` token spans before decoding."""
-    from transformers import TextIteratorStreamer
 
-    start, end = _thought_ids(tokenizer)
+    def __init__(self, tokenizer, timeout: float = 600):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
+        self.start_id, self.end_id = _thought_ids(tokenizer)
+        self.inside = False
 
-    class _Streamer(TextIteratorStreamer):
-        inside = False
-
-        def put(self, value):
-            if self.skip_prompt and self.next_tokens_are_prompt:
-                return super().put(value)
-            ids = value.reshape(-1).tolist()
-            keep = []
-            for t in ids:
-                if start is not None and t == start:
-                    self.inside = True
-                elif end is not None and t == end and self.inside:
-                    self.inside = False
-                elif not self.inside:
-                    keep.append(t)
-            if keep:
-                import torch
-
-                super().put(torch.tensor(keep))
-
-    return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    def put(self, value):
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            return super().put(value)
+        keep = []
+        for t in value.reshape(-1).tolist():
+            if self.start_id is not None and t == self.start_id:
+                self.inside = True
+            elif self.end_id is not None and t == self.end_id and self.inside:
+                self.inside = False
+            elif not self.inside:
+                keep.append(t)
+        if keep:
+            super().put(torch.tensor(keep))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,15 +215,9 @@ def _ThoughtFilteringStreamer(tokenizer):
 
 def show_answers(questions: list[str], answers: list[str]) -> str:
     """Questions and answers as text, each through the safety helper (disclaimer always shown)."""
-    from medgemma_lib import MEDICAL_DISCLAIMER
-
-    try:
-        from medgemma_lib.safety import present_answer
-    except ImportError:  # safety module not installed yet
-        present_answer = None
     blocks = []
     for q, a in zip(questions, answers):
-        shown = present_answer(q, a) if present_answer else f"{a}\n\n{MEDICAL_DISCLAIMER}"
+        shown = present_answer(q, a)  # the emergency check, the answer, the disclaimer
         blocks.append(f"問：{q}\n答：{shown}")
     return "\n\n" + ("\n\n" + "─" * 40 + "\n\n").join(blocks)
 
@@ -258,9 +242,6 @@ def save_before_answers(
     system_prompt: str | None = None,
 ) -> Path:
     """Generate answers before fine-tuning and write ``results/before_answers_<profile>.json``."""
-    from medgemma_lib import MEDICAL_DISCLAIMER
-    from medgemma_lib.errors import OutputError
-
     questions = list(questions or BEFORE_QUESTIONS)
     started = time.time()
     answers = generate_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt)
@@ -278,9 +259,7 @@ def save_before_answers(
     }
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
-        tmp.replace(path)
+        write_json(path, record, indent=2)
     except OSError as exc:
         raise OutputError(f"無法寫入 {path}：{exc.strerror or exc}", hint="請確認 results/ 資料夾可寫入，或以 out_dir 指定其他位置。") from None
     return path
@@ -288,8 +267,6 @@ def save_before_answers(
 
 def load_before_answers(profile: str, folder: str | Path | None = None) -> dict:
     """Read what :func:`save_before_answers` wrote (for notebook 06)."""
-    from medgemma_lib.errors import OutputError
-
     safe_profile = profile.replace("/", "_").replace(":", "_")
     path = Path(folder or default_results_dir()) / f"before_answers_{safe_profile}.json"
     if not path.is_file():

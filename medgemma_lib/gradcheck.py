@@ -18,14 +18,32 @@ in any of them shows as a difference. Run with ``python -m medgemma_lib.gradchec
 
 from __future__ import annotations
 
-import argparse
-import json
+import contextlib
 import re
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from peft.tuners.lora import LoraLayer
+
+from medgemma_lib import train
+from medgemma_lib import trainer as trainer_parts
+from medgemma_lib.atomic import write_json
+from medgemma_lib.data import prepare_from_config
+from medgemma_lib.demo import load_demo_config
+from medgemma_lib.models import (
+    compute_dtype,
+    cpu_inference_packing_state,
+    default_device,
+    load_model,
+    load_tokenizer,
+    resolve_profile,
+)
 
 # Relative L2 difference allowed per LoRA tensor. fp32 on CPU: both sides compute in fp32 on the same
 # dequantised weights (differences are summation order, measured ~1e-6). bf16 on CUDA: the product
@@ -63,31 +81,26 @@ class GradCheck:
 
 def check_config(overrides: list[str] | None = None):
     """The demo config, changed only where a deterministic comparison needs it (no LoRA dropout)."""
-    from medgemma_lib.demo import load_demo_config
-
-    return load_demo_config(["lora.dropout=0.0", "train.max_length=512", "data.max_train_examples=16", "data.max_eval_examples=4",
-                             *(overrides or [])])
+    return load_demo_config(["lora.dropout=0.0", "train.max_length=512", "data.max_train_examples=16",
+                             "data.max_eval_examples=4", *(overrides or [])])
 
 
 def build_trainer(cfg, workdir: Path, model=None, tokenizer=None, splits=None):
     """A ``LeanSFTTrainer`` exactly as ``run_training`` builds it (same model preparation and trainer)."""
-    from medgemma_lib import train
-    from medgemma_lib.data import prepare_from_config
-    from medgemma_lib.models import default_device, load_model, load_tokenizer, resolve_profile
 
     device = default_device()
-    train.set_cpu_threads(cfg, device)
+    trainer_parts.set_cpu_threads(cfg, device)
     profile, _ = resolve_profile(cfg.model.profile)
     tokenizer = tokenizer or load_tokenizer(cfg.model.profile)
     if splits is None:
         splits, _ = prepare_from_config(cfg.data, output_dir=None, tokenizer=tokenizer)
     if model is None:
         model = load_model(cfg.model.profile, cfg.model.quantization, device, attn_implementation=cfg.model.attn_implementation)
-    model = train.prepare_model_for_training(cfg, model, profile, device, verbose=False)
-    train_ds = train._conversational_only(splits["train"])
-    eval_ds = train._conversational_only(splits["validation"])
+    model = trainer_parts.prepare_model_for_training(cfg, model, profile, device, verbose=False)
+    train_ds = train.conversational_only(splits["train"])
+    eval_ds = train.conversational_only(splits["validation"])
     _randomise_lora_b(model, cfg.train.seed)
-    trainer = train._build_trainer(cfg, workdir, device, model, tokenizer, train_ds, eval_ds, [], 1, 1)
+    trainer = trainer_parts.build_trainer(cfg, workdir, device, model, tokenizer, train_ds, eval_ds, [], 1, 1)
     trainer.reference_records = [_tokenise(tokenizer, r) for r in splits["train"]]
     return trainer
 
@@ -95,7 +108,6 @@ def build_trainer(cfg, workdir: Path, model=None, tokenizer=None, splits=None):
 def _randomise_lora_b(model, seed: int) -> None:
     """LoRA starts with B = 0, where every A gradient is exactly zero and a comparison of it proves nothing:
     give B small random values (the state of any adapter after a few steps)."""
-    import torch
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -141,7 +153,6 @@ def reference_examples(trainer, inputs) -> list[tuple[list[int], list[int]]]:
 
 def product_gradients(trainer, inputs) -> tuple[float, dict]:
     """Loss and LoRA gradients of one step through the product's ``training_step`` (its ``compute_loss`` and backward)."""
-    import torch
 
     model = trainer.model
     model.zero_grad(set_to_none=True)
@@ -165,11 +176,8 @@ def reference_gradients(peft_model, examples, device: str, dtype=None) -> tuple[
 
     ``dtype``: fp32 by default; bf16 measures how far plain bf16 arithmetic alone moves the gradients (the floor
     that a bf16 product can be held to, ``docs/bench/gradcheck_bf16_floor.py``)."""
-    import torch
-    import torch.nn.functional as F
     from bitsandbytes.functional import dequantize_4bit
     from bitsandbytes.nn import Linear4bit
-    from peft.tuners.lora import LoraLayer
 
     base = peft_model.get_base_model()
     config = base.config.__class__.from_dict({k: v for k, v in base.config.to_dict().items() if k != "quantization_config"})
@@ -243,12 +251,11 @@ def compare(product: dict, reference: dict) -> tuple[float, dict, list]:
 def run_check(cfg=None, *, evaluate_first: bool = False, trainer=None, workdir: Path | None = None) -> GradCheck:
     """Compare product and reference gradients on one packed batch; ``evaluate_first`` runs the
     Trainer's evaluation pass before the step (what ``run_training`` does before training)."""
-    import torch
-
-    from medgemma_lib.models import compute_dtype, cpu_inference_packing_state, default_device
 
     cfg = cfg or check_config()
-    with tempfile.TemporaryDirectory() if workdir is None else _keep(workdir) as tmp:
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() if workdir is None else contextlib.nullcontext(str(workdir)) as tmp:
         trainer = trainer or build_trainer(cfg, Path(tmp))
         inputs = first_packed_batch(trainer)
         examples = reference_examples(trainer, inputs)
@@ -267,18 +274,6 @@ def run_check(cfg=None, *, evaluate_first: bool = False, trainer=None, workdir: 
     )
 
 
-class _keep:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        self.path.mkdir(parents=True, exist_ok=True)
-        return str(self.path)
-
-    def __exit__(self, *exc):
-        return False
-
-
 def format_table(results: list[GradCheck]) -> str:
     lines = ["| check | device | dtype | examples | label tokens | loss (product / reference) | largest rel. diff | layer 0 | last layer | tolerance | result |",
              "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
@@ -291,29 +286,28 @@ def format_table(results: list[GradCheck]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medgemma_lib.gradcheck", description="比對訓練步驟的 LoRA 梯度與參考計算（示範模型）")
-    parser.add_argument("--json", help="把結果寫成 JSON 檔")
-    parser.add_argument("overrides", nargs="*", metavar="區段.鍵=值", help="覆寫示範設定，例如 train.gradient_checkpointing=true")
-    args = parser.parse_args(argv)
-    import torch
-    import transformers
-
+def check_and_report(overrides: list[str] | None = None, json_path: str | None = None) -> int:
+    """``python -m medgemma_lib gradcheck``: both checks (first step, after an evaluation pass), a table, JSON."""
     started = time.time()
-    cfg = check_config(args.overrides)
+    cfg = check_config(overrides)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(cfg, Path(tmp))
         results = [run_check(cfg, trainer=trainer), run_check(cfg, trainer=trainer, evaluate_first=True)]
     print(format_table(results))
     for r in results:
-        print(f"{'after eval' if r.after_eval_pass else 'first step'} per layer: " + ", ".join(f"{k}:{v:.1e}" for k, v in r.per_layer.items()))
-    if args.json:
-        info = {"date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - started, 1), "overrides": args.overrides,
-                "torch": torch.__version__, "transformers": transformers.__version__,
-                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "results": [r.to_dict() for r in results]}
-        Path(args.json).write_text(json.dumps(info, indent=1), encoding="utf-8")
+        print(f"{'after eval' if r.after_eval_pass else 'first step'} per layer: "
+              + ", ".join(f"{k}:{v:.1e}" for k, v in r.per_layer.items()))
+    if json_path:
+        write_json(json_path, {
+            "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - started, 1), "overrides": list(overrides or []),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "results": [r.to_dict() for r in results],
+        })
     return 0 if all(r.ok for r in results) else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m medgemma_lib.gradcheck ...`: the gradcheck sub-command
+    from medgemma_lib.cli import main  # entry point only: the CLI sits above every module
+
+    sys.exit(main(["gradcheck", *sys.argv[1:]]))

@@ -81,21 +81,23 @@ The reference file ``../shared/benchmarks`` rows marked Liger are modelled with 
 (27B and 4B, with and without checkpointing), and is 1 GiB above the project's bench for the same
 settings, where ``apply_liger_kernel_to_gemma3_text(model=...)`` patches the built model. With the
 layer kernels assumed, five of their rows would be 16–20 % low. This is an inference from memory,
-recorded in ``tests/data/h200_reference.json``.
+recorded in ``medgemma_lib/resources/h200_reference.json``.
 
-Architectures (from the checkpoints' ``config.json`` on the Hub; the 270M demo from its converted
-config): 27B text: hidden 5376, 62 layers, intermediate 21504, 32 heads, 16 KV heads, head_dim 128,
-vocab 262,208. 4B language model: hidden 2560, 34 layers, intermediate 10240, 8 heads, 4 KV heads,
-head_dim 256, vocab 262,208, plus a SigLIP vision tower (~0.42 B parameters: 27 layers, hidden 1152,
-MLP 4304) and projector kept in bf16. The multimodal 27B has the same language model plus the same
-vision tower.
+Architectures: the model registry, :mod:`medgemma_lib.profiles`.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
 from pathlib import Path
+
+import pandas as pd
+import torch
+
+from medgemma_lib.errors import ConfigError
+from medgemma_lib.profiles import BENCH_ARCHITECTURES, LORA_LINEAR_LAYERS, PROFILES, Architecture
 
 GIB = 1024**3
 
@@ -117,51 +119,15 @@ DROPOUT_BYTES_PER_ELEMENT = 3  # bf16 dropped copy (2) + bool mask (1) kept per 
 SDPA_MASK_BYTES = 2  # per (row length)² and layer: sdpa turns the bool block mask into a bf16 additive one each call
 EAGER_SCORE_BYTES = 10  # per head·(row length)² and layer: scores, fp32 softmax, bf16 probabilities (uncalibrated)
 CUDA_CONTEXT_GIB = 0.5  # not in "allocated": CUDA context and kernels, per process
-LORA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_LINEARS = LORA_LINEAR_LAYERS
 ATTENTION_KINDS = ("sdpa", "varlen", "eager")
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """Shape numbers of a Gemma 3 language model (plus an optional vision tower)."""
-
-    name: str
-    hidden: int
-    layers: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    vision_params: float = 0.0  # kept in bf16, never trained
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    def linear_params(self) -> int:
-        return self.layers * sum(a * b for a, b in self.linear_shapes().values())
-
-    def other_params(self) -> int:
-        norms = self.layers * (4 * self.hidden + 2 * self.head_dim) + self.hidden
-        return self.vocab * self.hidden + norms
-
-
-_VISION_SIGLIP = 0.42e9  # SigLIP so400m tower + projector in MedGemma 4B / 27B multimodal
-ARCHITECTURES: dict[str, Architecture] = {
-    "demo": Architecture("demo", 640, 18, 2048, 4, 1, 256, 262144),
-    "medgemma-4b-it": Architecture("medgemma-4b-it", 2560, 34, 10240, 8, 4, 256, 262208, _VISION_SIGLIP),
-    "medgemma-27b-text-it": Architecture("medgemma-27b-text-it", 5376, 62, 21504, 32, 16, 128, 262208),
-    "medgemma-27b-it": Architecture("medgemma-27b-it", 5376, 62, 21504, 32, 16, 128, 262208, _VISION_SIGLIP),
-}
-# Benchmark names: "27b" = 27B text; "4b" = the 4B language model alone (no vision tower).
-ARCHITECTURES["27b"] = replace(ARCHITECTURES["medgemma-27b-text-it"], name="27b")
-ARCHITECTURES["4b"] = replace(ARCHITECTURES["medgemma-4b-it"], name="4b", vision_params=0.0)
+# Every profile of the registry, plus the benchmark's names ("27b", "4b": the 4B language model alone, "tiny").
+ARCHITECTURES: dict[str, Architecture] = {**{n: p.architecture for n, p in PROFILES.items()}, **BENCH_ARCHITECTURES}
 
 
 def architecture(profile: str) -> Architecture:
-    from medgemma_lib.errors import ConfigError
-
     if profile in ARCHITECTURES:
         return ARCHITECTURES[profile]
     raise ConfigError(f"記憶體估算不認識設定檔 {profile!r}。", hint=f"可用：{'、'.join(k for k in ARCHITECTURES if '-' in k or k == 'demo')}")
@@ -244,8 +210,6 @@ def _target_names(targets) -> tuple[str, ...]:
     names = LORA_LINEARS if targets == "all-linear" else tuple(targets)
     unknown = [n for n in names if n not in LORA_LINEARS]
     if unknown:
-        from medgemma_lib.errors import ConfigError
-
         raise ConfigError(f"LoRA 目標 {unknown} 不是 Gemma 3 的線性層。", hint=f"可用：all-linear 或 {', '.join(LORA_LINEARS)}")
     return names
 
@@ -257,8 +221,6 @@ def attention_kind(name: str) -> str:
         return "varlen"
     if n in ("sdpa", "eager"):
         return n
-    from medgemma_lib.errors import ConfigError
-
     raise ConfigError(f"記憶體估算不認識注意力實作 {name!r}。", hint="可用：sdpa、varlen（flash_attention_2）、eager")
 
 
@@ -442,8 +404,6 @@ def advise(profile: str, gpu_gib: float, **kwargs) -> dict:
 
 def advice_table(profile: str | list[str] = ("medgemma-4b-it", "medgemma-27b-text-it"), gpu_sizes=(8, 12, 16, 24, 40, 80, 141)):
     """A pandas table: rows = GPU sizes (GB), one advice column per profile (for notebook 04)."""
-    import pandas as pd
-
     profiles = [profile] if isinstance(profile, str) else list(profile)
     rows = []
     for size in gpu_sizes:
@@ -460,8 +420,6 @@ def usable_gib(nominal_gb: float) -> float:
 
 
 def breakdown_table(setups: list[TrainingSetup]):
-    import pandas as pd
-
     rows = []
     for s in setups:
         e = estimate_training_memory(s)
@@ -484,7 +442,7 @@ def format_estimate(e: MemoryEstimate, gpu_gib: float | None = None) -> str:
         f"  其他                {e.overhead_gib:7.2f} GiB",
         f"  峰值（allocated）   {e.peak_allocated_gib:7.2f} GiB",
         f"  需要的顯示卡        {e.needs_card_gib():7.1f} GiB 以上（含記憶體碎片與 CUDA context）",
-        "（依 H200 實測驗證：peak allocated 誤差在 ±15% 內，見 tests/data/h200_reference.json 與 h200_bench_2026-11-29.json）",
+        "（依 H200 實測驗證：peak allocated 誤差在 ±15% 內，見 medgemma_lib/resources/h200_reference.json 與 h200_bench_2026-11-29.json）",
     ]
     if gpu_gib is not None:
         lines.append(("✓ " if e.fits(gpu_gib) else "✗ ") + f"{gpu_gib:g} GiB 的 GPU：{'放得下' if e.fits(gpu_gib) else '放不下'}")
@@ -502,8 +460,6 @@ def footprint(model) -> dict:
     4-bit weights are counted with their logical size (``quant_state.shape``) and with their real
     storage: packed bytes plus the quantisation statistics (absmax, code tables).
     """
-    import torch
-
     rows: dict[str, dict] = {}
     total_params = total_bytes = 0
     seen: set[int] = set()  # code tables may be shared between weights: count storage once
@@ -546,8 +502,6 @@ def _quant_state_bytes(qs, seen: set[int]) -> int:
 
 def footprint_table(fp: dict):
     """Footprint as a small pandas table (MiB), with the bf16 / fp32 sizes for comparison."""
-    import pandas as pd
-
     mib = 1024**2
     rows = [{"資料型別": r["dtype"], "參數量（百萬）": round(r["params"] / 1e6, 1), "大小（MiB）": round(r["bytes"] / mib, 1)} for r in fp["rows"]]
     rows.append({"資料型別": "合計", "參數量（百萬）": round(fp["params"] / 1e6, 1), "大小（MiB）": round(fp["bytes"] / mib, 1)})
@@ -562,14 +516,17 @@ REFERENCE_FILES = ("h200_reference.json", "h200_bench_2026-11-29.json")
 
 
 def reference_rows(path: str | Path | None = None) -> list[dict]:
-    """Measured rows of one file (tests/data/h200_reference.json by default), each with its source.
+    """Measured rows of one file (medgemma_lib/resources/h200_reference.json by default), each with its source.
 
     A group's ``row_defaults`` fill fields its rows leave out; ``vision_tower_placeholder_gib`` marks
     4B rows that carry the vision tower's memory; an allocator set to expandable segments (named in the
     file's units or the group's ``alloc_conf``) sets ``expandable_segments``.
     """
-    p = Path(path) if path else Path(__file__).resolve().parents[1] / "tests" / "data" / "h200_reference.json"
-    data = json.loads(p.read_text(encoding="utf-8"))
+    if path:
+        text = Path(path).read_text(encoding="utf-8")
+    else:
+        text = resources.files("medgemma_lib").joinpath(f"resources/{REFERENCE_FILES[0]}").read_text(encoding="utf-8")
+    data = json.loads(text)
     rows = []
     for group in data["sources"]:
         defaults = dict(group.get("row_defaults", {}))
@@ -593,56 +550,3 @@ def setup_from_row(row: dict) -> TrainingSetup:
         micro_batch=row["batch"], seq_len=row["seq"], gradient_checkpointing=row["grad_ckpt"], liger=row["liger"],
         packing=row.get("packing", False), attn_implementation=row.get("attn", "sdpa"), **extra,
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("memory", help="估算 QLoRA 訓練需要多少 GPU 記憶體，並依顯示卡大小給建議")
-    p.add_argument("--profile", default="medgemma-27b-text-it", help="模型設定檔：medgemma-4b-it、medgemma-27b-text-it、medgemma-27b-it、demo")
-    p.add_argument("--gpu-gib", type=float, default=None, help="GPU 記憶體大小（GiB），例如 24")
-    p.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "none"])
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-targets", default="all-linear", help="all-linear 或以逗號分隔的層名，例如 q_proj,v_proj")
-    p.add_argument("--batch", type=int, default=4, help="每步的樣本數（micro-batch）")
-    p.add_argument("--seq", type=int, default=512, help="序列長度（packing 時為每列長度）")
-    p.add_argument("--no-grad-ckpt", action="store_true", help="不使用梯度檢查點")
-    p.add_argument("--liger", action="store_true", help="使用 Liger 核心")
-    p.add_argument("--packing", action="store_true", help="把樣本接成長列（packing）")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout（0 可省下每層一份輸入副本與遮罩）")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "varlen", "flash_attention_2", "eager"], help="注意力實作")
-    p.add_argument("--optim", default="adamw", help="最佳化器：adamw、adamw_fused、adamw_8bit（也接受 adamw_torch_fused 等名稱）")
-    p.add_argument("--expandable-segments", action="store_true", help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True（保留記憶體接近實際用量）")
-    p.add_argument("--table", action="store_true", help="列出 8～141 GB 顯示卡的建議表")
-    p.add_argument("--json", action="store_true", help="以 JSON 輸出")
-    p.set_defaults(func=_cli_memory)
-
-
-def _cli_memory(args) -> int:
-    from medgemma_lib.errors import ConfigError
-
-    if args.batch < 1 or args.seq < 8 or args.lora_r < 1:
-        raise ConfigError("--batch、--seq、--lora-r 必須是正整數（--seq 至少 8）。")
-    if not 0 <= args.lora_dropout < 1:
-        raise ConfigError(f"--lora-dropout 必須介於 0 與 1 之間（目前 {args.lora_dropout}）。")
-    targets = "all-linear" if args.lora_targets == "all-linear" else tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    architecture(args.profile)
-    if args.table:
-        import pandas as pd
-
-        with pd.option_context("display.max_colwidth", None, "display.width", 200):
-            print(advice_table(args.profile).to_string())
-        return 0
-    est = estimate_training_memory(
-        TrainingSetup(profile=args.profile, quantization=args.quantization, lora_r=args.lora_r, lora_targets=targets,
-                      micro_batch=args.batch, seq_len=args.seq, gradient_checkpointing=not args.no_grad_ckpt,
-                      liger=args.liger, packing=args.packing, lora_dropout=args.lora_dropout, attn_implementation=args.attn,
-                      optim=args.optim, expandable_segments=args.expandable_segments)
-    )
-    if args.json:
-        print(json.dumps(est.to_dict(), ensure_ascii=False, indent=2))
-    else:
-        print(format_estimate(est, args.gpu_gib))
-    return 0

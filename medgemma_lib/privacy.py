@@ -19,8 +19,8 @@ raw personal data (examples are shown already masked).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from medgemma_lib.errors import DataError
 
@@ -263,7 +263,7 @@ _EN_NOT_NAMES = {
 # Found on real Chinese medical dialogues: 謝謝醫生, 感謝醫生, 健康檢查醫生, 高中同學.
 _ZH_WORDS_ENDING_IN_SURNAME = {
     "兒童", "孩童", "學童", "蛋白", "明白", "空白", "結石", "基金", "現金", "年金", "相關", "有關", "機關",
-    "感謝", "感谢", "多謝", "多谢", "謝謝", "谢谢", "健康", "小康", "安康", "儿童", "孩童", "学童", "结石", "现金", "相关", "有关", "机关",
+    "感謝", "感谢", "多謝", "多谢", "謝謝", "谢谢", "健康", "小康", "安康", "儿童", "学童", "结石", "现金", "相关", "有关", "机关",
 }
 # Words that start with a surname character but are not names: 謝謝醫生 is "thank you, doctor".
 _ZH_WORDS_STARTING_WITH_SURNAME = {

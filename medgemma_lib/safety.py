@@ -23,11 +23,14 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
+import yaml
+
+from medgemma_lib import MEDICAL_DISCLAIMER
 from medgemma_lib.errors import ConfigError
 
 RULES_ENV = "MEDGEMMA_EMERGENCY_RULES"
@@ -108,8 +111,6 @@ def _err(source: str, node, what: str, hint: str) -> ConfigError:
 
 
 def _mapping(node, source: str, what: str):
-    import yaml
-
     if not isinstance(node, yaml.MappingNode):
         raise _err(source, node, f"{what}應該是「鍵: 值」的對照表。", "請參考內建的 emergency_rules.yaml 的寫法。")
     out = {}
@@ -121,16 +122,12 @@ def _mapping(node, source: str, what: str):
 
 
 def _scalar(node, source: str, what: str) -> str:
-    import yaml
-
     if not isinstance(node, yaml.ScalarNode) or not str(node.value).strip():
         raise _err(source, node, f"{what}應該是一段非空白的文字。", "請用引號包住文字，例如 \"嘴歪|臉歪\"。")
     return str(node.value)
 
 
 def _sequence(node, source: str, what: str) -> list:
-    import yaml
-
     if not isinstance(node, yaml.SequenceNode) or not node.value:
         raise _err(source, node, f"{what}應該是非空的清單（每項以「- 」開頭）。", "請參考內建的 emergency_rules.yaml 的寫法。")
     return list(node.value)
@@ -154,7 +151,6 @@ def _unknown_keys(found: dict, allowed: set, source: str, what: str) -> None:
 
 def _parse_file(path: Path, source: str) -> dict:
     """Parse one rule file into plain data with compiled regexes; raise ConfigError with the line."""
-    import yaml
 
     try:
         text = path.read_text(encoding="utf-8")
@@ -214,8 +210,6 @@ def _parse_file(path: Path, source: str) -> dict:
                     raise _err(source, rule["info_questions"][1], f"info_questions 只能是 skip 或 alert，不能是「{mode}」。", "skip：知識問題不提醒；alert：一律提醒。")
             triggers = []
             for item in _sequence(rule["match"][1], source, f"規則「{rule_id}」的 match"):
-                import yaml
-
                 if isinstance(item, yaml.MappingNode):
                     entry = _mapping(item, source, "match 的項目")
                     _unknown_keys(entry, {"all_of"}, source, "match 的項目")
@@ -414,8 +408,6 @@ def present_answer(question: str, answer: str) -> str:
     Safe to call on an answer that already carries the alert or the disclaimer: neither is
     repeated.
     """
-    from medgemma_lib import MEDICAL_DISCLAIMER
-
     body = (answer or "").strip()
     parts: list[str] = []
     alert = check_emergency(question)

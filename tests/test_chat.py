@@ -9,12 +9,10 @@ import subprocess
 import sys
 
 import pytest
-
-from medgemma_lib import MEDICAL_DISCLAIMER
-from medgemma_lib import chat
-from medgemma_lib.errors import EXIT_USER_ERROR
-
 from _lora_runs import ROOT, make_run
+
+from medgemma_lib import MEDICAL_DISCLAIMER, chat
+from medgemma_lib.errors import EXIT_USER_ERROR
 
 EMERGENCY = "我爸爸突然胸口劇痛、一直冒冷汗，怎麼辦？"
 

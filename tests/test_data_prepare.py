@@ -155,8 +155,8 @@ def test_histogram_labels_never_render_as_boxes(repo_root):
     import re
 
     from medgemma_lib import plots
-    from medgemma_lib.data.lengths import cut_table, length_summary, recommend_max_length
     from medgemma_lib.data import plot_token_lengths
+    from medgemma_lib.data.lengths import cut_table, length_summary, recommend_max_length
 
     totals = [30, 50, 80, 120, 400, 900, 2000]
     lengths = {"prompt": [10] * 7, "completion": [t - 10 for t in totals], "total": totals}

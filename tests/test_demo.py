@@ -70,7 +70,7 @@ def test_demo_summary_shows_an_example_after_the_disclaimer(capsys):
 
 
 def test_terminal_log_lines_are_chinese():
-    from medgemma_lib.train import format_log_line
+    from medgemma_lib.trainer import format_log_line
 
     assert format_log_line({"loss": 3.1234, "learning_rate": 5e-4, "grad_norm": 2.0}, 4, 20) == "第 4/20 步：訓練 loss 3.1234，學習率 5.00e-04"
     assert format_log_line({"eval_loss": 2.5, "eval_runtime": 6.6}, 10, 20) == "第 10/20 步：驗證集 loss 2.5000"

@@ -105,7 +105,7 @@ def test_conversion_with_perturbed_weights_is_refused_and_leaves_nothing(demo_mo
     assert "transformers 5.23.0" in message and "已知正確" in message  # versions found and pinned
     assert "--prepare-demo" in message
     assert not (cache / models.DEMO_FOLDER_NAME).exists()
-    assert list(cache.glob(f"{models.DEMO_FOLDER_NAME}.tmp-*")) == []
+    assert list(cache.glob(models.DEMO_TMP_GLOB)) == []
 
 
 def test_conversion_with_a_tokenizer_that_splits_differently_is_refused(demo_model_dir, tmp_path, monkeypatch):
@@ -124,7 +124,7 @@ def test_conversion_with_a_tokenizer_that_splits_differently_is_refused(demo_mod
         models.ensure_demo_model()
     assert "token 不符" in str(info.value) and "english" in str(info.value)
     assert not (cache / models.DEMO_FOLDER_NAME).exists()
-    assert list(cache.glob(f"{models.DEMO_FOLDER_NAME}.tmp-*")) == []
+    assert list(cache.glob(models.DEMO_TMP_GLOB)) == []
 
 
 def test_cached_tokenizer_damaged_later_is_refused_at_load(demo_model_dir, tmp_path, monkeypatch):

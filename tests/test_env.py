@@ -6,8 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from medgemma_lib.env import EnvironmentReport, GPUInfo, collect_environment, format_report, recommend
 
 GOOD_PACKAGES = {"transformers": "5.23.0", "bitsandbytes": "0.50.2", "torch": "2.13.0"}

@@ -7,12 +7,12 @@ import json
 import math
 
 import pytest
+from _lora_runs import make_run
 
 from medgemma_lib import MEDICAL_DISCLAIMER, cli
-from medgemma_lib.errors import EXIT_USER_ERROR, ModelError
 from medgemma_lib import evaluate as ev
-
-from _lora_runs import make_run
+from medgemma_lib import runs
+from medgemma_lib.errors import EXIT_USER_ERROR, ModelError
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def tiny_pair(tiny_run):
-    return ev.load_for_evaluation(tiny_run, verbose=False)
+    return runs.load_for_inference(tiny_run, verbose=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,7 +38,7 @@ def _cli(argv, capsys):
 
 def test_missing_run_folder(tmp_path, capsys):
     with pytest.raises(ModelError, match="找不到執行資料夾"):
-        ev.open_run(tmp_path / "no-such-run")
+        runs.open_run(tmp_path / "no-such-run")
     code, err = _cli(["evaluate", "--run", str(tmp_path / "no-such-run")], capsys)
     assert code == EXIT_USER_ERROR
     assert "找不到執行資料夾" in err and "Traceback" not in err
@@ -54,7 +54,7 @@ def test_folder_without_adapter(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("model:\n  profile: demo\n", encoding="utf-8")
     with pytest.raises(ModelError, match="沒有 LoRA 轉接器"):
-        ev.open_run(tmp_path / "run")
+        runs.open_run(tmp_path / "run")
     code, err = _cli(["evaluate", "--run", str(tmp_path / "run")], capsys)
     assert code == EXIT_USER_ERROR and "沒有 LoRA 轉接器" in err
 
@@ -74,7 +74,7 @@ def test_corrupted_adapter(tmp_path, tiny_run, capsys, damage):
     else:
         (run / "adapter" / "adapter_config.json").write_text("{ broken", encoding="utf-8")
     with pytest.raises(ModelError, match="損毀"):
-        ev.open_run(run)
+        runs.open_run(run)
     code, err = _cli(["evaluate", "--run", str(run)], capsys)
     assert code == EXIT_USER_ERROR and "損毀" in err and "解決方法" in err
 
@@ -176,7 +176,7 @@ def test_run_evaluation_writes_reports_and_uses_one_base(tiny_run, monkeypatch):
     # ... and "base" really is the base model: same loss as the plain model loaded on its own.
     from medgemma_lib.models import load_tokenizer
 
-    run = ev.open_run(tiny_run)
+    run = runs.open_run(tiny_run)
     plain = real_load(run.config.model.profile, "none")
     tok = load_tokenizer(run.config.model.profile)
     plain_rows = ev.answer_losses(plain, tok, ev.test_records(run, limit=4), max_length=run.config.train.max_length)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from _lora_runs import make_run
 
 from medgemma_lib import cli
 from medgemma_lib import export as ex
 from medgemma_lib.errors import EXIT_USER_ERROR, AuthError, ConfigError, ModelError, OutputError
-
-from _lora_runs import make_run
 
 QUESTIONS = ["What are the symptoms of diabetes?", "糖尿病的症狀是什麼?"]
 

@@ -19,7 +19,7 @@ def test_conversion_killed_midway_recovers(tmp_path):
     cmd = [sys.executable, "-m", "medgemma_lib", "models", "--prepare-demo"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    tmp_glob = f"{models.DEMO_FOLDER_NAME}.tmp-*"
+    tmp_glob = models.DEMO_TMP_GLOB
     # Wait until the conversion has started writing its temporary folder, then a bit more.
     while time.time() < deadline and not list(tmp_path.glob(tmp_glob)):
         time.sleep(0.5)

@@ -66,7 +66,7 @@ def test_stream_drops_thought_spans(demo_tokenizer):
     import torch
 
     tok = demo_tokenizer
-    streamer = generation._ThoughtFilteringStreamer(tok)
+    streamer = generation.ThoughtFilteringStreamer(tok)
     streamer.put(torch.tensor([[2, 105]]))  # the prompt, skipped
     for t in [100] + tok("thought\nplanning", add_special_tokens=False).input_ids + [101] + tok("Drink water.", add_special_tokens=False).input_ids:
         streamer.put(torch.tensor([t]))

@@ -109,13 +109,12 @@ def test_run_training_keeps_every_layer_trainable_at_every_step(tiny_model_dir, 
     """The mechanism, on any CPU: a model handed to run_training with repacking switched on (as bnb does on
     AVX512-BF16) trains with the flag off and no packed layer, before training, at every step and after
     every evaluation pass."""
+    from train_helpers import small_splits, tiny_overrides
     from transformers import TrainerCallback
 
     from medgemma_lib.config import load_config
     from medgemma_lib.models import load_model
     from medgemma_lib.train import run_training
-
-    from train_helpers import small_splits, tiny_overrides
 
     seen = []
 
@@ -138,7 +137,6 @@ def test_run_training_keeps_every_layer_trainable_at_every_step(tiny_model_dir, 
 
 def test_a_packed_layer_is_restored_to_the_trainable_layout(demo_model_dir):
     """A model that already went through an inference pass on an AVX512-BF16 CPU (packed) is unpacked."""
-    import torch
     from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4bit
 
     from medgemma_lib.models import _linear4bit_layers, load_model, use_trainable_4bit_layout

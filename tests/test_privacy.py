@@ -289,7 +289,7 @@ def synthetic_set(seed: int = 20261129, per_type: int = 60):
         f"金額 NT$ {rng.randint(1, 99)},{_digits(rng, 3)},{_digits(rng, 3)}",
         f"The study enrolled {rng.randint(100, 9999)} patients between 2010 and 2015.",
         f"Call 1-800-{_digits(rng, 3)}-{_digits(rng, 4)} for NIH information.",
-        f"寄到 service@hospital.org.tw 或 info@example.gov.tw 詢問",
+        "寄到 service@hospital.org.tw 或 info@example.gov.tw 詢問",
         f"病歷上寫血糖 {rng.randint(100, 300)}，要注意嗎？",
         f"健保卡要帶，掛號費 {rng.randint(100, 500)} 元",
         f"{_digits(rng, 12)} 是檢驗單條碼",

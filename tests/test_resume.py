@@ -168,7 +168,7 @@ def test_adapter_problems_are_named(tmp_path):
 def test_graceful_stop_first_ctrl_c_requests_second_interrupts():
     import os
 
-    from medgemma_lib.train import GracefulStop
+    from medgemma_lib.trainer import GracefulStop
 
     before = signal.getsignal(signal.SIGINT)
     with GracefulStop(verbose=False) as stop:

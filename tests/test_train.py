@@ -18,7 +18,7 @@ def tiny_splits(demo_tokenizer):
 
 def test_lora_config_stays_in_language_model():
     from medgemma_lib.models import PROFILES
-    from medgemma_lib.train import lora_config
+    from medgemma_lib.trainer import lora_config
 
     cfg = load_config(None)
     text = lora_config(cfg, PROFILES["demo"])
@@ -34,7 +34,7 @@ def test_lora_config_stays_in_language_model():
 
 
 def test_sft_config_maps_our_settings(tmp_path):
-    from medgemma_lib.train import sft_config
+    from medgemma_lib.trainer import sft_config
 
     cfg = load_config("configs/demo.yaml")
     args = sft_config(cfg, tmp_path, "cpu")
@@ -54,14 +54,15 @@ def test_label_only_loss_equals_trl_loss(tiny_model_dir, tiny_splits, demo_token
     from peft import get_peft_model
 
     from medgemma_lib.models import PROFILES, load_model
-    from medgemma_lib.train import _build_trainer, _conversational_only, lora_config
+    from medgemma_lib.train import conversational_only
+    from medgemma_lib.trainer import build_trainer as _build_trainer, lora_config
 
     cfg = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, "eq"))
     model = get_peft_model(load_model(str(tiny_model_dir), "none", "cpu"), lora_config(cfg, PROFILES["demo"]))
     for p in model.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.02)  # non-zero B so the adapter matters
-    train = _conversational_only(tiny_splits["train"])
+    train = conversational_only(tiny_splits["train"])
     trainer = _build_trainer(cfg, tmp_path, "cpu", model, demo_tokenizer, train, None, [], 2, 1)
     batch = next(iter(trainer.get_train_dataloader()))
     assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()

@@ -7,7 +7,12 @@ tokenizer.json.xz, tokenizer_config.json, chat_template.jinja):
   python docs/bench/train_presets.py OUT_DIR 27b:configs/medgemma-27b-24gb.yaml:6
   python docs/bench/train_presets.py OUT_DIR 4b:configs/medgemma-4b-8gb.yaml:8   # one process per run
 """
-import gc, json, lzma, shutil, sys, time
+import gc
+import json
+import lzma
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch

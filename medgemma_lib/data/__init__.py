@@ -10,25 +10,30 @@ Modules: ``readers`` (CSV/JSONL/XML), ``encodings`` (strict decoding, detection)
 ``split`` (focus-area/question groups, stratified by source), ``formatting`` (records, OpenCC),
 ``lengths`` (token lengths, histogram, recommended max length), ``masking`` (trained vs masked
 tokens), ``storage`` (atomic save/load), ``report`` (Chinese summary), ``samples`` (shipped samples),
-``cli`` (``python -m medgemma_lib data ...``).
+the command line is ``medgemma_lib.cli`` (``python -m medgemma_lib data ...``).
 """
 
 from medgemma_lib.data.clean import DROP_REASONS, clean_rows, parse_column_mapping, truncate_at_sentence
-from medgemma_lib.data.cli import register_cli
 from medgemma_lib.data.formatting import answer_of, chinese_converter, question_of, to_record
-from medgemma_lib.data.lengths import length_report, length_table, plot_token_lengths, recommend_max_length, token_lengths
+from medgemma_lib.data.lengths import (
+    length_report,
+    length_table,
+    plot_token_lengths,
+    recommend_max_length,
+    token_lengths,
+)
 from medgemma_lib.data.masking import decoded_labels, format_masking, label_mask_example, masking_table
-from medgemma_lib.data.pipeline import display_path, prepare_from_config, prepare_records, to_dataset_dict
+from medgemma_lib.data.pipeline import prepare_from_config, prepare_records, to_dataset_dict
 from medgemma_lib.data.readers import RawTable, read_table
 from medgemma_lib.data.report import counts_table, format_report, splits_table
 from medgemma_lib.data.split import crossing_keys, leakage_groups, split_by_focus_area
-from medgemma_lib.data.storage import REPORT_NAME, load_prepared, load_report, save_prepared
+from medgemma_lib.data.storage import REPORT_NAME, check_output_dir, load_prepared, load_report, save_prepared
 
 __all__ = [
     "DROP_REASONS", "REPORT_NAME", "RawTable", "answer_of", "chinese_converter", "clean_rows", "counts_table",
-    "crossing_keys", "decoded_labels", "display_path", "format_masking", "format_report", "label_mask_example",
+    "check_output_dir", "crossing_keys", "decoded_labels", "format_masking", "format_report", "label_mask_example",
     "leakage_groups", "length_report", "length_table", "load_prepared", "load_report", "masking_table",
     "parse_column_mapping", "plot_token_lengths", "prepare_from_config", "prepare_records", "question_of",
-    "read_table", "recommend_max_length", "register_cli", "save_prepared", "split_by_focus_area", "splits_table",
+    "read_table", "recommend_max_length", "save_prepared", "split_by_focus_area", "splits_table",
     "to_dataset_dict", "to_record", "token_lengths", "truncate_at_sentence",
 ]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import codecs
 from pathlib import Path
 
+from charset_normalizer import from_bytes
+
 from medgemma_lib.errors import DataError
 
 # Encodings we detect on our own (mapped to the superset codec); a detector result outside these needs --encoding.
@@ -41,7 +43,7 @@ def decode_bytes(data: bytes, where: str, encoding: str | None = None) -> tuple[
         try:
             codecs.lookup(encoding)
         except LookupError:
-            raise DataError(f"不認識的編碼名稱 {encoding!r}。", hint=f"常用的有：utf-8、utf-8-sig、cp950（Big5）、gb18030、utf-16。") from None
+            raise DataError(f"不認識的編碼名稱 {encoding!r}。", hint="常用的有：utf-8、utf-8-sig、cp950（Big5）、gb18030、utf-16。") from None
         try:
             return data.decode(encoding), encoding, False
         except UnicodeDecodeError as exc:
@@ -139,7 +141,6 @@ def _binary_error(where: str) -> DataError:
 
 def _detect_legacy(data: bytes, where: str) -> tuple[str, str, bool]:
     """Big5 / GB18030 / UTF-16 without BOM, decided by charset-normalizer, refused when unclear."""
-    from charset_normalizer import from_bytes
 
     matches = list(from_bytes(data[:200_000] if len(data) > 200_000 else data))
     candidates: dict[str, float] = {}

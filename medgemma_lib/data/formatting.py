@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 
+import opencc
+
 from medgemma_lib.errors import DataError
 
 CONVERSIONS = ("s2t", "s2tw", "s2twp", "t2s", "tw2s")
@@ -25,8 +27,6 @@ _RESERVED = {"prompt", "completion", "messages", "text", "input_ids", "labels", 
 
 @lru_cache(maxsize=8)
 def _opencc(config: str):
-    import opencc
-
     return opencc.OpenCC(config)
 
 
@@ -41,7 +41,7 @@ def chinese_converter(config: str | None):
 
 def record_id(question: str, answer: str) -> str:
     """A stable id: the same pair always gets the same id, whatever the row order."""
-    return hashlib.sha1(f"{question}\x1f{answer}".encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha1(f"{question}\x1f{answer}".encode()).hexdigest()[:16]
 
 
 def to_record(row: dict[str, str], system_prompt: str | None = None) -> dict:

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import math
 
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from medgemma_lib import plots
+
 CANDIDATE_LENGTHS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 4096)
 
 
@@ -80,7 +85,6 @@ def length_report(tokenizer, records, max_cut_pct: float = 5.0) -> dict:
 
 def length_table(report: dict):
     """The summary as a pandas table (rows: prompt / completion / total) with Chinese headers."""
-    import pandas as pd
 
     names = {"prompt": "提示（prompt）", "completion": "答案（completion）", "total": "合計"}
     frame = pd.DataFrame(report["summary"]).T.loc[["prompt", "completion", "total"]]
@@ -90,10 +94,7 @@ def length_table(report: dict):
 
 def plot_token_lengths(report: dict, ax=None):
     """Histogram of total tokens per example, with the recommended max length marked."""
-    from medgemma_lib import plots
-
     plots.setup_cjk_font()
-    import matplotlib.pyplot as plt
 
     totals = report["lengths"]["total"]
     rec = report["recommended"]

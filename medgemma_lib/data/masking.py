@@ -10,6 +10,9 @@ against the labels a real ``SFTTrainer`` builds.
 
 from __future__ import annotations
 
+import pandas as pd
+from trl.data_utils import _tokenize, common_prefix_length
+
 IGNORE_INDEX = -100
 
 
@@ -19,7 +22,6 @@ def label_mask_example(tokenizer, record: dict, max_length: int | None = None) -
     Keys: ``input_ids``, ``labels`` (-100 where masked), ``trained`` (bools), ``tokens`` (token
     strings), ``prompt_tokens`` (masked prefix length), ``truncated`` (cut by ``max_length``).
     """
-    from trl.data_utils import _tokenize, common_prefix_length
 
     kwargs = {"chat_template": None, "tools": None}  # SFTTrainer passes these (chat_template None unless assistant_only_loss)
     prompt_ids = list(_tokenize(tokenizer, record["prompt"], add_generation_prompt=True, **kwargs)["input_ids"])
@@ -70,7 +72,6 @@ def format_masking(tokenizer, record: dict, max_length: int | None = None, width
 
 def masking_table(tokenizer, record: dict, max_length: int | None = None):
     """A pandas table, one row per token: position, id, token, trained."""
-    import pandas as pd
 
     ex = label_mask_example(tokenizer, record, max_length)
     return pd.DataFrame({

@@ -8,38 +8,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections import Counter
 from pathlib import Path
+
+import pandas as pd
+from datasets import Dataset, DatasetDict
 
 from medgemma_lib.data import clean as _clean
 from medgemma_lib.data import formatting, readers, split, storage
+from medgemma_lib.data.lengths import length_report
 from medgemma_lib.errors import DataError
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def display_path(path: str | Path) -> str:
-    """``path`` relative to the repository (or the working folder) when inside it, else its name."""
-    p = Path(path).expanduser().resolve()
-    for base in (REPO_ROOT, Path.cwd()):
-        try:
-            return str(p.relative_to(base))
-        except ValueError:
-            continue
-    try:
-        return str(Path("..") / p.relative_to(REPO_ROOT.parent))
-    except ValueError:
-        return p.name
-
-
-def resolve_path(path: str | Path) -> Path:
-    """``path`` as given; a relative path missing from the working folder is tried against the repository.
-
-    So ``data/medquad_sample.csv`` (the config default) works from the repository root and from ``notebooks/``.
-    """
-    p = Path(path).expanduser()
-    if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
-        return REPO_ROOT / p
-    return p
+from medgemma_lib.paths import display_path, resolve_path
+from medgemma_lib.privacy import deidentify_frame
 
 
 def file_sha256(path: Path) -> str:
@@ -57,10 +37,6 @@ def file_sha256(path: Path) -> str:
 
 
 def _deidentify(rows: list[dict], mode: str) -> tuple[list[dict], dict]:
-    import pandas as pd
-
-    from medgemma_lib.privacy import deidentify_frame
-
     frame = pd.DataFrame({"question": [r["question"] for r in rows], "answer": [r["answer"] for r in rows]})
     new, report = deidentify_frame(frame, mode, columns=("question", "answer"))
     if mode == "mask":
@@ -75,8 +51,6 @@ def _limit(records: list[dict], limit: int | None) -> list[dict]:
 
 
 def _split_stats(records: list[dict]) -> dict:
-    from collections import Counter
-
     sources = Counter(r["source"] for r in records)
     return {
         "rows": len(records),
@@ -135,8 +109,6 @@ def prepare_records(data_cfg, tokenizer=None, input_format: str | None = None) -
         "deidentification": deid,
     }
     if tokenizer is not None:
-        from medgemma_lib.data.lengths import length_report
-
         lengths = length_report(tokenizer, [r for recs in by_split.values() for r in recs])
         report["token_lengths"] = {k: v for k, v in lengths.items() if k != "lengths"}
     report["seconds"] = round(time.perf_counter() - started, 2)
@@ -145,7 +117,6 @@ def prepare_records(data_cfg, tokenizer=None, input_format: str | None = None) -
 
 def to_dataset_dict(by_split: dict[str, list[dict]]):
     """Records per split as a ``datasets.DatasetDict`` (empty splits keep the columns)."""
-    from datasets import Dataset, DatasetDict
 
     columns = sorted({k for recs in by_split.values() for r in recs for k in r}, key=lambda k: (k not in ("prompt", "completion"), k))
     out = {}
@@ -156,8 +127,6 @@ def to_dataset_dict(by_split: dict[str, list[dict]]):
 
 
 def _empty_like(by_split, columns):
-    from datasets import Dataset
-
     example = next(r for recs in by_split.values() for r in recs)
     return Dataset.from_list([{c: example.get(c, "") for c in columns}]).select([])
 

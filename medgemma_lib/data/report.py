@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pandas as pd
+
 from medgemma_lib.data.clean import DROP_REASONS
 
 _SPLIT_NAMES = {"train": "訓練集", "validation": "驗證集", "test": "測試集"}
@@ -48,7 +50,6 @@ def format_report(report: dict) -> str:
 
 def counts_table(report: dict):
     """Rows in, kept and dropped by reason as a pandas table (for notebooks)."""
-    import pandas as pd
 
     counts = report["counts"]
     rows = [("讀入", counts["rows_in"])]
@@ -59,7 +60,6 @@ def counts_table(report: dict):
 
 def splits_table(report: dict):
     """Rows, focus areas and rows per source for each split."""
-    import pandas as pd
 
     data = {}
     for name, stats in report["splits"].items():

@@ -12,6 +12,9 @@ import json
 import os
 from pathlib import Path
 
+import datasets
+from datasets import load_from_disk
+
 from medgemma_lib.atomic import atomic_folder
 from medgemma_lib.errors import DataError, OutputError
 
@@ -21,7 +24,6 @@ REPORT_NAME = "prepare_report.json"
 @contextlib.contextmanager
 def quiet_datasets():
     """No ``datasets`` progress bars (they clutter the CLI and notebook output)."""
-    import datasets
 
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
@@ -64,7 +66,6 @@ def save_prepared(splits, report: dict, path: str | Path, overwrite: bool = Fals
 
 def load_prepared(path: str | Path):
     """The DatasetDict saved by :func:`save_prepared` (records identical to what was saved)."""
-    from datasets import load_from_disk
 
     folder = Path(path).expanduser()
     if not (folder / REPORT_NAME).is_file() or not (folder / "splits").is_dir():

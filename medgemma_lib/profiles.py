@@ -1,0 +1,169 @@
+"""The model registry: every model the course knows, with its architecture and LoRA targets.
+
+One table read by loading (``models``), the memory estimator (``memory``), the benchmark (``bench``),
+authentication (``auth``) and the CLI. No torch here, so reading it costs nothing.
+
+Architectures come from the checkpoints' ``config.json`` on the Hub (the 270M demo from its converted
+config): 27B text: hidden 5376, 62 layers, intermediate 21504, 32 heads, 16 KV heads, head_dim 128,
+vocab 262,208. 4B language model: hidden 2560, 34 layers, intermediate 10240, 8 heads, 4 KV heads,
+head_dim 256, vocab 262,208, plus a SigLIP vision tower (27 layers, hidden 1152, MLP 4304, 896 px /
+14 px patches) and projector to 2560: 419.6 M parameters kept in bf16, never trained. The multimodal
+27B has the same language model plus the same vision tower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+END_OF_TURN_ID = 106  # <end_of_turn>
+EOS_ID = 1  # <eos>
+PAD_ID = 0  # <pad>
+BOS_ID = 2  # <bos>
+
+# Every linear layer of a Gemma 3 decoder block: what LoRA "all-linear" means in this course.
+LORA_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SIGLIP_VISION_PARAMS = 419_600_000  # SigLIP so400m tower + projector of MedGemma 4B / 27B multimodal
+
+_ROPE = {
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Shape numbers of a Gemma 3 language model (plus an optional frozen vision tower)."""
+
+    name: str
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    vision_params: float = 0.0  # kept in bf16, never trained
+    sliding_window: int = 1024
+    query_pre_attn_scalar: int | None = None  # None: head_dim
+    max_position_embeddings: int = 131_072
+    rope_parameters: dict | None = field(default=None, hash=False, compare=False)
+    layer_types: tuple[str, ...] | None = None  # None: Gemma 3's default pattern
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linear_shapes().values())
+
+    def other_params(self) -> int:
+        norms = self.layers * (4 * self.hidden + 2 * self.head_dim) + self.hidden
+        return self.vocab * self.hidden + norms
+
+    def text_config_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``transformers.Gemma3TextConfig`` for a model of this shape."""
+        kwargs: dict[str, Any] = dict(
+            hidden_size=self.hidden, intermediate_size=self.intermediate, num_hidden_layers=self.layers,
+            num_attention_heads=self.heads, num_key_value_heads=self.kv_heads, head_dim=self.head_dim,
+            vocab_size=self.vocab, sliding_window=self.sliding_window,
+            query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
+            max_position_embeddings=self.max_position_embeddings,
+        )
+        if self.rope_parameters is not None:
+            kwargs["rope_parameters"] = self.rope_parameters
+        if self.layer_types is not None:
+            kwargs["layer_types"] = list(self.layer_types)
+        return kwargs
+
+
+_LM_27B = Architecture("medgemma-27b-text-it", 5376, 62, 21504, 32, 16, 128, 262_208,
+                       query_pre_attn_scalar=168, rope_parameters=_ROPE)
+_LM_4B = Architecture("medgemma-4b-it", 2560, 34, 10240, 8, 4, 256, 262_208, rope_parameters=_ROPE)
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What the library needs to know about one model to load, size and train it."""
+
+    name: str
+    hub_id: str | None
+    model_class: str  # "Gemma3ForCausalLM" or "Gemma3ForConditionalGeneration"
+    has_vision_tower: bool
+    train_dtype: str  # dtype to compute in on a bf16-capable GPU
+    attn_implementation: str
+    params_billion: float
+    gated: bool
+    description: str  # Traditional Chinese, shown to learners
+    architecture: Architecture | None = None  # None: a local folder, shape read from its config.json
+    lora_layers: tuple[str, ...] = LORA_LINEAR_LAYERS
+
+    @property
+    def is_demo(self) -> bool:
+        return self.name == "demo"
+
+    def lora_target_modules(self, targets: str | list[str] = "all-linear") -> str | list[str]:
+        """PEFT ``target_modules`` for ``targets`` that stay inside the language model (never the vision tower)."""
+        names = list(self.lora_layers) if targets == "all-linear" else list(targets)
+        if not self.has_vision_tower:
+            return names
+        # PEFT treats a string as a regex over full module names.
+        return r".*language_model.*\.(" + "|".join(names) + r")$"
+
+
+PROFILES: dict[str, ModelProfile] = {
+    p.name: p
+    for p in [
+        ModelProfile(
+            "demo", None, "Gemma3ForCausalLM", False, "bfloat16", "sdpa", 0.27, False,
+            "Gemma 3 270M（基礎模型），由 PyPI 套件離線提供，用於在筆電 CPU 上完整走過課程流程",
+            Architecture("demo", 640, 18, 2048, 4, 1, 256, 262_144, sliding_window=512, max_position_embeddings=32_768),
+        ),
+        ModelProfile(
+            "medgemma-4b-it", "google/medgemma-4b-it", "Gemma3ForConditionalGeneration", True, "bfloat16", "sdpa", 4.3,
+            True, "MedGemma 4B 指令微調版（含影像編碼器；本課程只用文字部分）",
+            replace(_LM_4B, vision_params=SIGLIP_VISION_PARAMS),
+        ),
+        ModelProfile(
+            "medgemma-27b-text-it", "google/medgemma-27b-text-it", "Gemma3ForCausalLM", False, "bfloat16", "sdpa", 27.0,
+            True, "MedGemma 27B 純文字指令微調版", _LM_27B,
+        ),
+        ModelProfile(
+            "medgemma-27b-it", "google/medgemma-27b-it", "Gemma3ForConditionalGeneration", True, "bfloat16", "sdpa", 27.4,
+            True, "MedGemma 27B 多模態指令微調版（本課程只用文字部分）",
+            replace(_LM_27B, name="medgemma-27b-it", vision_params=SIGLIP_VISION_PARAMS),
+        ),
+    ]
+}
+
+# Benchmark and reference-measurement names: "27b" = the 27B text model, "4b" = the 4B language model
+# (the benchmark adds a bf16 stand-in for its vision tower, EXTRA_FROZEN_PARAMS), "tiny" = a plumbing-size model.
+BENCH_ARCHITECTURES: dict[str, Architecture] = {
+    "27b": replace(_LM_27B, name="27b"),
+    "4b": replace(_LM_4B, name="4b"),
+    "tiny": Architecture("tiny", 64, 2, 128, 4, 2, 16, 4096, sliding_window=32, max_position_embeddings=4096,
+                         layer_types=("sliding_attention", "full_attention")),
+}
+BENCH_EXTRA_FROZEN_PARAMS = {"27b": 0, "4b": SIGLIP_VISION_PARAMS, "tiny": 0}
+BENCH_ALIASES = {"medgemma-27b-text-it": "27b", "medgemma-27b-it": "27b", "medgemma-4b-it": "4b", "demo": "tiny"}
+
+# Ids that people (and the original guide) try but that do not exist on the Hub.
+WRONG_IDS = {
+    "google/medgemma-4b-multimodal": "google/medgemma-4b-it",
+    "google/medgemma-27b-text": "google/medgemma-27b-text-it",
+    "google/medgemma-27b": "google/medgemma-27b-text-it",
+    "google/medgemma-4b": "google/medgemma-4b-it",
+    "google/medgemma-27b-multimodal": "google/medgemma-27b-it",
+}
+
+
+def architecture(name: str) -> Architecture | None:
+    """The architecture of a profile or a benchmark name, or None when unknown."""
+    if name in PROFILES:
+        return PROFILES[name].architecture
+    return BENCH_ARCHITECTURES.get(name)
+
+
+def profile_for_hub_id(hub_id: str) -> ModelProfile | None:
+    return next((p for p in PROFILES.values() if p.hub_id == hub_id), None)
