@@ -87,7 +87,9 @@ def atomic_folder(out: Path, *, what: str, hint: str) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"寫入{what} {out} 失敗：{exc.strerror or exc}", hint=f"{hint}原本的資料夾沒有被更動。") from None
+        raise OutputError(
+            f"寫入{what} {out} 失敗：{exc.strerror or exc}", hint=f"{hint}原本的資料夾沒有被更動。"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,10 +17,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 VARLEN_ATTN = "medgemma_varlen"
 
 
-
-
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                             sliding_window=None, **kwargs):
+def varlen_attention_forward(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, sliding_window=None, **kwargs
+):
     """Attention within each packed example, given ``cu_seq_lens_q`` (cumulative example lengths).
 
     On CUDA with ``torch.nn.attention.varlen`` it is flash attention over the examples (cost
@@ -45,7 +44,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("cu_seq_lens", "max_length"))}
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     max_len = int(kwargs.get("max_length_q") or s)
     fn, params = _varlen_fn()
     if query.is_cuda and fn is not None:
@@ -102,8 +103,11 @@ def _varlen_fn():
 def varlen_support() -> dict:
     """What the installed torch offers for packed attention (recorded in the results)."""
     fn, params = _varlen_fn()
-    return {"torch.nn.attention.varlen": fn is not None, "window_size": "window_size" in params,
-            "enable_gqa": "enable_gqa" in params}
+    return {
+        "torch.nn.attention.varlen": fn is not None,
+        "window_size": "window_size" in params,
+        "enable_gqa": "enable_gqa" in params,
+    }
 
 
 def register_varlen_attention() -> str:

@@ -29,7 +29,13 @@ HUB_URL = "https://huggingface.co"
 TOKENS_PAGE = "https://huggingface.co/settings/tokens"
 DEFAULT_TIMEOUT_S = 15.0
 # Names people set by mistake; huggingface_hub reads only HF_TOKEN (and the legacy HUGGING_FACE_HUB_TOKEN).
-MISSPELLED_TOKEN_VARS = ("HUGGINGFACE_TOKEN", "HF_API_TOKEN", "HUGGINGFACEHUB_API_TOKEN", "HUGGINGFACE_HUB_TOKEN", "HF_ACCESS_TOKEN")
+MISSPELLED_TOKEN_VARS = (
+    "HUGGINGFACE_TOKEN",
+    "HF_API_TOKEN",
+    "HUGGINGFACEHUB_API_TOKEN",
+    "HUGGINGFACE_HUB_TOKEN",
+    "HF_ACCESS_TOKEN",
+)
 
 # Outcome codes of an access check.
 OK = "ok"
@@ -121,7 +127,9 @@ def suggest_model_id(model_id: str) -> str | None:
 
 
 def _offline_mode() -> bool:
-    return bool(constants.is_offline_mode()) if hasattr(constants, "is_offline_mode") else bool(constants.HF_HUB_OFFLINE)
+    return (
+        bool(constants.is_offline_mode()) if hasattr(constants, "is_offline_mode") else bool(constants.HF_HUB_OFFLINE)
+    )
 
 
 def _misspelled_vars() -> list[str]:
@@ -155,7 +163,11 @@ def _result(model_id: str, status: str, source: str, token: str | None, suggesti
         )
     elif status == NOT_FOUND:
         msg = f"Hugging Face Hub 上沒有 {shown_id} 這個模型（404）。"
-        hint = f"正確的名稱應該是 {suggestion}。" if suggestion else "請確認拼字；本課程可用：google/medgemma-4b-it、google/medgemma-27b-text-it、google/medgemma-27b-it。"
+        hint = (
+            f"正確的名稱應該是 {suggestion}。"
+            if suggestion
+            else "請確認拼字；本課程可用：google/medgemma-4b-it、google/medgemma-27b-text-it、google/medgemma-27b-it。"
+        )
     elif status == FORBIDDEN:
         msg = f"權杖沒有讀取 {shown_id} 的權限（403）。"
         hint = f"細粒度權杖需勾選 gated 儲存庫的讀取權限；或到 {TOKENS_PAGE} 建立一般的 Read 權杖。"
@@ -171,7 +183,14 @@ def _result(model_id: str, status: str, source: str, token: str | None, suggesti
     return AccessResult(model_id, status, msg, hint, source, mask_token(token), suggestion)
 
 
-def check_access(model_id: str, token: str | None = None, *, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT_S, offline: bool | None = None) -> AccessResult:
+def check_access(
+    model_id: str,
+    token: str | None = None,
+    *,
+    endpoint: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    offline: bool | None = None,
+) -> AccessResult:
     """Ask the Hub whether this token may download ``model_id``; never raises for Hub outcomes.
 
     Uses ``huggingface_hub``'s HTTP session (which honours ``HF_HUB_OFFLINE`` and proxies) and its
@@ -202,7 +221,9 @@ def _auth_check_request(model_id: str, token: str, endpoint: str | None, timeout
     """``HfApi.auth_check`` with a timeout (the shared session has none)."""
 
     base = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-    response = get_session().get(f"{base}/api/models/{model_id}/auth-check", headers=build_hf_headers(token=token), timeout=timeout)
+    response = get_session().get(
+        f"{base}/api/models/{model_id}/auth-check", headers=build_hf_headers(token=token), timeout=timeout
+    )
     hf_raise_for_status(response)
 
 
@@ -238,10 +259,23 @@ def outcome_table(model_id: str = "google/medgemma-4b-it"):
     """Every outcome's Chinese message and fix, as a pandas table (what a user would see online)."""
 
     rows = []
-    for status, what in [(OK, "一切正常"), (NO_TOKEN, "沒有權杖"), (INVALID_TOKEN, "權杖無效（401）"), (GATED, "尚未同意條款（403）"),
-                         (NOT_FOUND, "模型名稱錯誤（404）"), (OFFLINE, "離線模式"), (NETWORK, "連不上網路")]:
+    for status, what in [
+        (OK, "一切正常"),
+        (NO_TOKEN, "沒有權杖"),
+        (INVALID_TOKEN, "權杖無效（401）"),
+        (GATED, "尚未同意條款（403）"),
+        (NOT_FOUND, "模型名稱錯誤（404）"),
+        (OFFLINE, "離線模式"),
+        (NETWORK, "連不上網路"),
+    ]:
         mid = "google/medgemma-4b-multimodal" if status == NOT_FOUND else model_id
-        r = _result(mid, status, "HF_TOKEN" if status != NO_TOKEN else "none", None, suggest_model_id(mid) if status == NOT_FOUND else None)
+        r = _result(
+            mid,
+            status,
+            "HF_TOKEN" if status != NO_TOKEN else "none",
+            None,
+            suggest_model_id(mid) if status == NOT_FOUND else None,
+        )
         rows.append({"情況": what, "訊息": r.message, "解決方法": r.hint or "—"})
     return pd.DataFrame(rows).set_index("情況")
 

@@ -109,15 +109,34 @@ class Variant:
 
     def short(self) -> str:
         t = "q,v" if list(self.lora_targets) == QV else "all-linear"
-        shape = f"{self.micro_batch}×{self.row_length} packed" if self.layout == "packed" else f"{self.micro_batch} ex {self.layout}"
-        return (f"{t} r{self.lora_r} drop{self.lora_dropout:g}, {shape}, trunc {self.max_length}, "
-                f"ckpt {'on' if self.grad_ckpt else 'off'}, {'liger' if self.liger else 'full logits'}, {self.attn}, {self.optim}")
+        shape = (
+            f"{self.micro_batch}×{self.row_length} packed"
+            if self.layout == "packed"
+            else f"{self.micro_batch} ex {self.layout}"
+        )
+        return (
+            f"{t} r{self.lora_r} drop{self.lora_dropout:g}, {shape}, trunc {self.max_length}, "
+            f"ckpt {'on' if self.grad_ckpt else 'off'}, {'liger' if self.liger else 'full logits'}, {self.attn}, {self.optim}"
+        )
 
 
 def _original(steps: int = 25, warmup: int = 3) -> Variant:
-    return Variant("original", "原始指南：q,v LoRA、4 筆 group_by_length、截斷 512、補齊到最長", layout="grouped",
-                   micro_batch=4, max_length=512, lora_targets=list(QV), lora_dropout=0.05, grad_ckpt=True,
-                   liger=False, attn="sdpa", optim="adamw", steps=steps, warmup=warmup, role="original")
+    return Variant(
+        "original",
+        "原始指南：q,v LoRA、4 筆 group_by_length、截斷 512、補齊到最長",
+        layout="grouped",
+        micro_batch=4,
+        max_length=512,
+        lora_targets=list(QV),
+        lora_dropout=0.05,
+        grad_ckpt=True,
+        liger=False,
+        attn="sdpa",
+        optim="adamw",
+        steps=steps,
+        warmup=warmup,
+        role="original",
+    )
 
 
 def default_variants(arch: str) -> list[Variant]:
@@ -125,7 +144,9 @@ def default_variants(arch: str) -> list[Variant]:
     if arch == "tiny":
         return [
             dataclasses.replace(_original(steps=3, warmup=1), micro_batch=2, max_length=64),
-            Variant("packed", "packed rows", micro_batch=2, max_length=96, row_length=128, steps=3, warmup=1, role="default"),
+            Variant(
+                "packed", "packed rows", micro_batch=2, max_length=96, row_length=128, steps=3, warmup=1, role="default"
+            ),
         ]
     ladder = [
         _original(),
@@ -136,24 +157,82 @@ def default_variants(arch: str) -> list[Variant]:
     ]
     if arch == "27b":
         return ladder + [
-            Variant("default-141gb", "141 GB default: no checkpointing", row_length=4096, liger=True, attn="varlen",
-                    grad_ckpt=False, role="default"),
-            Variant("141gb-2x4096", "141 GB candidate: no checkpointing, 2 rows", micro_batch=2, row_length=4096,
-                    liger=True, attn="varlen", grad_ckpt=False, role="default"),
-            Variant("141gb-ckpt-4x4096", "141 GB candidate: checkpointing, 4 rows", micro_batch=4, row_length=4096,
-                    liger=True, attn="varlen", steps=6, role="step"),
-            Variant("24gb-2048", "24 GB preset candidate", row_length=2048, liger=True, attn="varlen", role="preset-24gb"),
-            Variant("24gb-2048-8bit", "24 GB preset candidate, 8-bit AdamW", row_length=2048, liger=True, attn="varlen",
-                    optim="adamw_8bit", role="preset-24gb"),
-            Variant("24gb-3072", "24 GB preset candidate", row_length=3072, liger=True, attn="varlen", role="preset-24gb"),
+            Variant(
+                "default-141gb",
+                "141 GB default: no checkpointing",
+                row_length=4096,
+                liger=True,
+                attn="varlen",
+                grad_ckpt=False,
+                role="default",
+            ),
+            Variant(
+                "141gb-2x4096",
+                "141 GB candidate: no checkpointing, 2 rows",
+                micro_batch=2,
+                row_length=4096,
+                liger=True,
+                attn="varlen",
+                grad_ckpt=False,
+                role="default",
+            ),
+            Variant(
+                "141gb-ckpt-4x4096",
+                "141 GB candidate: checkpointing, 4 rows",
+                micro_batch=4,
+                row_length=4096,
+                liger=True,
+                attn="varlen",
+                steps=6,
+                role="step",
+            ),
+            Variant(
+                "24gb-2048", "24 GB preset candidate", row_length=2048, liger=True, attn="varlen", role="preset-24gb"
+            ),
+            Variant(
+                "24gb-2048-8bit",
+                "24 GB preset candidate, 8-bit AdamW",
+                row_length=2048,
+                liger=True,
+                attn="varlen",
+                optim="adamw_8bit",
+                role="preset-24gb",
+            ),
+            Variant(
+                "24gb-3072", "24 GB preset candidate", row_length=3072, liger=True, attn="varlen", role="preset-24gb"
+            ),
         ]
     return ladder + [
-        Variant("default-141gb", "141 GB default: no checkpointing, 4 rows", micro_batch=4, row_length=4096, liger=True,
-                attn="varlen", grad_ckpt=False, role="default"),
-        Variant("141gb-8x4096", "141 GB candidate: no checkpointing, 8 rows", micro_batch=8, row_length=4096, liger=True,
-                attn="varlen", grad_ckpt=False, role="default"),
+        Variant(
+            "default-141gb",
+            "141 GB default: no checkpointing, 4 rows",
+            micro_batch=4,
+            row_length=4096,
+            liger=True,
+            attn="varlen",
+            grad_ckpt=False,
+            role="default",
+        ),
+        Variant(
+            "141gb-8x4096",
+            "141 GB candidate: no checkpointing, 8 rows",
+            micro_batch=8,
+            row_length=4096,
+            liger=True,
+            attn="varlen",
+            grad_ckpt=False,
+            role="default",
+        ),
         Variant("8gb-8192", "8 GB preset candidate", row_length=8192, liger=True, attn="varlen", role="preset-8gb"),
-        Variant("8gb-2x8192", "8 GB preset candidate", micro_batch=2, row_length=8192, liger=True, attn="varlen", role="preset-8gb"),
+        Variant(
+            "8gb-2x8192",
+            "8 GB preset candidate",
+            micro_batch=2,
+            row_length=8192,
+            liger=True,
+            attn="varlen",
+            role="preset-8gb",
+        ),
     ]
 
 
@@ -171,7 +250,9 @@ def load_token_lengths(path: str | os.PathLike | None = None) -> tuple[list[int]
         return list(data["full"]), list(data["prompt"])
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"找不到長度檔案 {p}。", hint="請給 MedQuAD CSV（question、answer 欄位）或 bench 產生的長度 JSON。")
+        raise DataError(
+            f"找不到長度檔案 {p}。", hint="請給 MedQuAD CSV（question、answer 欄位）或 bench 產生的長度 JSON。"
+        )
     if p.suffix.lower() == ".json":
         data = json.loads(p.read_text(encoding="utf-8"))
         return list(data["full"]), list(data["prompt"])
@@ -186,14 +267,21 @@ def compute_token_lengths(csv_path: str | os.PathLike, tokenizer=None) -> tuple[
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise DataError(f"無法讀取 {csv_path}：{exc}", hint="請提供 UTF-8 CSV，含 question 與 answer 欄位。") from None
     if not {"question", "answer"} <= set(df.columns):
-        raise DataError(f"{csv_path} 缺少 question 或 answer 欄位（現有：{', '.join(map(str, df.columns))}）。",
-                        hint="請使用 MedQuAD 格式的 CSV。")
+        raise DataError(
+            f"{csv_path} 缺少 question 或 answer 欄位（現有：{', '.join(map(str, df.columns))}）。",
+            hint="請使用 MedQuAD 格式的 CSV。",
+        )
     df = df.dropna(subset=["question", "answer"])
     tok = tokenizer or load_tokenizer("demo")
     qs, ans = df["question"].astype(str).tolist(), df["answer"].astype(str).tolist()
-    full_txt = [tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False)
-                for q, a in zip(qs, ans)]
-    prompt_txt = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True) for q in qs]
+    full_txt = [
+        tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False)
+        for q, a in zip(qs, ans)
+    ]
+    prompt_txt = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in qs
+    ]
     full = [len(x) for x in tok(full_txt, add_special_tokens=False)["input_ids"]]
     prompt = [len(x) for x in tok(prompt_txt, add_special_tokens=False)["input_ids"]]
     return full, prompt
@@ -233,11 +321,11 @@ def make_batches(variant: Variant, full: list[int], prompt: list[int], n_batches
             # transformers' LengthGroupedSampler: megabatches of 50 batches, each sorted longest first,
             # and the batch holding the longest example moved to the front.
             mega = bs * 50
-            groups = [sorted(examples[i:i + mega], key=lambda e: -e[0]) for i in range(0, len(examples), mega)]
+            groups = [sorted(examples[i : i + mega], key=lambda e: -e[0]) for i in range(0, len(examples), mega)]
             examples = [e for g in groups for e in g]
         batches = []
         for i in range(0, len(examples) - bs + 1, bs):
-            rows = [[e] for e in examples[i:i + bs]]
+            rows = [[e] for e in examples[i : i + bs]]
             batches.append(Batch(variant.layout, rows, max(r[0][0] for r in rows)))
             if len(batches) == n_batches and variant.layout == "padded":
                 break
@@ -251,7 +339,9 @@ def make_batches(variant: Variant, full: list[int], prompt: list[int], n_batches
     if variant.layout != "packed":
         raise ConfigError(f"不認識的批次排列 {variant.layout!r}。", hint="請用 grouped、padded 或 packed。")
     if variant.max_length > variant.row_length:
-        raise ConfigError("packed 排列的 max_length 不能大於 row_length。", hint="把 max_length 設為不超過 row_length。")
+        raise ConfigError(
+            "packed 排列的 max_length 不能大於 row_length。", hint="把 max_length 設為不超過 row_length。"
+        )
     # First fit over a look-ahead window keeps rows nearly full without reordering the data much.
     pending: list[tuple[int, int]] = []
     source = iter(examples)
@@ -300,8 +390,8 @@ def batch_tensors(batch: Batch, vocab_size: int, device: str, seed: int = 0, var
             start = 0
             for n, p in row:
                 ids[r, start] = 2
-                pos[r, start:start + n] = torch.arange(n)
-                labels[r, start + p:start + n] = ids[r, start + p:start + n]
+                pos[r, start : start + n] = torch.arange(n)
+                labels[r, start + p : start + n] = ids[r, start + p : start + n]
                 seq_lens.append(n)
                 start += n
             if start < width:  # the row's unused tail: its own segment, never labelled nor counted
@@ -334,9 +424,17 @@ def batch_tensors(batch: Batch, vocab_size: int, device: str, seed: int = 0, var
 
 def text_config(arch: str):
     if arch not in BENCH_ARCHITECTURES:
-        raise ConfigError(f"不認識的架構 {arch!r}。",
-                          hint=f"可用：{', '.join(BENCH_ARCHITECTURES)}（或設定檔名稱 {', '.join(ARCH_ALIASES)}）")
-    cfg = Gemma3TextConfig(**BENCH_ARCHITECTURES[arch].text_config_kwargs(), bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, use_cache=False)
+        raise ConfigError(
+            f"不認識的架構 {arch!r}。",
+            hint=f"可用：{', '.join(BENCH_ARCHITECTURES)}（或設定檔名稱 {', '.join(ARCH_ALIASES)}）",
+        )
+    cfg = Gemma3TextConfig(
+        **BENCH_ARCHITECTURES[arch].text_config_kwargs(),
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        use_cache=False,
+    )
     cfg._attn_implementation = "sdpa"
     return cfg
 
@@ -380,15 +478,24 @@ def build_model(arch: str, device: str, quantize: bool = True, seed: int = 0):
             for cname, child in list(parent.named_children()):
                 if not isinstance(child, nn.Linear):
                     continue
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                      compute_dtype=qcfg.bnb_4bit_compute_dtype,
-                                      compress_statistics=qcfg.bnb_4bit_use_double_quant,
-                                      quant_type=qcfg.bnb_4bit_quant_type, quant_storage=qcfg.bnb_4bit_quant_storage,
-                                      device="meta")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
-                                             compress_statistics=qcfg.bnb_4bit_use_double_quant,
-                                             quant_type=qcfg.bnb_4bit_quant_type,
-                                             quant_storage=qcfg.bnb_4bit_quant_storage, module=q).to(device)
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=False,
+                    compute_dtype=qcfg.bnb_4bit_compute_dtype,
+                    compress_statistics=qcfg.bnb_4bit_use_double_quant,
+                    quant_type=qcfg.bnb_4bit_quant_type,
+                    quant_storage=qcfg.bnb_4bit_quant_storage,
+                    device="meta",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data,
+                    requires_grad=False,
+                    compress_statistics=qcfg.bnb_4bit_use_double_quant,
+                    quant_type=qcfg.bnb_4bit_quant_type,
+                    quant_storage=qcfg.bnb_4bit_quant_storage,
+                    module=q,
+                ).to(device)
                 setattr(parent, cname, q)
                 del child
     materialise(model.model.norm)
@@ -398,7 +505,9 @@ def build_model(arch: str, device: str, quantize: bool = True, seed: int = 0):
     extra = EXTRA_FROZEN_PARAMS.get(arch, 0)
     if extra:
         # Frozen stand-in for the vision tower + projector that Gemma3ForConditionalGeneration keeps in bf16.
-        model.register_buffer("_vision_tower_placeholder", torch.empty(extra, dtype=dtype, device=device), persistent=False)
+        model.register_buffer(
+            "_vision_tower_placeholder", torch.empty(extra, dtype=dtype, device=device), persistent=False
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     if qcfg is not None:
@@ -411,9 +520,13 @@ def build_model(arch: str, device: str, quantize: bool = True, seed: int = 0):
     if leftovers:
         raise RuntimeError(f"parameters left on meta: {leftovers[:3]}")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-        b.numel() * b.element_size() for b in model.buffers())
-    matmul_params = sum(m.in_features * m.out_features for m in model.modules()
-                        if isinstance(m, nn.Linear) or m.__class__.__name__ == "Linear4bit")
+        b.numel() * b.element_size() for b in model.buffers()
+    )
+    matmul_params = sum(
+        m.in_features * m.out_features
+        for m in model.modules()
+        if isinstance(m, nn.Linear) or m.__class__.__name__ == "Linear4bit"
+    )
     info = {
         "arch": arch,
         "config": BENCH_ARCHITECTURES[arch].text_config_kwargs(),
@@ -432,7 +545,9 @@ def _rebuild_computed_buffers(model, config, device: str) -> None:
     for name, module in list(model.named_modules()):
         if "Rotary" in type(module).__name__:
             parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, type(module)(config=config).to(device))
+            setattr(
+                model.get_submodule(parent_name) if parent_name else model, attr, type(module)(config=config).to(device)
+            )
         elif hasattr(module, "scalar_embed_scale"):
             module.embed_scale = torch.tensor(module.scalar_embed_scale, device=device)
     meta = [n for n, b in model.named_buffers() if b.device.type == "meta"]
@@ -467,7 +582,10 @@ class _LigerPatch:
         try:
             from liger_kernel.transformers import apply_liger_kernel_to_gemma3_text
         except ImportError:
-            raise ResourceError("未安裝 liger-kernel，無法測量 Liger 變體。", hint="在 CUDA 機器上 pip install liger-kernel==0.8.5，或不選 Liger 變體。") from None
+            raise ResourceError(
+                "未安裝 liger-kernel，無法測量 Liger 變體。",
+                hint="在 CUDA 機器上 pip install liger-kernel==0.8.5，或不選 Liger 變體。",
+            ) from None
         apply_liger_kernel_to_gemma3_text(model=model)
 
     def restore(self) -> None:
@@ -476,8 +594,9 @@ class _LigerPatch:
         self.mod.Gemma3ForCausalLM.forward = self.saved_forward
 
 
-def run_variant(model, arch_info: dict, variant: Variant, full: list[int], prompt: list[int], device: str,
-                seed: int = 0, log=print) -> dict:
+def run_variant(
+    model, arch_info: dict, variant: Variant, full: list[int], prompt: list[int], device: str, seed: int = 0, log=print
+) -> dict:
     """Add LoRA, train ``warmup + steps`` steps, remove LoRA again; returns the variant's results."""
 
     cuda = device.startswith("cuda")
@@ -492,8 +611,14 @@ def run_variant(model, arch_info: dict, variant: Variant, full: list[int], promp
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
-    lora = LoraConfig(r=variant.lora_r, lora_alpha=2 * variant.lora_r, lora_dropout=variant.lora_dropout,
-                      target_modules=list(variant.lora_targets), bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=variant.lora_r,
+        lora_alpha=2 * variant.lora_r,
+        lora_dropout=variant.lora_dropout,
+        target_modules=list(variant.lora_targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, lora)
     peft_model.train()
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -504,11 +629,17 @@ def run_variant(model, arch_info: dict, variant: Variant, full: list[int], promp
         torch.cuda.reset_peak_memory_stats()
     base_alloc = torch.cuda.memory_allocated() if cuda else 0
     times, useful, tensor_tokens, losses = [], [], [], []
-    result: dict[str, Any] = {"name": variant.name, "variant": dataclasses.asdict(variant), "summary": variant.short(),
-                              "trainable_params": trainable}
+    result: dict[str, Any] = {
+        "name": variant.name,
+        "variant": dataclasses.asdict(variant),
+        "summary": variant.short(),
+        "trainable_params": trainable,
+    }
     try:
         for i, batch in enumerate(batches):
-            inputs = batch_tensors(batch, config.vocab_size, device, seed=seed * 100_003 + i, varlen=variant.attn == "varlen")
+            inputs = batch_tensors(
+                batch, config.vocab_size, device, seed=seed * 100_003 + i, varlen=variant.attn == "varlen"
+            )
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -556,22 +687,26 @@ def run_variant(model, arch_info: dict, variant: Variant, full: list[int], promp
     tflops = arch_info.get("matmul_tflops", MATMUL_TFLOPS_H200)
     ceiling = tflops * 1e12 / flop_per_token
     epoch_tokens = sum(min(n, variant.max_length) for n in full)
-    result.update({
-        "steps_measured": len(times), "warmup_steps": variant.warmup,
-        "useful_tokens_per_step": round(total_useful / len(times), 1),
-        "tensor_tokens_per_step": round(sum(tensor_tokens) / len(times), 1),
-        "padding_share": round(1 - total_useful / sum(tensor_tokens), 4),
-        "useful_tokens_per_s": round(tok_s, 1),
-        "step_s_median": round(statistics.median(times), 4),
-        "step_s_mean": round(total_time / len(times), 4),
-        "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
-        "loss_finite": all(math.isfinite(x) for x in losses),
-        "compute_ceiling_tokens_per_s": round(ceiling, 1),
-        "share_of_ceiling": round(tok_s / ceiling, 3),
-        "epoch_tokens": epoch_tokens,
-        "truncated_share": round(1 - epoch_tokens / sum(full), 4),
-        "epoch_hours": round(epoch_tokens / tok_s / 3600, 2),
-    })
+    result.update(
+        {
+            "steps_measured": len(times),
+            "warmup_steps": variant.warmup,
+            "useful_tokens_per_step": round(total_useful / len(times), 1),
+            "tensor_tokens_per_step": round(sum(tensor_tokens) / len(times), 1),
+            "padding_share": round(1 - total_useful / sum(tensor_tokens), 4),
+            "useful_tokens_per_s": round(tok_s, 1),
+            "step_s_median": round(statistics.median(times), 4),
+            "step_s_mean": round(total_time / len(times), 4),
+            "loss_first": round(losses[0], 4),
+            "loss_last": round(losses[-1], 4),
+            "loss_finite": all(math.isfinite(x) for x in losses),
+            "compute_ceiling_tokens_per_s": round(ceiling, 1),
+            "share_of_ceiling": round(tok_s / ceiling, 3),
+            "epoch_tokens": epoch_tokens,
+            "truncated_share": round(1 - epoch_tokens / sum(full), 4),
+            "epoch_hours": round(epoch_tokens / tok_s / 3600, 2),
+        }
+    )
     return result
 
 
@@ -602,8 +737,13 @@ def environment() -> dict:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             versions[name] = None
-    env = {"date": date.today().isoformat(), "python": platform.python_version(), "versions": versions,
-           "varlen": varlen_support(), "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+    env = {
+        "date": date.today().isoformat(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "varlen": varlen_support(),
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+    }
 
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
@@ -613,9 +753,17 @@ def environment() -> dict:
     return env
 
 
-def run_bench(archs: list[str], device: str | None = None, variants: list[str] | None = None,
-              lengths: str | None = None, out_dir: str | os.PathLike = "results/bench", seed: int = 0,
-              steps: int | None = None, warmup: int | None = None, log=print) -> dict:
+def run_bench(
+    archs: list[str],
+    device: str | None = None,
+    variants: list[str] | None = None,
+    lengths: str | None = None,
+    out_dir: str | os.PathLike = "results/bench",
+    seed: int = 0,
+    steps: int | None = None,
+    warmup: int | None = None,
+    log=print,
+) -> dict:
     """Run the benchmark for each architecture; writes ``bench.json`` and ``bench.md`` into ``out_dir``."""
 
     device = device or default_device()
@@ -623,7 +771,11 @@ def run_bench(archs: list[str], device: str | None = None, variants: list[str] |
         raise ResourceError("指定了 CUDA，但這台機器沒有可用的 GPU。", hint="改用 --device cpu 與 --arch tiny。")
     full, prompt = load_token_lengths(lengths)
     results: dict[str, Any] = {"command": "python -m medgemma_lib bench", "environment": environment(), "archs": {}}
-    results["environment"]["lengths"] = {"source": lengths or LENGTHS_RESOURCE, "examples": len(full), "tokens": sum(full)}
+    results["environment"]["lengths"] = {
+        "source": lengths or LENGTHS_RESOURCE,
+        "examples": len(full),
+        "tokens": sum(full),
+    }
     tflops = measure_matmul_tflops(device)
     results["environment"]["matmul_tflops_measured"] = tflops
     out = Path(out_dir)
@@ -637,7 +789,9 @@ def run_bench(archs: list[str], device: str | None = None, variants: list[str] |
         if variants:
             chosen = [v for v in chosen if v.name in variants]
             if not chosen:
-                raise ConfigError(f"沒有符合的變體：{variants}", hint=f"可用：{', '.join(v.name for v in default_variants(arch))}")
+                raise ConfigError(
+                    f"沒有符合的變體：{variants}", hint=f"可用：{', '.join(v.name for v in default_variants(arch))}"
+                )
         chosen = sorted(chosen, key=lambda v: v.liger)  # Liger patches the instance: run those last
         liger = None
         rows = []
@@ -677,29 +831,38 @@ def _row_line(arch: str, r: dict) -> str:
     if r.get("oom"):
         return f"  [{arch}] {r['name']}: OOM"
     mem = f"，峰值 {r.get('peak_allocated_gib')}/{r.get('peak_reserved_gib')} GiB" if "peak_reserved_gib" in r else ""
-    return (f"  [{arch}] {r['name']}: {r['useful_tokens_per_s']} 有效 token/秒，每步 {r['step_s_median']} 秒"
-            f"（量測 {r['steps_measured']} 步，暖身 {r['warmup_steps']} 步）{mem}")
+    return (
+        f"  [{arch}] {r['name']}: {r['useful_tokens_per_s']} 有效 token/秒，每步 {r['step_s_median']} 秒"
+        f"（量測 {r['steps_measured']} 步，暖身 {r['warmup_steps']} 步）{mem}"
+    )
 
 
 def markdown_table(results: dict) -> str:
     """The results as a Markdown table (one row per arch and variant)."""
     env = results["environment"]
     v = env["versions"]
-    head = (f"GPU: {env.get('gpu') or 'CPU'}; torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')}, "
-            f"bitsandbytes {v.get('bitsandbytes')}, liger-kernel {v.get('liger-kernel')}; {env['date']}; "
-            f"bf16 matmul {env.get('matmul_tflops_measured')} TFLOP/s measured\n\n")
-    lines = ["| arch | variant | setting | steps (warm-up) | useful tok/step | padding | useful tok/s | × original | share of ceiling | step s (median) | peak alloc GiB | peak reserved GiB | epoch h |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = (
+        f"GPU: {env.get('gpu') or 'CPU'}; torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')}, "
+        f"bitsandbytes {v.get('bitsandbytes')}, liger-kernel {v.get('liger-kernel')}; {env['date']}; "
+        f"bf16 matmul {env.get('matmul_tflops_measured')} TFLOP/s measured\n\n"
+    )
+    lines = [
+        "| arch | variant | setting | steps (warm-up) | useful tok/step | padding | useful tok/s | × original | share of ceiling | step s (median) | peak alloc GiB | peak reserved GiB | epoch h |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for arch, a in results["archs"].items():
         for r in a["variants"]:
             if r.get("oom"):
-                lines.append(f"| {arch} | {r['name']} | {r['summary']} | OOM | | | | | | | {r.get('peak_allocated_gib', '')} | {r.get('peak_reserved_gib', '')} | |")
+                lines.append(
+                    f"| {arch} | {r['name']} | {r['summary']} | OOM | | | | | | | {r.get('peak_allocated_gib', '')} | {r.get('peak_reserved_gib', '')} | |"
+                )
                 continue
             lines.append(
                 f"| {arch} | {r['name']} | {r['summary']} | {r['steps_measured']} ({r['warmup_steps']}) | "
                 f"{r['useful_tokens_per_step']:.0f} | {r['padding_share']:.1%} | {r['useful_tokens_per_s']:.0f} | "
                 f"{r.get('x_original', '')} | {r['share_of_ceiling']:.0%} | {r['step_s_median']} | "
-                f"{r.get('peak_allocated_gib', '')} | {r.get('peak_reserved_gib', '')} | {r['epoch_hours']} |")
+                f"{r.get('peak_allocated_gib', '')} | {r.get('peak_reserved_gib', '')} | {r['epoch_hours']} |"
+            )
     return head + "\n".join(lines) + "\n"
 
 
@@ -708,8 +871,14 @@ def _write(results: dict, out: Path) -> None:
     (out / "bench.md").write_text(markdown_table(results), encoding="utf-8")
 
 
-def packed_matches_unpacked(arch: str = "tiny", device: str = "cpu", attn: str = "sdpa", lengths=(5, 9, 3),
-                            seed: int = 0, restart_positions: bool = True) -> float:
+def packed_matches_unpacked(
+    arch: str = "tiny",
+    device: str = "cpu",
+    attn: str = "sdpa",
+    lengths=(5, 9, 3),
+    seed: int = 0,
+    restart_positions: bool = True,
+) -> float:
     """Largest logit difference (relative to the largest logit) between examples packed in one row and
     the same examples run one at a time; near rounding when packing keeps examples apart."""
 
@@ -723,18 +892,23 @@ def packed_matches_unpacked(arch: str = "tiny", device: str = "cpu", attn: str =
         width = inputs["input_ids"].shape[1]
         inputs["position_ids"] = torch.arange(width, device=device)[None]
         if attn == "varlen":
-            inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = torch.tensor([0, width], dtype=torch.int32, device=device)
+            inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = torch.tensor(
+                [0, width], dtype=torch.int32, device=device
+            )
             inputs["max_length_q"] = inputs["max_length_k"] = width
     model.config._attn_implementation = register_varlen_attention() if attn == "varlen" else "sdpa"
     worst = 0.0
     with torch.no_grad():
-        packed = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
-                       **{k: inputs[k] for k in inputs if k.startswith(("cu_", "max_"))}).logits
+        packed = model(
+            input_ids=inputs["input_ids"],
+            position_ids=inputs["position_ids"],
+            **{k: inputs[k] for k in inputs if k.startswith(("cu_", "max_"))},
+        ).logits
         model.config._attn_implementation = "sdpa"
         start = 0
         for n in lengths:
-            alone = model(input_ids=inputs["input_ids"][:, start:start + n]).logits
-            diff = (alone.float() - packed[:, start:start + n].float()).abs().max() / alone.float().abs().max()
+            alone = model(input_ids=inputs["input_ids"][:, start : start + n]).logits
+            diff = (alone.float() - packed[:, start : start + n].float()).abs().max() / alone.float().abs().max()
             worst = max(worst, diff.item())
             start += n
     return worst
@@ -744,15 +918,30 @@ def packed_matches_unpacked(arch: str = "tiny", device: str = "cpu", attn: str =
 # Unsloth, as a peer, on the same architecture and batches (its own process: it patches on import)
 
 UNSLOTH_VARIANTS = {
-    "unsloth-8192": Variant("unsloth-8192", "Unsloth, 1×8192 rows, its offloaded checkpointing", row_length=8192,
-                            attn="unsloth", optim="adamw_fused", role="peer"),
-    "unsloth-4x4096-nockpt": Variant("unsloth-4x4096-nockpt", "Unsloth, 4×4096 rows, no checkpointing", micro_batch=4,
-                                     row_length=4096, grad_ckpt=False, attn="unsloth", optim="adamw_fused", role="peer"),
+    "unsloth-8192": Variant(
+        "unsloth-8192",
+        "Unsloth, 1×8192 rows, its offloaded checkpointing",
+        row_length=8192,
+        attn="unsloth",
+        optim="adamw_fused",
+        role="peer",
+    ),
+    "unsloth-4x4096-nockpt": Variant(
+        "unsloth-4x4096-nockpt",
+        "Unsloth, 4×4096 rows, no checkpointing",
+        micro_batch=4,
+        row_length=4096,
+        grad_ckpt=False,
+        attn="unsloth",
+        optim="adamw_fused",
+        role="peer",
+    ),
 }
 
 
-def run_unsloth(arch: str, names: list[str] | None, tokenizer_xz: str, out_dir: str | os.PathLike, seed: int = 0,
-                log=print) -> dict:
+def run_unsloth(
+    arch: str, names: list[str] | None, tokenizer_xz: str, out_dir: str | os.PathLike, seed: int = 0, log=print
+) -> dict:
     """Time Unsloth's FastModel (NF4, LoRA, its kernels) on the same random architecture and packed batches.
 
     Unsloth loads from a folder, so random bf16 weights of ``arch`` are saved first (with the Gemma 3
@@ -774,11 +963,26 @@ def run_unsloth(arch: str, names: list[str] | None, tokenizer_xz: str, out_dir: 
     gc.collect()
     torch.cuda.empty_cache()
     (folder / "tokenizer.json").write_bytes(lzma.decompress(Path(tokenizer_xz).read_bytes()))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "backend": "tokenizers", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
-        "mask_token": "<mask>", "tokenizer_class": "GemmaTokenizer"}), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "backend": "tokenizers",
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "mask_token": "<mask>",
+                "tokenizer_class": "GemmaTokenizer",
+            }
+        ),
+        encoding="utf-8",
+    )
     save_s = time.perf_counter() - started
-    results: dict[str, Any] = {"command": "python -m medgemma_lib.bench --unsloth", "environment": environment(), "archs": {}}
+    results: dict[str, Any] = {
+        "command": "python -m medgemma_lib.bench --unsloth",
+        "environment": environment(),
+        "archs": {},
+    }
 
     for pkg in ("unsloth", "unsloth_zoo", "xformers", "trl"):
         try:
@@ -791,13 +995,25 @@ def run_unsloth(arch: str, names: list[str] | None, tokenizer_xz: str, out_dir: 
     for name in names or list(UNSLOTH_VARIANTS):
         v = UNSLOTH_VARIANTS[name]
         t0 = time.perf_counter()
-        model, _tok = FastModel.from_pretrained(str(folder), use_safetensors=True, max_seq_length=v.row_length, load_in_4bit=True,
-                                                dtype=torch.bfloat16, full_finetuning=False)
+        model, _tok = FastModel.from_pretrained(
+            str(folder),
+            use_safetensors=True,
+            max_seq_length=v.row_length,
+            load_in_4bit=True,
+            dtype=torch.bfloat16,
+            full_finetuning=False,
+        )
         load_s = time.perf_counter() - t0
-        model = FastModel.get_peft_model(model, r=v.lora_r, lora_alpha=2 * v.lora_r, lora_dropout=0.0,
-                                         target_modules=list(v.lora_targets), bias="none",
-                                         use_gradient_checkpointing="unsloth" if v.grad_ckpt else False,
-                                         random_state=seed)
+        model = FastModel.get_peft_model(
+            model,
+            r=v.lora_r,
+            lora_alpha=2 * v.lora_r,
+            lora_dropout=0.0,
+            target_modules=list(v.lora_targets),
+            bias="none",
+            use_gradient_checkpointing="unsloth" if v.grad_ckpt else False,
+            random_state=seed,
+        )
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _make_optimizer(params, v.optim, device)
@@ -807,9 +1023,14 @@ def run_unsloth(arch: str, names: list[str] | None, tokenizer_xz: str, out_dir: 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         times, useful, losses = [], [], []
-        row: dict[str, Any] = {"name": v.name, "variant": dataclasses.asdict(v), "summary": v.short().replace("unsloth", "Unsloth kernels"),
-                               "trainable_params": sum(p.numel() for p in params), "load_seconds": round(load_s, 1),
-                               "save_random_weights_seconds": round(save_s, 1)}
+        row: dict[str, Any] = {
+            "name": v.name,
+            "variant": dataclasses.asdict(v),
+            "summary": v.short().replace("unsloth", "Unsloth kernels"),
+            "trainable_params": sum(p.numel() for p in params),
+            "load_seconds": round(load_s, 1),
+            "save_random_weights_seconds": round(save_s, 1),
+        }
         try:
             for i, batch in enumerate(batches):
                 inputs = batch_tensors(batch, config.vocab_size, device, seed=seed * 100_003 + i)
@@ -834,12 +1055,21 @@ def run_unsloth(arch: str, names: list[str] | None, tokenizer_xz: str, out_dir: 
         row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         if not row["oom"]:
             tok_s = sum(useful) / sum(times)
-            row.update({"steps_measured": len(times), "warmup_steps": v.warmup,
-                        "useful_tokens_per_step": round(sum(useful) / len(times), 1), "padding_share": 0.0,
-                        "useful_tokens_per_s": round(tok_s, 1), "step_s_median": round(statistics.median(times), 4),
-                        "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
-                        "loss_finite": all(math.isfinite(x) for x in losses),
-                        "share_of_ceiling": 0.0, "epoch_hours": round(sum(min(n, v.max_length) for n in full) / tok_s / 3600, 2)})
+            row.update(
+                {
+                    "steps_measured": len(times),
+                    "warmup_steps": v.warmup,
+                    "useful_tokens_per_step": round(sum(useful) / len(times), 1),
+                    "padding_share": 0.0,
+                    "useful_tokens_per_s": round(tok_s, 1),
+                    "step_s_median": round(statistics.median(times), 4),
+                    "loss_first": round(losses[0], 4),
+                    "loss_last": round(losses[-1], 4),
+                    "loss_finite": all(math.isfinite(x) for x in losses),
+                    "share_of_ceiling": 0.0,
+                    "epoch_hours": round(sum(min(n, v.max_length) for n in full) / tok_s / 3600, 2),
+                }
+            )
         rows.append(row)
         log(_row_line(arch, row))
         results["archs"][arch] = {"model": {"arch": arch, "save_seconds": round(save_s, 1)}, "variants": rows}

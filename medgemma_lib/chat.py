@@ -26,12 +26,23 @@ from medgemma_lib.safety import guard_question
 EXIT_WORDS = {"exit", "quit", ":q", "離開", "結束", "退出"}
 
 
-def load_chat_model(run_dir: str | Path | None = None, model_dir: str | Path | None = None, quantization: str | None = None, device: str | None = None, verbose: bool = True):
+def load_chat_model(
+    run_dir: str | Path | None = None,
+    model_dir: str | Path | None = None,
+    quantization: str | None = None,
+    device: str | None = None,
+    verbose: bool = True,
+):
     """``(model, tokenizer)`` for chatting: a run folder (base + adapter) or an exported folder."""
     if (run_dir is None) == (model_dir is None):
-        raise ConfigError("請指定 --run（訓練結果資料夾）或 --model（匯出的模型資料夾）其中一個。", hint="例如：python -m medgemma_lib chat --run results/demo-run")
+        raise ConfigError(
+            "請指定 --run（訓練結果資料夾）或 --model（匯出的模型資料夾）其中一個。",
+            hint="例如：python -m medgemma_lib chat --run results/demo-run",
+        )
     if run_dir is not None:
-        model, tokenizer, _ = runs.load_for_inference(run_dir, quantization=quantization, device=device, verbose=verbose)
+        model, tokenizer, _ = runs.load_for_inference(
+            run_dir, quantization=quantization, device=device, verbose=verbose
+        )
         return model, tokenizer
     tokenizer = models.load_tokenizer(str(model_dir))
     model = models.load_model(str(model_dir), quantization or "none", device)
@@ -59,10 +70,21 @@ def answer_pieces(
     alert = guard_question(question)
     if alert:
         yield alert + "\n\n"
-    ctx = model.disable_adapter() if (not use_adapter and hasattr(model, "disable_adapter")) else contextlib.nullcontext()
+    ctx = (
+        model.disable_adapter() if (not use_adapter and hasattr(model, "disable_adapter")) else contextlib.nullcontext()
+    )
     with ctx:
         answered = False
-        for piece in stream_answer(model, tokenizer, question, max_new_tokens=max_new_tokens, do_sample=do_sample, system_prompt=system_prompt, temperature=temperature, top_p=top_p):
+        for piece in stream_answer(
+            model,
+            tokenizer,
+            question,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            system_prompt=system_prompt,
+            temperature=temperature,
+            top_p=top_p,
+        ):
             answered = True
             yield piece
     yield ("\n\n" if answered else "") + MEDICAL_DISCLAIMER
@@ -110,7 +132,10 @@ def question_box(model, tokenizer, max_new_tokens: int = 192, do_sample: bool = 
     button = w.Button(description="提問", button_style="primary")
     adapter = w.ToggleButtons(options=[("微調後", True), ("基礎模型", False)], value=True, description="模型：")
     answer = w.Textarea(layout=w.Layout(width="100%", height="220px"), disabled=True)
-    disclaimer = w.HTML(f"<div style='border:1px solid #e0a800;background:#fff8e1;padding:8px;border-radius:4px'>{MEDICAL_DISCLAIMER}</div>", layout=w.Layout(width="32%"))
+    disclaimer = w.HTML(
+        f"<div style='border:1px solid #e0a800;background:#fff8e1;padding:8px;border-radius:4px'>{MEDICAL_DISCLAIMER}</div>",
+        layout=w.Layout(width="32%"),
+    )
 
     def ask(text: str | None = None) -> str:
         text = (text if text is not None else question.value).strip()
@@ -120,13 +145,23 @@ def question_box(model, tokenizer, max_new_tokens: int = 192, do_sample: bool = 
         button.disabled = True
         answer.value = ""
         try:
-            for piece in answer_pieces(model, tokenizer, text, max_new_tokens=max_new_tokens, do_sample=do_sample, use_adapter=adapter.value, **gen_kwargs):
+            for piece in answer_pieces(
+                model,
+                tokenizer,
+                text,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                use_adapter=adapter.value,
+                **gen_kwargs,
+            ):
                 answer.value += piece
         finally:
             button.disabled = False
         return answer.value
 
     button.on_click(lambda _: ask())
-    box = w.VBox([w.HBox([question, button]), adapter, w.HBox([w.VBox([answer], layout=w.Layout(width="66%")), disclaimer])])
+    box = w.VBox(
+        [w.HBox([question, button]), adapter, w.HBox([w.VBox([answer], layout=w.Layout(width="66%")), disclaimer])]
+    )
     box.ask = ask
     return box

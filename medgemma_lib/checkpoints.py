@@ -200,8 +200,10 @@ def verify_adapter(adapter_dir: str | os.PathLike, *, run_dir: str | os.PathLike
         run_dir = Path(run_dir)
         good = latest_complete_checkpoint(run_dir / "checkpoints")
         if good is not None:
-            hint = (f"訓練的完整檢查點 {good.name} 還在：執行 python -m medgemma_lib train --config {display_path(run_dir / 'config.yaml')} --resume "
-                    "會從它接續並重新寫出轉接器（若它已是最後一步，只會重新存檔，不再訓練）。")
+            hint = (
+                f"訓練的完整檢查點 {good.name} 還在：執行 python -m medgemma_lib train --config {display_path(run_dir / 'config.yaml')} --resume "
+                "會從它接續並重新寫出轉接器（若它已是最後一步，只會重新存檔，不再訓練）。"
+            )
     raise ModelError(f"LoRA 轉接器 {display_path(adapter_dir)} 已損毀或不完整，無法使用：{problem}。", hint=hint)
 
 

@@ -91,7 +91,9 @@ def _add_auth(sub) -> None:
     p = sub.add_parser("auth", help="Hugging Face 權杖與 MedGemma 存取權檢查")
     asub = p.add_subparsers(dest="auth_command", metavar="動作")
     c = asub.add_parser("check", help="檢查權杖能否下載某個模型（可以：結束碼 0；不行：2）")
-    c.add_argument("--model", default="google/medgemma-4b-it", help="模型 id 或設定檔名稱（預設 google/medgemma-4b-it）")
+    c.add_argument(
+        "--model", default="google/medgemma-4b-it", help="模型 id 或設定檔名稱（預設 google/medgemma-4b-it）"
+    )
     c.add_argument("--timeout", type=float, default=None, help="等待 Hub 回應的秒數（預設 15）")
     c.set_defaults(func=_run_auth_check)
     w = asub.add_parser("whoami", help="顯示權杖屬於哪個帳號（權杖只以遮蔽形式顯示）")
@@ -112,7 +114,9 @@ def _run_auth_whoami(args) -> int:
 
     info = auth.whoami()
     print(f"帳號：{info['name']}")
-    print(f"權杖：{info['masked_token']}（來源：{auth.SOURCE_NAMES[info['token_source']]}；權限：{info['role'] or '未知'}）")
+    print(
+        f"權杖：{info['masked_token']}（來源：{auth.SOURCE_NAMES[info['token_source']]}；權限：{info['role'] or '未知'}）"
+    )
     return 0
 
 
@@ -122,41 +126,66 @@ def _run_auth_whoami(args) -> int:
 
 # CLI option -> DataSection field (None means "not given": the YAML or default value stays).
 _DATA_OVERRIDES = {
-    "input": "input", "encoding": "encoding", "system_prompt": "system_prompt", "convert": "chinese_conversion",
-    "max_answer_chars": "max_answer_chars", "long_answers": "long_answer_policy", "val_fraction": "validation_fraction",
-    "test_fraction": "test_fraction", "seed": "seed", "deidentify": "deidentify",
-    "max_train_examples": "max_train_examples", "max_eval_examples": "max_eval_examples",
+    "input": "input",
+    "encoding": "encoding",
+    "system_prompt": "system_prompt",
+    "convert": "chinese_conversion",
+    "max_answer_chars": "max_answer_chars",
+    "long_answers": "long_answer_policy",
+    "val_fraction": "validation_fraction",
+    "test_fraction": "test_fraction",
+    "seed": "seed",
+    "deidentify": "deidentify",
+    "max_train_examples": "max_train_examples",
+    "max_eval_examples": "max_eval_examples",
 }
 
 
 def _add_data(sub) -> None:
-    parser = sub.add_parser("data", help="資料準備：讀取、清理、切分、格式化問答資料",
-                            description="資料準備（notebook 03 的同一套函式）。")
+    parser = sub.add_parser(
+        "data", help="資料準備：讀取、清理、切分、格式化問答資料", description="資料準備（notebook 03 的同一套函式）。"
+    )
     dsub = parser.add_subparsers(dest="data_command", metavar="子指令", parser_class=type(parser))
-    p = dsub.add_parser("prepare", help="把問答檔準備成訓練用的 train/validation/test",
-                        description="讀取 CSV、JSONL 或 MedQuAD XML，清理、去識別化、切分（不洩漏主題）、格式化成 TRL 對話格式並存檔。")
+    p = dsub.add_parser(
+        "prepare",
+        help="把問答檔準備成訓練用的 train/validation/test",
+        description="讀取 CSV、JSONL 或 MedQuAD XML，清理、去識別化、切分（不洩漏主題）、格式化成 TRL 對話格式並存檔。",
+    )
     p.add_argument("--input", help="輸入檔：CSV、JSONL、MedQuAD XML 資料夾或 .tar.gz（預設：設定檔的 data.input）")
     p.add_argument("--output", help="輸出資料夾（splits/ 與 prepare_report.json）；不給則只顯示報告")
     p.add_argument("--columns", help="欄位對應，例如 question=ask,answer=answer,focus_area=department")
     p.add_argument("--encoding", help="檔案編碼（utf-8、utf-8-sig、cp950、gb18030、utf-16…）；不給則自動偵測")
     p.add_argument("--format", choices=["csv", "jsonl", "xml"], help="輸入格式；不給則依副檔名判斷")
-    p.add_argument("--convert", choices=["s2t", "s2tw", "s2twp", "t2s", "tw2s"], help="OpenCC 繁簡轉換，例如 s2twp（簡體轉台灣正體）")
+    p.add_argument(
+        "--convert",
+        choices=["s2t", "s2tw", "s2twp", "t2s", "tw2s"],
+        help="OpenCC 繁簡轉換，例如 s2twp（簡體轉台灣正體）",
+    )
     p.add_argument("--system-prompt", help="可選的系統指示")
     p.add_argument("--max-answer-chars", type=int, help="答案長度上限（字元）")
-    p.add_argument("--long-answers", choices=["truncate", "drop"], help="超長答案：truncate（句子邊界截斷）或 drop（捨棄）")
+    p.add_argument(
+        "--long-answers", choices=["truncate", "drop"], help="超長答案：truncate（句子邊界截斷）或 drop（捨棄）"
+    )
     p.add_argument("--val-fraction", type=float, help="驗證集比例（預設 0.1）")
     p.add_argument("--test-fraction", type=float, help="測試集比例（預設 0.1）")
     p.add_argument("--seed", type=int, help="切分用的亂數種子（預設 42）")
-    p.add_argument("--deidentify", choices=["report", "mask", "refuse"], help="個資處理：report、mask 或 refuse（預設 report）")
+    p.add_argument(
+        "--deidentify", choices=["report", "mask", "refuse"], help="個資處理：report、mask 或 refuse（預設 report）"
+    )
     p.add_argument("--max-train-examples", type=int, help="最多保留幾筆訓練資料")
     p.add_argument("--max-eval-examples", type=int, help="驗證集最多保留幾筆（測試集不受影響，評估時另有上限）")
     p.add_argument("--config", help="YAML 設定檔（讀取其中的 data: 區段；命令列參數優先）")
-    p.add_argument("--tokenizer", default="auto",
-                   help="計算 token 長度用的 tokenizer：demo、模型資料夾、none；預設 auto（示範模型已在快取時才計算）")
+    p.add_argument(
+        "--tokenizer",
+        default="auto",
+        help="計算 token 長度用的 tokenizer：demo、模型資料夾、none；預設 auto（示範模型已在快取時才計算）",
+    )
     p.add_argument("--overwrite", action="store_true", help="輸出資料夾已有先前的結果時取代它")
     p.add_argument("--json", action="store_true", help="以 JSON 印出完整報告")
     p.set_defaults(func=_run_data_prepare)
-    s = dsub.add_parser("stats", help="顯示已準備資料夾的報告", description="讀取 data prepare 的輸出資料夾並顯示報告。")
+    s = dsub.add_parser(
+        "stats", help="顯示已準備資料夾的報告", description="讀取 data prepare 的輸出資料夾並顯示報告。"
+    )
     s.add_argument("folder", help="data prepare 的輸出資料夾")
     s.add_argument("--json", action="store_true", help="以 JSON 印出完整報告")
     s.set_defaults(func=_run_data_stats)
@@ -189,8 +218,10 @@ def _data_tokenizer(choice: str):
 
     if choice == "auto":
         if not models.demo_model_cached():
-            return None, ("略過 token 長度：示範模型尚未下載轉換"
-                          "（執行 python -m medgemma_lib models --prepare-demo 後再試，或加 --tokenizer demo）")
+            return None, (
+                "略過 token 長度：示範模型尚未下載轉換"
+                "（執行 python -m medgemma_lib models --prepare-demo 後再試，或加 --tokenizer demo）"
+            )
         choice = "demo"
     return models.load_tokenizer(choice), None
 
@@ -203,8 +234,9 @@ def _run_data_prepare(args) -> int:
     if args.output:
         data.check_output_dir(args.output, args.overwrite)  # before loading anything heavy
     tokenizer, note = _data_tokenizer(args.tokenizer)
-    _, report = data.prepare_from_config(data_cfg, args.output, tokenizer=tokenizer, overwrite=args.overwrite,
-                                         input_format=args.format)
+    _, report = data.prepare_from_config(
+        data_cfg, args.output, tokenizer=tokenizer, overwrite=args.overwrite, input_format=args.format
+    )
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
     else:
@@ -254,14 +286,19 @@ def _run_models(args) -> int:
     print(f"{'設定檔':<22}{'Hub id':<30}{'模型類別':<34}說明")
     for p in PROFILES.values():
         print(f"{p.name:<24}{(p.hub_id or '（離線套件）'):<32}{p.model_class:<36}{p.description}")
-    print(f"\n示範模型是否已快取：{'是' if models.demo_model_cached() else '否'}（{display_path(models.demo_model_dir())}）")
+    print(
+        f"\n示範模型是否已快取：{'是' if models.demo_model_cached() else '否'}（{display_path(models.demo_model_dir())}）"
+    )
     return 0
 
 
 def _add_memory(sub) -> None:
     p = sub.add_parser("memory", help="估算 QLoRA 訓練需要多少 GPU 記憶體，並依顯示卡大小給建議")
-    p.add_argument("--profile", default="medgemma-27b-text-it",
-                   help="模型設定檔：medgemma-4b-it、medgemma-27b-text-it、medgemma-27b-it、demo")
+    p.add_argument(
+        "--profile",
+        default="medgemma-27b-text-it",
+        help="模型設定檔：medgemma-4b-it、medgemma-27b-text-it、medgemma-27b-it、demo",
+    )
     p.add_argument("--gpu-gib", type=float, default=None, help="GPU 記憶體大小（GiB），例如 24")
     p.add_argument("--quantization", default="nf4", choices=QUANTIZATIONS)
     p.add_argument("--lora-r", type=int, default=16)
@@ -272,10 +309,17 @@ def _add_memory(sub) -> None:
     p.add_argument("--liger", action="store_true", help="使用 Liger 核心")
     p.add_argument("--packing", action="store_true", help="把樣本接成長列（packing）")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout（0 可省下每層一份輸入副本與遮罩）")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "varlen", "flash_attention_2", "eager"], help="注意力實作")
-    p.add_argument("--optim", default="adamw", help="最佳化器：adamw、adamw_fused、adamw_8bit（也接受 adamw_torch_fused 等名稱）")
-    p.add_argument("--expandable-segments", action="store_true",
-                   help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True（保留記憶體接近實際用量）")
+    p.add_argument(
+        "--attn", default="sdpa", choices=["sdpa", "varlen", "flash_attention_2", "eager"], help="注意力實作"
+    )
+    p.add_argument(
+        "--optim", default="adamw", help="最佳化器：adamw、adamw_fused、adamw_8bit（也接受 adamw_torch_fused 等名稱）"
+    )
+    p.add_argument(
+        "--expandable-segments",
+        action="store_true",
+        help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True（保留記憶體接近實際用量）",
+    )
     p.add_argument("--table", action="store_true", help="列出 8～141 GB 顯示卡的建議表")
     p.add_argument("--json", action="store_true", help="以 JSON 輸出")
     p.set_defaults(func=_run_memory)
@@ -288,8 +332,11 @@ def _run_memory(args) -> int:
         raise ConfigError("--batch、--seq、--lora-r 必須是正整數（--seq 至少 8）。")
     if not 0 <= args.lora_dropout < 1:
         raise ConfigError(f"--lora-dropout 必須介於 0 與 1 之間（目前 {args.lora_dropout}）。")
-    targets = ("all-linear" if args.lora_targets == "all-linear"
-               else tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
+    targets = (
+        "all-linear"
+        if args.lora_targets == "all-linear"
+        else tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    )
     memory.architecture(args.profile)
     if args.table:
         import pandas as pd
@@ -297,12 +344,23 @@ def _run_memory(args) -> int:
         with pd.option_context("display.max_colwidth", None, "display.width", 200):
             print(memory.advice_table(args.profile).to_string())
         return 0
-    est = memory.estimate_training_memory(memory.TrainingSetup(
-        profile=args.profile, quantization=args.quantization, lora_r=args.lora_r, lora_targets=targets,
-        micro_batch=args.batch, seq_len=args.seq, gradient_checkpointing=not args.no_grad_ckpt, liger=args.liger,
-        packing=args.packing, lora_dropout=args.lora_dropout, attn_implementation=args.attn, optim=args.optim,
-        expandable_segments=args.expandable_segments,
-    ))
+    est = memory.estimate_training_memory(
+        memory.TrainingSetup(
+            profile=args.profile,
+            quantization=args.quantization,
+            lora_r=args.lora_r,
+            lora_targets=targets,
+            micro_batch=args.batch,
+            seq_len=args.seq,
+            gradient_checkpointing=not args.no_grad_ckpt,
+            liger=args.liger,
+            packing=args.packing,
+            lora_dropout=args.lora_dropout,
+            attn_implementation=args.attn,
+            optim=args.optim,
+            expandable_segments=args.expandable_segments,
+        )
+    )
     if args.json:
         print(json.dumps(est.to_dict(), ensure_ascii=False, indent=2))
     else:
@@ -331,8 +389,11 @@ def _run_train(args) -> int:
         overrides.append(f"train.run_name={args.run_name}")
     cfg = config.load_config(args.config, overrides)
     result = train.run_training(cfg, resume=args.resume)
-    if (result.initial_eval_loss is not None and result.final_eval_loss is not None
-            and result.final_eval_loss >= result.initial_eval_loss):
+    if (
+        result.initial_eval_loss is not None
+        and result.final_eval_loss is not None
+        and result.final_eval_loss >= result.initial_eval_loss
+    ):
         print("注意：驗證集 loss 沒有下降。可以提高學習率、增加步數，或檢查資料。", flush=True)
     return 0
 
@@ -355,12 +416,22 @@ def _run_demo(args) -> int:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="評估一次訓練：基礎模型 vs 微調後（測試集 loss、ROUGE-L、BLEU、chrF、中文題）")
     p.add_argument("--run", required=True, help="執行資料夾，例如 results/demo-20261129-101500")
-    p.add_argument("--max-loss-examples", type=int, default=None,
-                   help="計算 loss 的測試資料筆數上限（預設：設定檔 eval.max_eval_examples，未設定則全部）")
-    p.add_argument("--num-generate", type=int, default=None, help="產生答案並計分的英文測試題數（預設：eval.num_generate）")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="每題最多產生幾個 token（預設：eval.max_new_tokens）")
+    p.add_argument(
+        "--max-loss-examples",
+        type=int,
+        default=None,
+        help="計算 loss 的測試資料筆數上限（預設：設定檔 eval.max_eval_examples，未設定則全部）",
+    )
+    p.add_argument(
+        "--num-generate", type=int, default=None, help="產生答案並計分的英文測試題數（預設：eval.num_generate）"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="每題最多產生幾個 token（預設：eval.max_new_tokens）"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="產生答案的批次大小（預設：eval.batch_size）")
-    p.add_argument("--chinese-samples", type=int, default=4, help="從隨附中文樣本取幾題（另有原始指南的三題）；0 表示只用三題")
+    p.add_argument(
+        "--chinese-samples", type=int, default=4, help="從隨附中文樣本取幾題（另有原始指南的三題）；0 表示只用三題"
+    )
     p.add_argument("--no-chinese", action="store_true", help="略過中文題")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default=None, help="基礎模型的量化方式（預設：與訓練相同）")
     p.set_defaults(func=_run_evaluate)
@@ -370,9 +441,14 @@ def _run_evaluate(args) -> int:
     from medgemma_lib import MEDICAL_DISCLAIMER, evaluate  # handler import: see the module docstring
 
     result = evaluate.run_evaluation(
-        args.run, max_loss_examples=args.max_loss_examples, num_generate=args.num_generate,
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, num_chinese_samples=args.chinese_samples,
-        chinese=not args.no_chinese, quantization=args.quantization,
+        args.run,
+        max_loss_examples=args.max_loss_examples,
+        num_generate=args.num_generate,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        num_chinese_samples=args.chinese_samples,
+        chinese=not args.no_chinese,
+        quantization=args.quantization,
     )
     print()
     print(evaluate.markdown_table(evaluate.comparison_rows(result)))
@@ -393,33 +469,51 @@ def _add_chat(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.7, help="取樣溫度（預設 0.7）")
     p.add_argument("--top-p", type=float, default=0.95, help="top-p 取樣（預設 0.95）")
     p.add_argument("--max-new-tokens", type=int, default=256, help="每個答案最多幾個 token（預設 256）")
-    p.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
-                   help="基礎模型量化方式（預設：--run 與訓練相同；--model 不量化）")
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="基礎模型量化方式（預設：--run 與訓練相同；--model 不量化）",
+    )
     p.set_defaults(func=_run_chat)
 
 
 def _run_chat(args) -> int:
     if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens 必須是正整數（收到 {args.max_new_tokens}）。", hint="例如 --max-new-tokens 256")
+        raise ConfigError(
+            f"--max-new-tokens 必須是正整數（收到 {args.max_new_tokens}）。", hint="例如 --max-new-tokens 256"
+        )
     if not 0 < args.temperature <= 5:
-        raise ConfigError(f"--temperature 必須在 0 到 5 之間（收到 {args.temperature}）。",
-                          hint="常用 0.7；要固定答案請改用 --greedy。")
+        raise ConfigError(
+            f"--temperature 必須在 0 到 5 之間（收到 {args.temperature}）。",
+            hint="常用 0.7；要固定答案請改用 --greedy。",
+        )
     if args.base and args.model:
-        raise ConfigError("--base 只能和 --run 一起用（匯出的模型已經合併了轉接器）。", hint="改用 --run 訓練結果資料夾。")
+        raise ConfigError(
+            "--base 只能和 --run 一起用（匯出的模型已經合併了轉接器）。", hint="改用 --run 訓練結果資料夾。"
+        )
     from medgemma_lib import chat  # handler import: see the module docstring
 
-    model, tokenizer = chat.load_chat_model(args.run, args.model, quantization=args.quantization,
-                                            verbose=sys.stdin.isatty())
+    model, tokenizer = chat.load_chat_model(
+        args.run, args.model, quantization=args.quantization, verbose=sys.stdin.isatty()
+    )
     n = chat.chat_loop(
-        model, tokenizer, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-        temperature=args.temperature, top_p=args.top_p, use_adapter=not args.base,
+        model,
+        tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not args.greedy,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        use_adapter=not args.base,
     )
     print(f"\n共回答 {n} 個問題。")
     return 0
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="把 LoRA 轉接器合併進基礎模型，匯出可直接以 transformers 載入的資料夾（可選上傳 Hub）")
+    p = sub.add_parser(
+        "export", help="把 LoRA 轉接器合併進基礎模型，匯出可直接以 transformers 載入的資料夾（可選上傳 Hub）"
+    )
     p.add_argument("--run", required=True, help="訓練結果資料夾，例如 results/demo-run")
     p.add_argument("--output", default=None, help="輸出資料夾（預設：<run>/merged）")
     p.add_argument("--dtype", default="bfloat16", help="權重精度：bfloat16（預設）或 float32")
@@ -439,11 +533,15 @@ def _run_export(args) -> int:
     if args.verify:
         result = export.verify_export(out, args.run)
         if result["merge_error_ratio"] >= 0.5 or (args.dtype == "float32" and not result["same"]):
-            raise ModelError("匯出的模型與「基礎模型＋轉接器」差異過大，合併可能沒有生效。",
-                             hint="請回報此問題並附上 transformers 與 peft 版本。")
+            raise ModelError(
+                "匯出的模型與「基礎模型＋轉接器」差異過大，合併可能沒有生效。",
+                hint="請回報此問題並附上 transformers 與 peft 版本。",
+            )
         if not result["same"]:
-            print("注意：bf16 只有 8 位元有效數字，W + ΔW 存成 bf16 時，比 W 小很多的更新量會被捨入，"
-                  "貪婪答案可能在某個 token 開始分歧；需要逐位元一致時請用 --dtype float32。")
+            print(
+                "注意：bf16 只有 8 位元有效數字，W + ΔW 存成 bf16 時，比 W 小很多的更新量會被捨入，"
+                "貪婪答案可能在某個 token 開始分歧；需要逐位元一致時請用 --dtype float32。"
+            )
     if args.push_to_hub is not None:
         url = export.push_to_hub(out, args.push_to_hub, private=not args.public)
         print(f"已上傳：{url}")
@@ -455,18 +553,26 @@ def _run_export(args) -> int:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="以隨機權重的真實架構量測 QLoRA 訓練速度與 GPU 記憶體（輸出 JSON 與 Markdown 表格）")
+    p = sub.add_parser(
+        "bench", help="以隨機權重的真實架構量測 QLoRA 訓練速度與 GPU 記憶體（輸出 JSON 與 Markdown 表格）"
+    )
     p.add_argument("--arch", default="27b,4b", help="架構，逗號分隔：27b、4b、tiny（或設定檔名稱），預設 27b,4b")
     p.add_argument("--variants", default=None, help="只跑這些變體（逗號分隔的名稱）；預設全部")
     p.add_argument("--device", default=None, help="cuda 或 cpu；預設有 GPU 就用 GPU")
-    p.add_argument("--lengths", default=None, help="長度來源：MedQuAD CSV 或長度 JSON；預設用套件內附的完整 MedQuAD 長度")
+    p.add_argument(
+        "--lengths", default=None, help="長度來源：MedQuAD CSV 或長度 JSON；預設用套件內附的完整 MedQuAD 長度"
+    )
     p.add_argument("--steps", type=int, default=None, help="覆寫每個變體的量測步數")
     p.add_argument("--warmup", type=int, default=None, help="覆寫每個變體的暖身步數（不計入）")
     p.add_argument("--out", default="results/bench", help="輸出資料夾（bench.json、bench.md）")
     p.add_argument("--seed", type=int, default=0, help="亂數種子")
     p.add_argument("--check-packing", action="store_true", help="先檢查：打包後每筆的 logits 與單獨執行相同")
-    p.add_argument("--unsloth", default=None, metavar="TOKENIZER_XZ",
-                   help="改為量測 Unsloth（需另行安裝）；參數為 xz 壓縮的 Gemma 3 tokenizer.json（Unsloth 從資料夾載入模型）")
+    p.add_argument(
+        "--unsloth",
+        default=None,
+        metavar="TOKENIZER_XZ",
+        help="改為量測 Unsloth（需另行安裝）；參數為 xz 壓縮的 Gemma 3 tokenizer.json（Unsloth 從資料夾載入模型）",
+    )
     p.set_defaults(func=_run_bench)
 
 
@@ -493,12 +599,26 @@ def _run_bench(args) -> int:
         for attn in ("sdpa", "varlen"):
             diff = bench.packed_matches_unpacked("tiny", device, attn=attn)
             control = bench.packed_matches_unpacked("tiny", device, attn=attn, restart_positions=False)
-            print(f"打包檢查（{attn}，{device}）：最大 logits 相對差 {diff:.2e}（對照組：位置不重新起算時 {control:.2e}）", flush=True)
+            print(
+                f"打包檢查（{attn}，{device}）：最大 logits 相對差 {diff:.2e}（對照組：位置不重新起算時 {control:.2e}）",
+                flush=True,
+            )
             if diff > (2e-2 if device.startswith("cuda") else 1e-4):
-                raise ResourceError(f"打包後的結果與單獨執行不同（{attn}，差 {diff:.2e}）：樣本之間互相看到了。",
-                                    hint="請回報此問題，並附上 torch 與 transformers 版本。")
-    bench.run_bench(archs, device=args.device, variants=variants, lengths=args.lengths, out_dir=args.out, seed=args.seed,
-                    steps=args.steps, warmup=args.warmup, log=log)
+                raise ResourceError(
+                    f"打包後的結果與單獨執行不同（{attn}，差 {diff:.2e}）：樣本之間互相看到了。",
+                    hint="請回報此問題，並附上 torch 與 transformers 版本。",
+                )
+    bench.run_bench(
+        archs,
+        device=args.device,
+        variants=variants,
+        lengths=args.lengths,
+        out_dir=args.out,
+        seed=args.seed,
+        steps=args.steps,
+        warmup=args.warmup,
+        log=log,
+    )
     print(f"結果已寫入 {args.out}/bench.json 與 bench.md")
     return 0
 
@@ -506,7 +626,9 @@ def _run_bench(args) -> int:
 def _add_gradcheck(sub) -> None:
     p = sub.add_parser("gradcheck", help="比對訓練步驟的 LoRA 梯度與參考計算（示範模型；CPU 或 GPU）")
     p.add_argument("--json", help="把結果寫成 JSON 檔")
-    p.add_argument("overrides", nargs="*", metavar="區段.鍵=值", help="覆寫示範設定，例如 train.gradient_checkpointing=true")
+    p.add_argument(
+        "overrides", nargs="*", metavar="區段.鍵=值", help="覆寫示範設定，例如 train.gradient_checkpointing=true"
+    )
     p.set_defaults(func=_run_gradcheck)
 
 
@@ -517,8 +639,21 @@ def _run_gradcheck(args) -> int:
 
 
 # Order here is the order in ``--help``.
-COMMANDS = [_add_doctor, _add_config, _add_auth, _add_data, _add_models, _add_memory, _add_train, _add_demo,
-            _add_evaluate, _add_chat, _add_export, _add_bench, _add_gradcheck]
+COMMANDS = [
+    _add_doctor,
+    _add_config,
+    _add_auth,
+    _add_data,
+    _add_models,
+    _add_memory,
+    _add_train,
+    _add_demo,
+    _add_evaluate,
+    _add_chat,
+    _add_export,
+    _add_bench,
+    _add_gradcheck,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

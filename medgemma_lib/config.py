@@ -37,9 +37,17 @@ def _f(default: Any, help: str, **checks: Any) -> Any:
 
 @dataclass
 class ModelSection:
-    profile: str = _f("demo", "模型設定檔：demo、medgemma-4b-it、medgemma-27b-text-it、medgemma-27b-it，或本機模型資料夾路徑")
-    quantization: str = _f("nf4", "權重量化方式：nf4（4 位元，預設）、int8 或 none（不量化）", choices=["nf4", "int8", "none"])
-    attn_implementation: str | None = _f(None, "注意力實作：不填則使用設定檔建議值（eager 或 sdpa）", choices=[None, "eager", "sdpa", "flash_attention_2"])
+    profile: str = _f(
+        "demo", "模型設定檔：demo、medgemma-4b-it、medgemma-27b-text-it、medgemma-27b-it，或本機模型資料夾路徑"
+    )
+    quantization: str = _f(
+        "nf4", "權重量化方式：nf4（4 位元，預設）、int8 或 none（不量化）", choices=["nf4", "int8", "none"]
+    )
+    attn_implementation: str | None = _f(
+        None,
+        "注意力實作：不填則使用設定檔建議值（eager 或 sdpa）",
+        choices=[None, "eager", "sdpa", "flash_attention_2"],
+    )
 
 
 @dataclass
@@ -49,14 +57,20 @@ class DataSection:
     columns: dict = _f({}, "欄位對應，例如 {question: ask, answer: answer}", item_type=str)
     encoding: str | None = _f(None, "檔案編碼；不填則自動偵測")
     system_prompt: str | None = _f(None, "可選的系統指示，會放在第一個使用者回合之前")
-    chinese_conversion: str | None = _f(None, "OpenCC 繁簡轉換，例如 s2twp（簡轉台灣正體）", choices=[None, "s2t", "s2tw", "s2twp", "t2s", "tw2s"])
+    chinese_conversion: str | None = _f(
+        None, "OpenCC 繁簡轉換，例如 s2twp（簡轉台灣正體）", choices=[None, "s2t", "s2tw", "s2twp", "t2s", "tw2s"]
+    )
     max_answer_chars: int = _f(8000, "答案長度上限（字元）", min=1)
-    long_answer_policy: str = _f("truncate", "超長答案的處理：truncate（在句子邊界截斷）或 drop（捨棄）", choices=["truncate", "drop"])
+    long_answer_policy: str = _f(
+        "truncate", "超長答案的處理：truncate（在句子邊界截斷）或 drop（捨棄）", choices=["truncate", "drop"]
+    )
     validation_fraction: float = _f(0.1, "驗證集比例", min=0.0, max=0.9)
     test_fraction: float = _f(0.1, "測試集比例", min=0.0, max=0.9)
     max_train_examples: int | None = _f(None, "最多使用幾筆訓練資料（示範時縮短時間）", min=1)
     max_eval_examples: int | None = _f(None, "驗證集最多幾筆", min=1)
-    deidentify: str = _f("report", "個資處理：report（只回報）、mask（遮蔽）、refuse（發現即停止）", choices=["report", "mask", "refuse"])
+    deidentify: str = _f(
+        "report", "個資處理：report（只回報）、mask（遮蔽）、refuse（發現即停止）", choices=["report", "mask", "refuse"]
+    )
     seed: int = _f(42, "切分資料用的亂數種子")
 
 
@@ -65,7 +79,11 @@ class LoraSection:
     r: int = _f(16, "LoRA 秩（rank）：越大可學的越多，記憶體也越多", min=1, max=1024)
     alpha: int = _f(32, "LoRA 縮放係數 alpha（通常為 r 的兩倍）", min=1)
     dropout: float = _f(0.05, "LoRA dropout 比例", min=0.0, max=0.9)
-    target_modules: str | list = _f("all-linear", "要加上 LoRA 的層：all-linear（語言模型所有線性層）或名稱清單，例如 [q_proj, v_proj]", item_type=str)
+    target_modules: str | list = _f(
+        "all-linear",
+        "要加上 LoRA 的層：all-linear（語言模型所有線性層）或名稱清單，例如 [q_proj, v_proj]",
+        item_type=str,
+    )
 
 
 @dataclass
@@ -75,12 +93,18 @@ class TrainSection:
     num_train_epochs: float = _f(1.0, "訓練幾個 epoch", min=0.0)
     max_steps: int = _f(-1, "最多訓練幾步；-1 表示由 epoch 決定", min=-1)
     learning_rate: float = _f(2e-4, "學習率", min=1e-8, max=1.0)
-    lr_scheduler_type: str = _f("cosine", "學習率排程：cosine、linear、constant_with_warmup", choices=["cosine", "linear", "constant_with_warmup", "constant"])
+    lr_scheduler_type: str = _f(
+        "cosine",
+        "學習率排程：cosine、linear、constant_with_warmup",
+        choices=["cosine", "linear", "constant_with_warmup", "constant"],
+    )
     warmup_ratio: float = _f(0.05, "暖身步數佔總步數的比例", min=0.0, max=0.5)
     per_device_train_batch_size: int = _f(4, "每張卡每步的樣本數（micro-batch）", min=1, max=4096)
     gradient_accumulation_steps: int = _f(1, "梯度累積步數", min=1, max=4096)
     max_length: int = _f(1024, "每筆樣本最多幾個 token（超過則截斷）", min=8, max=131072)
-    max_example_length: int | None = _f(None, "packing 前每筆樣本最多幾個 token（超過則截斷）；不填則以 max_length（列長）為上限", min=8, max=131072)
+    max_example_length: int | None = _f(
+        None, "packing 前每筆樣本最多幾個 token（超過則截斷）；不填則以 max_length（列長）為上限", min=8, max=131072
+    )
     packing: bool = _f(False, "把多筆樣本接成一列以免填充（padding-free packing）")
     padding_free: bool = _f(True, "不填充：一個批次的樣本首尾相接，省去 padding 的計算")
     use_liger_kernel: bool = _f(False, "使用 Liger 核心（需要 CUDA 與 liger-kernel 套件）")
@@ -94,7 +118,9 @@ class TrainSection:
     save_total_limit: int = _f(2, "最多保留幾個檢查點", min=1)
     seed: int = _f(42, "訓練亂數種子")
     auto_oom_retry: bool = _f(True, "CUDA 記憶體不足時，自動以一半 micro-batch、兩倍梯度累積重試")
-    report_to: list = _f(["tensorboard"], "紀錄工具清單，例如 [tensorboard]；[] 表示不紀錄", item_choices=["tensorboard", "none"])
+    report_to: list = _f(
+        ["tensorboard"], "紀錄工具清單，例如 [tensorboard]；[] 表示不紀錄", item_choices=["tensorboard", "none"]
+    )
     num_threads: int | None = _f(None, "CPU 執行緒數；不填則使用全部核心", min=1)
 
 
@@ -178,11 +204,22 @@ def _check_field(section: str, f: dataclasses.Field, value: Any) -> Any:
             hint=f"{key}：{f.metadata.get('help', '')}",
         )
     meta = f.metadata
-    items = list(value.values()) + list(value.keys()) if isinstance(value, dict) else value if isinstance(value, list) else []
+    items = (
+        list(value.values()) + list(value.keys())
+        if isinstance(value, dict)
+        else value
+        if isinstance(value, list)
+        else []
+    )
     if "item_type" in meta and not all(isinstance(v, meta["item_type"]) and v for v in items):
-        raise ConfigError(f"設定 {key} 的內容 {value!r} 有空白或型別不對的項目（每一項都必須是非空白的文字）。", hint=f"{key}：{meta.get('help', '')}")
+        raise ConfigError(
+            f"設定 {key} 的內容 {value!r} 有空白或型別不對的項目（每一項都必須是非空白的文字）。",
+            hint=f"{key}：{meta.get('help', '')}",
+        )
     if "item_choices" in meta and any(v not in meta["item_choices"] for v in items):
-        raise ConfigError(f"設定 {key} 的內容 {value!r} 有不認識的項目。", hint=f"可用的項目：{'、'.join(meta['item_choices'])}")
+        raise ConfigError(
+            f"設定 {key} 的內容 {value!r} 有不認識的項目。", hint=f"可用的項目：{'、'.join(meta['item_choices'])}"
+        )
     if isinstance(value, str) and f.name == "target_modules" and not value.strip():
         raise ConfigError(f"設定 {key} 不能是空白。", hint=f"{key}：{meta.get('help', '')}")
     if "choices" in meta and value not in meta["choices"]:
@@ -192,9 +229,13 @@ def _check_field(section: str, f: dataclasses.Field, value: Any) -> Any:
         raise ConfigError(f"設定 {key} 的值 {value!r} 不是有限的數字。", hint=f"{key}：{meta.get('help', '')}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if "min" in meta and value < meta["min"]:
-            raise ConfigError(f"設定 {key} 的值 {value} 太小（最小 {meta['min']}）。", hint=f"{key}：{meta.get('help', '')}")
+            raise ConfigError(
+                f"設定 {key} 的值 {value} 太小（最小 {meta['min']}）。", hint=f"{key}：{meta.get('help', '')}"
+            )
         if "max" in meta and value > meta["max"]:
-            raise ConfigError(f"設定 {key} 的值 {value} 太大（最大 {meta['max']}）。", hint=f"{key}：{meta.get('help', '')}")
+            raise ConfigError(
+                f"設定 {key} 的值 {value} 太大（最大 {meta['max']}）。", hint=f"{key}：{meta.get('help', '')}"
+            )
     return value
 
 
@@ -210,7 +251,10 @@ def config_from_dict(data: dict | None) -> RunConfig:
     if data is None:
         return cfg
     if not isinstance(data, dict):
-        raise ConfigError("設定檔的最上層必須是對應表（model:、data:、lora:、train:、eval:）。", hint="請參考 configs/demo.yaml 的格式。")
+        raise ConfigError(
+            "設定檔的最上層必須是對應表（model:、data:、lora:、train:、eval:）。",
+            hint="請參考 configs/demo.yaml 的格式。",
+        )
     sections = {f.name: f for f in dataclasses.fields(RunConfig)}
     for sec_name, sec_values in data.items():
         if sec_name not in sections:
@@ -218,7 +262,10 @@ def config_from_dict(data: dict | None) -> RunConfig:
         if sec_values is None:
             continue
         if not isinstance(sec_values, dict):
-            raise ConfigError(f"設定區段 {sec_name} 必須是對應表，卻是 {type(sec_values).__name__}。", hint="例如：\n" + f"{sec_name}:\n  鍵: 值")
+            raise ConfigError(
+                f"設定區段 {sec_name} 必須是對應表，卻是 {type(sec_values).__name__}。",
+                hint="例如：\n" + f"{sec_name}:\n  鍵: 值",
+            )
         section = getattr(cfg, sec_name)
         fields = {f.name: f for f in dataclasses.fields(section)}
         for key, value in sec_values.items():
@@ -236,7 +283,10 @@ def _cross_checks(cfg: RunConfig) -> None:
             hint="兩者相加請小於 0.9，例如各 0.1。",
         )
     if cfg.train.max_steps == 0 or (cfg.train.max_steps < 0 and cfg.train.num_train_epochs <= 0):
-        raise ConfigError("訓練步數為 0：train.max_steps 與 train.num_train_epochs 都沒有指定要訓練。", hint="設定 train.max_steps（例如 40）或 train.num_train_epochs（例如 1）。")
+        raise ConfigError(
+            "訓練步數為 0：train.max_steps 與 train.num_train_epochs 都沒有指定要訓練。",
+            hint="設定 train.max_steps（例如 40）或 train.num_train_epochs（例如 1）。",
+        )
 
 
 def _parse_scalar(text: str) -> Any:
@@ -268,7 +318,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"找不到設定檔 {p}。", hint="請確認路徑，或從 configs/ 中選一個，例如 configs/demo.yaml。")
+            raise ConfigError(
+                f"找不到設定檔 {p}。", hint="請確認路徑，或從 configs/ 中選一個，例如 configs/demo.yaml。"
+            )
         try:
             text = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -278,15 +330,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"第 {mark.line + 1} 行第 {mark.column + 1} 欄" if mark else "某處"
-            raise ConfigError(f"設定檔 {p} 的 YAML 格式錯誤（{where}）。", hint="檢查縮排（只能用空格）與冒號後的空格。") from None
+            raise ConfigError(
+                f"設定檔 {p} 的 YAML 格式錯誤（{where}）。", hint="檢查縮排（只能用空格）與冒號後的空格。"
+            ) from None
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data)
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically)."""
-    return write_text(path, "# 本次執行實際使用的完整設定（由 medgemma_lib 自動寫入）\n"
-                      + yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False))
+    return write_text(
+        path,
+        "# 本次執行實際使用的完整設定（由 medgemma_lib 自動寫入）\n"
+        + yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False),
+    )
 
 
 def check_paths(cfg: RunConfig, root: str | os.PathLike | None = None) -> None:
@@ -296,19 +353,28 @@ def check_paths(cfg: RunConfig, root: str | os.PathLike | None = None) -> None:
         src = Path(cfg.data.input)
         src = src if src.is_absolute() else base / src
         if not src.exists():
-            raise ConfigError(f"找不到資料檔 data.input = {cfg.data.input}。", hint="請確認路徑（相對於目前資料夾），例如 data/medquad_sample.csv。")
+            raise ConfigError(
+                f"找不到資料檔 data.input = {cfg.data.input}。",
+                hint="請確認路徑（相對於目前資料夾），例如 data/medquad_sample.csv。",
+            )
     else:
         prepared = Path(cfg.data.prepared_dir)
         prepared = prepared if prepared.is_absolute() else base / prepared
         if not prepared.is_dir():
-            raise ConfigError(f"找不到已準備的資料夾 data.prepared_dir = {cfg.data.prepared_dir}。", hint="請先執行 python -m medgemma_lib data prepare，或把 data.prepared_dir 留空。")
+            raise ConfigError(
+                f"找不到已準備的資料夾 data.prepared_dir = {cfg.data.prepared_dir}。",
+                hint="請先執行 python -m medgemma_lib data prepare，或把 data.prepared_dir 留空。",
+            )
     out = Path(cfg.train.output_dir)
     out = out if out.is_absolute() else base / out
     probe = out
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"無法寫入輸出資料夾 train.output_dir = {cfg.train.output_dir}（{probe} 不是可寫入的資料夾）。", hint="請改用可寫入的路徑，例如 results。")
+        raise OutputError(
+            f"無法寫入輸出資料夾 train.output_dir = {cfg.train.output_dir}（{probe} 不是可寫入的資料夾）。",
+            hint="請改用可寫入的路徑，例如 results。",
+        )
 
 
 def field_help(section: str, key: str) -> str:

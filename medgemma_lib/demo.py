@@ -30,7 +30,10 @@ def demo_config_path() -> Path:
     for base in (Path.cwd(), REPO_ROOT):
         if (base / DEMO_CONFIG).is_file():
             return base / DEMO_CONFIG
-    raise TrainingError(f"找不到示範設定檔 {DEMO_CONFIG}。", hint="請在專案資料夾（含 configs/ 的那一層）執行 python -m medgemma_lib demo。")
+    raise TrainingError(
+        f"找不到示範設定檔 {DEMO_CONFIG}。",
+        hint="請在專案資料夾（含 configs/ 的那一層）執行 python -m medgemma_lib demo。",
+    )
 
 
 def load_demo_config(overrides: list[str] | None = None):
@@ -45,7 +48,10 @@ def run_demo(overrides: list[str] | None = None, evaluate: bool = True) -> dict:
     started = time.time()
     cfg = load_demo_config(overrides)
     if cfg.model.profile != "demo":
-        raise TrainingError("demo 指令只用示範模型（model.profile=demo）。", hint="訓練其他模型請用 python -m medgemma_lib train --config configs/<設定>.yaml。")
+        raise TrainingError(
+            "demo 指令只用示範模型（model.profile=demo）。",
+            hint="訓練其他模型請用 python -m medgemma_lib train --config configs/<設定>.yaml。",
+        )
     print("== 1/4 示範模型 ==", flush=True)
     t = time.time()
     ensure_demo_model(verbose=True)
@@ -58,7 +64,10 @@ def run_demo(overrides: list[str] | None = None, evaluate: bool = True) -> dict:
     splits, _report = prepare_from_config(cfg.data, output_dir=None, tokenizer=tokenizer)
     counts = {name: len(ds) for name, ds in splits.items()}
     timings["data_s"] = round(time.time() - t, 1)
-    print(f"資料：{display_path(cfg.data.input)} → 訓練 {counts.get('train', 0)}、驗證 {counts.get('validation', 0)}、測試 {counts.get('test', 0)} 筆（答案 ≤ {cfg.data.max_answer_chars} 字元）。", flush=True)
+    print(
+        f"資料：{display_path(cfg.data.input)} → 訓練 {counts.get('train', 0)}、驗證 {counts.get('validation', 0)}、測試 {counts.get('test', 0)} 筆（答案 ≤ {cfg.data.max_answer_chars} 字元）。",
+        flush=True,
+    )
 
     print("== 3/4 QLoRA 訓練 ==", flush=True)
     result = run_training(cfg, datasets=splits, tokenizer=tokenizer)
@@ -95,13 +104,20 @@ def _evaluate(result, tokenizer) -> dict:
     scores = out.get("models", {})
     example = next((row for row in out.get("answers", []) if row.get("answers", {}).get("tuned")), None)
     summary = {
-        name: {k: scores[name].get(k) for k in ("loss", "perplexity", "rougeL", "chrf", "bleu") if k in scores.get(name, {})}
-        for name in ("base", "tuned") if name in scores
+        name: {
+            k: scores[name].get(k)
+            for k in ("loss", "perplexity", "rougeL", "chrf", "bleu")
+            if k in scores.get(name, {})
+        }
+        for name in ("base", "tuned")
+        if name in scores
     }
     summary["report"] = display_path(Path(result.run_dir) / EVAL_MD)
     if example:
         summary["example"] = {k: example.get(k) for k in ("question", "reference")} | {
-            "base": example["answers"].get("base"), "tuned": example["answers"]["tuned"]}
+            "base": example["answers"].get("base"),
+            "tuned": example["answers"]["tuned"],
+        }
     return summary
 
 
@@ -112,7 +128,9 @@ def _print_summary(s: dict) -> None:
     test = s.get("test") or {}
     if "base" in test and "tuned" in test:
         b, t = test["base"], test["tuned"]
-        print(f"測試集 loss：基礎模型 {b['loss']:.3f}（困惑度 {math.exp(b['loss']):.1f}）→ 微調後 {t['loss']:.3f}（困惑度 {math.exp(t['loss']):.1f}）")
+        print(
+            f"測試集 loss：基礎模型 {b['loss']:.3f}（困惑度 {math.exp(b['loss']):.1f}）→ 微調後 {t['loss']:.3f}（困惑度 {math.exp(t['loss']):.1f}）"
+        )
         for key, name in (("rougeL", "ROUGE-L"), ("chrf", "chrF")):
             if key in b and key in t and b[key] is not None:
                 print(f"{name}：{b[key]:.2f} → {t[key]:.2f}")
@@ -126,7 +144,9 @@ def _print_summary(s: dict) -> None:
         print(f"  微調後：  {_one_line(example['tuned'])}")
         print(f"  參考答案：{_one_line(example.get('reference'), 200)}")
     print(f"\nLoRA 轉接器：{s['adapter_dir']}")
-    print(f"執行資料夾：{s['run_dir']}（評估報告 eval.md、loss.png、config.yaml、train_log.jsonl、memory.json、tensorboard/）")
+    print(
+        f"執行資料夾：{s['run_dir']}（評估報告 eval.md、loss.png、config.yaml、train_log.jsonl、memory.json、tensorboard/）"
+    )
     print("下一步：")
     print("  看完整的評估報告：" + s["run_dir"] + "/eval.md")
     print("  自己問模型問題：  python -m medgemma_lib chat --run " + s["run_dir"])

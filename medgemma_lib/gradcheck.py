@@ -73,7 +73,9 @@ class GradCheck:
 
     @property
     def ok(self) -> bool:
-        return self.max_rel_diff <= self.tolerance and abs(self.loss_product - self.loss_reference) <= self.tolerance * max(1.0, self.loss_reference)
+        return self.max_rel_diff <= self.tolerance and abs(
+            self.loss_product - self.loss_reference
+        ) <= self.tolerance * max(1.0, self.loss_reference)
 
     def to_dict(self) -> dict:
         return asdict(self) | {"ok": self.ok}
@@ -81,8 +83,15 @@ class GradCheck:
 
 def check_config(overrides: list[str] | None = None):
     """The demo config, changed only where a deterministic comparison needs it (no LoRA dropout)."""
-    return load_demo_config(["lora.dropout=0.0", "train.max_length=512", "data.max_train_examples=16",
-                             "data.max_eval_examples=4", *(overrides or [])])
+    return load_demo_config(
+        [
+            "lora.dropout=0.0",
+            "train.max_length=512",
+            "data.max_train_examples=16",
+            "data.max_eval_examples=4",
+            *(overrides or []),
+        ]
+    )
 
 
 def build_trainer(cfg, workdir: Path, model=None, tokenizer=None, splits=None):
@@ -95,7 +104,9 @@ def build_trainer(cfg, workdir: Path, model=None, tokenizer=None, splits=None):
     if splits is None:
         splits, _ = prepare_from_config(cfg.data, output_dir=None, tokenizer=tokenizer)
     if model is None:
-        model = load_model(cfg.model.profile, cfg.model.quantization, device, attn_implementation=cfg.model.attn_implementation)
+        model = load_model(
+            cfg.model.profile, cfg.model.quantization, device, attn_implementation=cfg.model.attn_implementation
+        )
     model = trainer_parts.prepare_model_for_training(cfg, model, profile, device, verbose=False)
     train_ds = train.conversational_only(splits["train"])
     eval_ds = train.conversational_only(splits["validation"])
@@ -118,7 +129,9 @@ def _randomise_lora_b(model, seed: int) -> None:
 
 def _tokenise(tokenizer, record) -> tuple[list[int], list[int]]:
     """(prompt ids, full ids) of a prepared record, with the chat template applied directly."""
-    prompt = tokenizer.apply_chat_template(record["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False)
+    prompt = tokenizer.apply_chat_template(
+        record["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False
+    )
     full = tokenizer.apply_chat_template(record["prompt"] + record["completion"], tokenize=True, return_dict=False)
     if full[: len(prompt)] != prompt:
         raise AssertionError("the chat template does not extend the prompt: cannot derive the labels")
@@ -142,12 +155,15 @@ def reference_examples(trainer, inputs) -> list[tuple[list[int], list[int]]]:
     out = []
     for a, b in zip(starts, starts[1:]):
         segment = ids[a:b]
-        match = next(((p, f) for p, f in trainer.reference_records if segment == f[: len(segment)] and len(segment) > len(p)), None)
+        match = next(
+            ((p, f) for p, f in trainer.reference_records if segment == f[: len(segment)] and len(segment) > len(p)),
+            None,
+        )
         if match is None:
             raise AssertionError(f"packed segment at {a}:{b} equals no prepared example's own tokenisation")
         prompt, full = match
         full = full[: len(segment)]  # an example cut to train.max_example_length stays cut
-        out.append((full, [-100] * len(prompt) + full[len(prompt):]))
+        out.append((full, [-100] * len(prompt) + full[len(prompt) :]))
     return out
 
 
@@ -156,9 +172,17 @@ def product_gradients(trainer, inputs) -> tuple[float, dict]:
 
     model = trainer.model
     model.zero_grad(set_to_none=True)
-    n_items = int((inputs["labels"][:, 1:] != -100).sum())  # what the Trainer counts for one micro-batch without accumulation
-    loss = trainer.training_step(model, dict(inputs), torch.tensor(n_items, device=inputs["labels"].device))  # compute_loss + backward
-    grads = {_lora_key(n): p.grad.detach().float().cpu().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    n_items = int(
+        (inputs["labels"][:, 1:] != -100).sum()
+    )  # what the Trainer counts for one micro-batch without accumulation
+    loss = trainer.training_step(
+        model, dict(inputs), torch.tensor(n_items, device=inputs["labels"].device)
+    )  # compute_loss + backward
+    grads = {
+        _lora_key(n): p.grad.detach().float().cpu().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.grad is not None
+    }
     model.zero_grad(set_to_none=True)
     return float(loss.detach()), grads
 
@@ -180,7 +204,9 @@ def reference_gradients(peft_model, examples, device: str, dtype=None) -> tuple[
     from bitsandbytes.nn import Linear4bit
 
     base = peft_model.get_base_model()
-    config = base.config.__class__.from_dict({k: v for k, v in base.config.to_dict().items() if k != "quantization_config"})
+    config = base.config.__class__.from_dict(
+        {k: v for k, v in base.config.to_dict().items() if k != "quantization_config"}
+    )
     config._attn_implementation = "eager"
     dtype = dtype or torch.float32
     ref = type(base)(config).to(device=device, dtype=dtype).eval()  # eval: no dropout anywhere
@@ -267,22 +293,34 @@ def run_check(cfg=None, *, evaluate_first: bool = False, trainer=None, workdir: 
     dtype = str(compute_dtype(default_device())).replace("torch.", "")
     worst_diff, per_layer, worst = compare(grads_p, grads_r)
     return GradCheck(
-        device=default_device(), dtype=dtype, tolerance=TOLERANCE[dtype], n_examples=len(examples),
-        n_label_tokens=sum(sum(t != -100 for t in lab[1:]) for _, lab in examples), row_tokens=int(inputs["input_ids"].shape[1]),
-        loss_product=loss_p, loss_reference=loss_r, max_rel_diff=worst_diff, per_layer=per_layer, worst=worst,
-        after_eval_pass=evaluate_first, packing_state=cpu_inference_packing_state(trainer.model),
+        device=default_device(),
+        dtype=dtype,
+        tolerance=TOLERANCE[dtype],
+        n_examples=len(examples),
+        n_label_tokens=sum(sum(t != -100 for t in lab[1:]) for _, lab in examples),
+        row_tokens=int(inputs["input_ids"].shape[1]),
+        loss_product=loss_p,
+        loss_reference=loss_r,
+        max_rel_diff=worst_diff,
+        per_layer=per_layer,
+        worst=worst,
+        after_eval_pass=evaluate_first,
+        packing_state=cpu_inference_packing_state(trainer.model),
     )
 
 
 def format_table(results: list[GradCheck]) -> str:
-    lines = ["| check | device | dtype | examples | label tokens | loss (product / reference) | largest rel. diff | layer 0 | last layer | tolerance | result |",
-             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "| check | device | dtype | examples | label tokens | loss (product / reference) | largest rel. diff | layer 0 | last layer | tolerance | result |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
     for r in results:
         last = max(k for k in r.per_layer)
         lines.append(
             f"| {'after an evaluation pass' if r.after_eval_pass else 'first step'} | {r.device} | {r.dtype} | {r.n_examples} | {r.n_label_tokens} | "
             f"{r.loss_product:.5f} / {r.loss_reference:.5f} | {r.max_rel_diff:.2e} | {r.per_layer.get(0, float('nan')):.2e} | "
-            f"{r.per_layer[last]:.2e} | {r.tolerance:g} | {'ok' if r.ok else 'WRONG'} |")
+            f"{r.per_layer[last]:.2e} | {r.tolerance:g} | {'ok' if r.ok else 'WRONG'} |"
+        )
     return "\n".join(lines)
 
 
@@ -295,15 +333,23 @@ def check_and_report(overrides: list[str] | None = None, json_path: str | None =
         results = [run_check(cfg, trainer=trainer), run_check(cfg, trainer=trainer, evaluate_first=True)]
     print(format_table(results))
     for r in results:
-        print(f"{'after eval' if r.after_eval_pass else 'first step'} per layer: "
-              + ", ".join(f"{k}:{v:.1e}" for k, v in r.per_layer.items()))
+        print(
+            f"{'after eval' if r.after_eval_pass else 'first step'} per layer: "
+            + ", ".join(f"{k}:{v:.1e}" for k, v in r.per_layer.items())
+        )
     if json_path:
-        write_json(json_path, {
-            "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - started, 1), "overrides": list(overrides or []),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "results": [r.to_dict() for r in results],
-        })
+        write_json(
+            json_path,
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "seconds": round(time.time() - started, 1),
+                "overrides": list(overrides or []),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                "results": [r.to_dict() for r in results],
+            },
+        )
     return 0 if all(r.ok for r in results) else 1
 
 

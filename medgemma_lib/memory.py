@@ -130,7 +130,10 @@ ARCHITECTURES: dict[str, Architecture] = {**{n: p.architecture for n, p in PROFI
 def architecture(profile: str) -> Architecture:
     if profile in ARCHITECTURES:
         return ARCHITECTURES[profile]
-    raise ConfigError(f"記憶體估算不認識設定檔 {profile!r}。", hint=f"可用：{'、'.join(k for k in ARCHITECTURES if '-' in k or k == 'demo')}")
+    raise ConfigError(
+        f"記憶體估算不認識設定檔 {profile!r}。",
+        hint=f"可用：{'、'.join(k for k in ARCHITECTURES if '-' in k or k == 'demo')}",
+    )
 
 
 @dataclass
@@ -154,13 +157,22 @@ class TrainingSetup:
     attn_implementation: str = "sdpa"  # sdpa | varlen (flash attention per example; also flash_attention_2) | eager
     compute_bytes: int = 2  # bf16 on GPU; 4 for fp32 (CPU demo)
     lora_dropout: float = 0.05
-    optim: str = "adamw"  # adamw | adamw_fused | adamw_8bit (HF names such as adamw_torch_fused, paged_adamw_8bit work too)
+    optim: str = (
+        "adamw"  # adamw | adamw_fused | adamw_8bit (HF names such as adamw_torch_fused, paged_adamw_8bit work too)
+    )
     liger_layers: bool = True  # with liger: its RMSNorm / GEGLU / RoPE kernels are in the model too, not only the loss
     expandable_segments: bool = False  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (reserved ≈ allocated)
 
     def label(self) -> str:
-        targets = "all-linear" if self.lora_targets == "all-linear" else "+".join(t.removesuffix("_proj") for t in self.lora_targets)
-        parts = [f"{targets} r{self.lora_r}", f"{self.micro_batch}×{self.seq_len}{'（packing）' if self.packing else ''}"]
+        targets = (
+            "all-linear"
+            if self.lora_targets == "all-linear"
+            else "+".join(t.removesuffix("_proj") for t in self.lora_targets)
+        )
+        parts = [
+            f"{targets} r{self.lora_r}",
+            f"{self.micro_batch}×{self.seq_len}{'（packing）' if self.packing else ''}",
+        ]
         parts.append(("Liger" if self.liger_layers else "Liger（僅 loss）") if self.liger else "無 Liger")
         parts.append("梯度檢查點" if self.gradient_checkpointing else "無梯度檢查點")
         attn = attention_kind(self.attn_implementation)
@@ -210,7 +222,9 @@ def _target_names(targets) -> tuple[str, ...]:
     names = LORA_LINEARS if targets == "all-linear" else tuple(targets)
     unknown = [n for n in names if n not in LORA_LINEARS]
     if unknown:
-        raise ConfigError(f"LoRA 目標 {unknown} 不是 Gemma 3 的線性層。", hint=f"可用：all-linear 或 {', '.join(LORA_LINEARS)}")
+        raise ConfigError(
+            f"LoRA 目標 {unknown} 不是 Gemma 3 的線性層。", hint=f"可用：all-linear 或 {', '.join(LORA_LINEARS)}"
+        )
     return names
 
 
@@ -265,8 +279,11 @@ def layer_saved_bytes(arch: Architecture, setup: TrainingSetup) -> tuple[float, 
     if setup.lora_dropout > 0:
         lora_inputs = DROPOUT_BYTES_PER_ELEMENT * sum(widths[t] for t in targets)
     else:  # lora_A keeps its input itself; o_proj's input is the attention output, kept anyway
-        lora_inputs = 2 * (h * bool(targets & {"q_proj", "k_proj", "v_proj"}) + h * bool(targets & {"gate_proj", "up_proj"})
-                           + i * ("down_proj" in targets))
+        lora_inputs = 2 * (
+            h * bool(targets & {"q_proj", "k_proj", "v_proj"})
+            + h * bool(targets & {"gate_proj", "up_proj"})
+            + i * ("down_proj" in targets)
+        )
     return norms + mlp + attn + lora_inputs + LAYER_EXTRA_BYTES_PER_H * h, per_row
 
 
@@ -334,9 +351,15 @@ def estimate_training_memory(setup: TrainingSetup | None = None, **kwargs) -> Me
 
 # Presets measured on the H200 (docs/benchmarks.md, "Presets that follow from this"), fastest first:
 # (card they are for, rows, row length, gradient checkpointing, optimizer).
-_PRESET_COMMON = dict(packing=True, liger=True, attn_implementation="varlen", lora_dropout=0.0, expandable_segments=True)
+_PRESET_COMMON = dict(
+    packing=True, liger=True, attn_implementation="varlen", lora_dropout=0.0, expandable_segments=True
+)
 PRESETS: dict[str, list[tuple[str, int, int, bool, str]]] = {
-    "27b": [("141 GB", 1, 4096, False, "adamw_fused"), ("24 GB", 1, 3072, True, "adamw_fused"), ("≤ 20 GB", 1, 2048, True, "adamw_8bit")],
+    "27b": [
+        ("141 GB", 1, 4096, False, "adamw_fused"),
+        ("24 GB", 1, 3072, True, "adamw_fused"),
+        ("≤ 20 GB", 1, 2048, True, "adamw_8bit"),
+    ],
     "4b": [("141 GB", 4, 4096, False, "adamw_fused"), ("8 GB", 1, 8192, True, "adamw_fused")],
 }
 
@@ -345,8 +368,19 @@ def preset_setups(profile: str, lora_r: int = 16, lora_targets="all-linear") -> 
     """The measured presets for a profile's model size, fastest first (empty for the demo)."""
     family = "27b" if "27b" in profile else "4b" if "4b" in profile else None
     return [
-        (card, TrainingSetup(profile=profile, lora_r=lora_r, lora_targets=lora_targets, micro_batch=rows, seq_len=length,
-                             gradient_checkpointing=ckpt, optim=optim, **_PRESET_COMMON))
+        (
+            card,
+            TrainingSetup(
+                profile=profile,
+                lora_r=lora_r,
+                lora_targets=lora_targets,
+                micro_batch=rows,
+                seq_len=length,
+                gradient_checkpointing=ckpt,
+                optim=optim,
+                **_PRESET_COMMON,
+            ),
+        )
         for card, rows, length, ckpt, optim in PRESETS.get(family, [])
     ]
 
@@ -354,15 +388,27 @@ def preset_setups(profile: str, lora_r: int = 16, lora_targets="all-linear") -> 
 def candidate_setups(profile: str, lora_r: int = 16, lora_targets="all-linear") -> list[TrainingSetup]:
     """Other settings worth trying when no preset fits, roughly from fastest to slowest."""
     base = dict(profile=profile, lora_r=lora_r, lora_targets=lora_targets)
-    lean = dict(base, liger=True, attn_implementation="varlen", lora_dropout=0.0, optim="adamw_fused", expandable_segments=True)
+    lean = dict(
+        base, liger=True, attn_implementation="varlen", lora_dropout=0.0, optim="adamw_fused", expandable_segments=True
+    )
     out = []
     for ckpt in (False, True):
         for mb in (8, 4, 2, 1):
             out.append(TrainingSetup(**lean, micro_batch=mb, seq_len=4096, packing=True, gradient_checkpointing=ckpt))
     for length in (2048, 1024, 512):
         out.append(TrainingSetup(**lean, micro_batch=1, seq_len=length, packing=True, gradient_checkpointing=True))
-        out.append(TrainingSetup(**dict(lean, optim="adamw_8bit"), micro_batch=1, seq_len=length, packing=True, gradient_checkpointing=True))
-    out.append(TrainingSetup(**base, micro_batch=1, seq_len=4096, packing=True, liger=False, gradient_checkpointing=True))
+        out.append(
+            TrainingSetup(
+                **dict(lean, optim="adamw_8bit"),
+                micro_batch=1,
+                seq_len=length,
+                packing=True,
+                gradient_checkpointing=True,
+            )
+        )
+    out.append(
+        TrainingSetup(**base, micro_batch=1, seq_len=4096, packing=True, liger=False, gradient_checkpointing=True)
+    )
     out.append(TrainingSetup(**base, micro_batch=4, seq_len=512, liger=False, gradient_checkpointing=True))
     out.append(TrainingSetup(**base, micro_batch=1, seq_len=512, liger=False, gradient_checkpointing=True))
     return out
@@ -371,7 +417,13 @@ def candidate_setups(profile: str, lora_r: int = 16, lora_targets="all-linear") 
 def _speed_rank(s: TrainingSetup) -> tuple:
     # Measured on H200: no checkpointing > checkpointing (~1.5×); Liger+packing > padding;
     # longer steps > shorter (fixed per-step costs); fused AdamW > 8-bit AdamW. Larger key = faster.
-    return (not s.gradient_checkpointing, s.liger and s.packing, s.liger, s.micro_batch * s.seq_len, optimizer_kind(s.optim) != "adamw_8bit")
+    return (
+        not s.gradient_checkpointing,
+        s.liger and s.packing,
+        s.liger,
+        s.micro_batch * s.seq_len,
+        optimizer_kind(s.optim) != "adamw_8bit",
+    )
 
 
 def advise(profile: str, gpu_gib: float, **kwargs) -> dict:
@@ -387,7 +439,12 @@ def advise(profile: str, gpu_gib: float, **kwargs) -> dict:
         if not fitting:
             smallest = min(ests + [e for _, e in presets], key=lambda e: e.needs_card_gib())
             return {
-                "profile": profile, "gpu_gib": gpu_gib, "fits": False, "setting": None, "preset": None, "peak_allocated_gib": None,
+                "profile": profile,
+                "gpu_gib": gpu_gib,
+                "fits": False,
+                "setting": None,
+                "preset": None,
+                "peak_allocated_gib": None,
                 "advice": f"放不下：{profile} 最省記憶體的設定（{smallest.setup.label()}）也需要約 {smallest.needs_card_gib():.0f} GiB。"
                 + ("請改用 medgemma-4b-it 或 demo。" if "27b" in profile else "請改用 demo 設定檔（CPU 也可）。"),
             }
@@ -398,11 +455,20 @@ def advise(profile: str, gpu_gib: float, **kwargs) -> dict:
         text += f"這是 H200 實測的 {card} 預設（docs/benchmarks.md）。"
     if not best.setup.liger:
         text += "安裝 liger-kernel 可再省下 logits 的記憶體。"
-    return {"profile": profile, "gpu_gib": gpu_gib, "fits": True, "setting": best.setup.label(), "preset": card,
-            "peak_allocated_gib": best.peak_allocated_gib, "advice": text}
+    return {
+        "profile": profile,
+        "gpu_gib": gpu_gib,
+        "fits": True,
+        "setting": best.setup.label(),
+        "preset": card,
+        "peak_allocated_gib": best.peak_allocated_gib,
+        "advice": text,
+    }
 
 
-def advice_table(profile: str | list[str] = ("medgemma-4b-it", "medgemma-27b-text-it"), gpu_sizes=(8, 12, 16, 24, 40, 80, 141)):
+def advice_table(
+    profile: str | list[str] = ("medgemma-4b-it", "medgemma-27b-text-it"), gpu_sizes=(8, 12, 16, 24, 40, 80, 141)
+):
     """A pandas table: rows = GPU sizes (GB), one advice column per profile (for notebook 04)."""
     profiles = [profile] if isinstance(profile, str) else list(profile)
     rows = []
@@ -423,10 +489,18 @@ def breakdown_table(setups: list[TrainingSetup]):
     rows = []
     for s in setups:
         e = estimate_training_memory(s)
-        rows.append({
-            "設定": s.label(), "權重": e.weights_gib, "LoRA＋AdamW": e.lora_gib, "激活值": e.activations_gib,
-            "logits＋loss": e.logits_gib, "其他": e.overhead_gib, "峰值（allocated）": e.peak_allocated_gib, "需要的顯示卡": round(e.needs_card_gib(), 1),
-        })
+        rows.append(
+            {
+                "設定": s.label(),
+                "權重": e.weights_gib,
+                "LoRA＋AdamW": e.lora_gib,
+                "激活值": e.activations_gib,
+                "logits＋loss": e.logits_gib,
+                "其他": e.overhead_gib,
+                "峰值（allocated）": e.peak_allocated_gib,
+                "需要的顯示卡": round(e.needs_card_gib(), 1),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -445,7 +519,9 @@ def format_estimate(e: MemoryEstimate, gpu_gib: float | None = None) -> str:
         "（依 H200 實測驗證：peak allocated 誤差在 ±15% 內，見 medgemma_lib/resources/h200_reference.json 與 h200_bench_2026-11-29.json）",
     ]
     if gpu_gib is not None:
-        lines.append(("✓ " if e.fits(gpu_gib) else "✗ ") + f"{gpu_gib:g} GiB 的 GPU：{'放得下' if e.fits(gpu_gib) else '放不下'}")
+        lines.append(
+            ("✓ " if e.fits(gpu_gib) else "✗ ") + f"{gpu_gib:g} GiB 的 GPU：{'放得下' if e.fits(gpu_gib) else '放不下'}"
+        )
         lines.append("建議：" + advise(s.profile, gpu_gib)["advice"])
     return "\n".join(lines)
 
@@ -503,8 +579,17 @@ def _quant_state_bytes(qs, seen: set[int]) -> int:
 def footprint_table(fp: dict):
     """Footprint as a small pandas table (MiB), with the bf16 / fp32 sizes for comparison."""
     mib = 1024**2
-    rows = [{"資料型別": r["dtype"], "參數量（百萬）": round(r["params"] / 1e6, 1), "大小（MiB）": round(r["bytes"] / mib, 1)} for r in fp["rows"]]
-    rows.append({"資料型別": "合計", "參數量（百萬）": round(fp["params"] / 1e6, 1), "大小（MiB）": round(fp["bytes"] / mib, 1)})
+    rows = [
+        {
+            "資料型別": r["dtype"],
+            "參數量（百萬）": round(r["params"] / 1e6, 1),
+            "大小（MiB）": round(r["bytes"] / mib, 1),
+        }
+        for r in fp["rows"]
+    ]
+    rows.append(
+        {"資料型別": "合計", "參數量（百萬）": round(fp["params"] / 1e6, 1), "大小（MiB）": round(fp["bytes"] / mib, 1)}
+    )
     return pd.DataFrame(rows)
 
 
@@ -546,7 +631,14 @@ def setup_from_row(row: dict) -> TrainingSetup:
         profile = "medgemma-4b-it"
     extra = {k: row[k] for k in ("lora_dropout", "optim", "liger_layers", "expandable_segments") if k in row}
     return TrainingSetup(
-        profile=profile, lora_r=row.get("lora_r", 16), lora_targets=targets if targets == "all-linear" else tuple(targets),
-        micro_batch=row["batch"], seq_len=row["seq"], gradient_checkpointing=row["grad_ckpt"], liger=row["liger"],
-        packing=row.get("packing", False), attn_implementation=row.get("attn", "sdpa"), **extra,
+        profile=profile,
+        lora_r=row.get("lora_r", 16),
+        lora_targets=targets if targets == "all-linear" else tuple(targets),
+        micro_batch=row["batch"],
+        seq_len=row["seq"],
+        gradient_checkpointing=row["grad_ckpt"],
+        liger=row["liger"],
+        packing=row.get("packing", False),
+        attn_implementation=row.get("attn", "sdpa"),
+        **extra,
     )

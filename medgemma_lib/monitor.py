@@ -130,9 +130,18 @@ def plot_loss_curve(records: list[dict], path: str | os.PathLike | None = None, 
         fig = ax.figure
     ax.clear()
     if train:
-        ax.plot([s for s, _ in train], [v for _, v in train], "-", color="#1f77b4", alpha=0.8, label=label("訓練 loss", "train loss"))
+        ax.plot(
+            [s for s, _ in train],
+            [v for _, v in train],
+            "-",
+            color="#1f77b4",
+            alpha=0.8,
+            label=label("訓練 loss", "train loss"),
+        )
     if val:
-        ax.plot([s for s, _ in val], [v for _, v in val], "o-", color="#d62728", label=label("驗證 loss", "validation loss"))
+        ax.plot(
+            [s for s, _ in val], [v for _, v in val], "o-", color="#d62728", label=label("驗證 loss", "validation loss")
+        )
     ax.set_xlabel(label("訓練步數", "step"))
     ax.set_ylabel("loss")
     ax.set_title(title or label("訓練與驗證 loss", "Training and validation loss"))
@@ -167,8 +176,11 @@ class MonitorCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
-                  "time_s": round(time.time() - self.started, 2)}
+        record = {
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0.0, 4),
+            "time_s": round(time.time() - self.started, 2),
+        }
         record.update({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in logs.items()})
         record.update(memory_snapshot(self.device))
         reset_peak(self.device)

@@ -11,9 +11,19 @@ import matplotlib
 from matplotlib import font_manager, rcParams
 
 _CJK_FONT_NAMES = [
-    "Noto Sans CJK TC", "Noto Sans TC", "Noto Sans CJK JP", "Noto Sans CJK SC", "Source Han Sans TC",
-    "Source Han Sans", "Microsoft JhengHei", "PingFang TC", "Heiti TC", "WenQuanYi Zen Hei",
-    "WenQuanYi Micro Hei", "AR PL UMing TW", "Droid Sans Fallback",
+    "Noto Sans CJK TC",
+    "Noto Sans TC",
+    "Noto Sans CJK JP",
+    "Noto Sans CJK SC",
+    "Source Han Sans TC",
+    "Source Han Sans",
+    "Microsoft JhengHei",
+    "PingFang TC",
+    "Heiti TC",
+    "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei",
+    "AR PL UMing TW",
+    "Droid Sans Fallback",
 ]
 _state: dict[str, str | None] = {}
 

@@ -81,9 +81,32 @@ def _fold(text: str) -> str:
 
 # Official letter codes of the first character (I, O, W, Z ... are out of alphabetical order).
 _LETTER_CODES = {
-    "A": 10, "B": 11, "C": 12, "D": 13, "E": 14, "F": 15, "G": 16, "H": 17, "I": 34, "J": 18,
-    "K": 19, "L": 20, "M": 21, "N": 22, "O": 35, "P": 23, "Q": 24, "R": 25, "S": 26, "T": 27,
-    "U": 28, "V": 29, "W": 32, "X": 30, "Y": 31, "Z": 33,
+    "A": 10,
+    "B": 11,
+    "C": 12,
+    "D": 13,
+    "E": 14,
+    "F": 15,
+    "G": 16,
+    "H": 17,
+    "I": 34,
+    "J": 18,
+    "K": 19,
+    "L": 20,
+    "M": 21,
+    "N": 22,
+    "O": 35,
+    "P": 23,
+    "Q": 24,
+    "R": 25,
+    "S": 26,
+    "T": 27,
+    "U": 28,
+    "V": 29,
+    "W": 32,
+    "X": 30,
+    "Y": 31,
+    "Z": 33,
 }
 _WEIGHTS = (1, 9, 8, 7, 6, 5, 4, 3, 2, 1, 1)
 
@@ -163,7 +186,13 @@ _DATE_RE = re.compile(
     "|".join(
         [
             # 民國74年3月12日, 1985 年 3 月 12 日, 七十四年三月十二日
-            r"(?:民國|西元)?\s?" + _ZH_NUM + r"{2,4}\s?年\s?" + _ZH_NUM + r"{1,3}\s?月\s?" + _ZH_NUM + r"{1,3}\s?[日號]",
+            r"(?:民國|西元)?\s?"
+            + _ZH_NUM
+            + r"{2,4}\s?年\s?"
+            + _ZH_NUM
+            + r"{1,3}\s?月\s?"
+            + _ZH_NUM
+            + r"{1,3}\s?[日號]",
             # 1985-03-12, 1985/3/12, 1985.03.12
             r"(?<![0-9])(?:19|20)[0-9]{2}[-/.](?:0?[1-9]|1[0-2])[-/.](?:0?[1-9]|[12][0-9]|3[01])(?![0-9])",
             # 03/12/1985, 12-03-1985, ROC 74/03/12, 074.03.12
@@ -195,13 +224,14 @@ def _birth_dates(text: str) -> Iterable[tuple[str, int, int]]:
             windows.append((lo, hi))
     for lo, hi in windows:
         for m in _DATE_RE.finditer(text, lo, min(hi, len(text))):
-            before = text[max(0, m.start() - 20): m.start()]
-            after = text[m.end(): m.end() + 3]
+            before = text[max(0, m.start() - 20) : m.start()]
+            after = text[m.end() : m.end() + 3]
             if _BIRTH_CUE_BEFORE_RE.search(before) or _BIRTH_CUE_AFTER_RE.search(after):
                 start = m.start()
                 while start < m.end() and text[start].isspace():
                     start += 1
                 yield "birth_date", start, m.end()
+
 
 # ---------------------------------------------------------------------------------------------
 # Record numbers behind cue words
@@ -256,19 +286,94 @@ _EN_NAME_RE = re.compile(
 # Capitalised words after a title that are not names. Spelled-out "Doctor" is not a title here:
 # MedQuAD headings read "Talking With Your Doctor Bring this ...".
 _EN_NOT_NAMES = {
-    "Office", "Offices", "Visit", "Visits", "Appointment", "Appointments", "If", "The", "A", "An",
-    "And", "Or", "Who", "Will", "May", "Can", "Should", "Says", "Said", "Is", "Are",
+    "Office",
+    "Offices",
+    "Visit",
+    "Visits",
+    "Appointment",
+    "Appointments",
+    "If",
+    "The",
+    "A",
+    "An",
+    "And",
+    "Or",
+    "Who",
+    "Will",
+    "May",
+    "Can",
+    "Should",
+    "Says",
+    "Said",
+    "Is",
+    "Are",
 }
 # Two-character words whose second character is also a surname: 兒童醫師 is not Dr. 童.
 # Found on real Chinese medical dialogues: 謝謝醫生, 感謝醫生, 健康檢查醫生, 高中同學.
 _ZH_WORDS_ENDING_IN_SURNAME = {
-    "兒童", "孩童", "學童", "蛋白", "明白", "空白", "結石", "基金", "現金", "年金", "相關", "有關", "機關",
-    "感謝", "感谢", "多謝", "多谢", "謝謝", "谢谢", "健康", "小康", "安康", "儿童", "学童", "结石", "现金", "相关", "有关", "机关",
+    "兒童",
+    "孩童",
+    "學童",
+    "蛋白",
+    "明白",
+    "空白",
+    "結石",
+    "基金",
+    "現金",
+    "年金",
+    "相關",
+    "有關",
+    "機關",
+    "感謝",
+    "感谢",
+    "多謝",
+    "多谢",
+    "謝謝",
+    "谢谢",
+    "健康",
+    "小康",
+    "安康",
+    "儿童",
+    "学童",
+    "结石",
+    "现金",
+    "相关",
+    "有关",
+    "机关",
 }
 # Words that start with a surname character but are not names: 謝謝醫生 is "thank you, doctor".
 _ZH_WORDS_STARTING_WITH_SURNAME = {
-    "謝謝", "谢谢", "高中", "高級", "高级", "健康", "康復", "康复", "黃金", "黄金", "溫柔", "温柔", "方便", "紀錄", "纪录",
-    "白天", "白袍", "金牌", "石頭", "石头", "古代", "古早", "田野", "江湖", "夏天", "秦朝", "余生", "何時", "何时", "何處", "何处",
+    "謝謝",
+    "谢谢",
+    "高中",
+    "高級",
+    "高级",
+    "健康",
+    "康復",
+    "康复",
+    "黃金",
+    "黄金",
+    "溫柔",
+    "温柔",
+    "方便",
+    "紀錄",
+    "纪录",
+    "白天",
+    "白袍",
+    "金牌",
+    "石頭",
+    "石头",
+    "古代",
+    "古早",
+    "田野",
+    "江湖",
+    "夏天",
+    "秦朝",
+    "余生",
+    "何時",
+    "何时",
+    "何處",
+    "何处",
 }
 
 
@@ -375,7 +480,7 @@ def mask_text(text: str, findings: Sequence[Finding] | None = None) -> str:
         findings = scan_text(text)
     out, last = [], 0
     for f in sorted(findings, key=lambda f: f.start):
-        out.append(text[last:f.start])
+        out.append(text[last : f.start])
         out.append(f.placeholder)
         last = f.end
     out.append(text[last:])
@@ -430,7 +535,13 @@ def deidentify_frame(frame, mode: str = "report", columns: Sequence[str] = ("que
                 counts[f.type] += 1
                 if len(examples) < MAX_EXAMPLES and not any(e["type"] == f.type for e in examples):
                     examples.append(
-                        {"row": pos, "column": column, "type": f.type, "label": f.label, "masked": _snippet(masked, f.start + shift)}
+                        {
+                            "row": pos,
+                            "column": column,
+                            "type": f.type,
+                            "label": f.label,
+                            "masked": _snippet(masked, f.start + shift),
+                        }
                     )
                 shift += len(f.placeholder) - (f.end - f.start)
         masked_columns[column] = new_values
@@ -465,7 +576,9 @@ def format_report(report: dict) -> str:
     if not report.get("total"):
         return f"個資掃描：{report.get('rows_scanned', 0)} 筆資料中未發現疑似個人資料。"
     parts = "、".join(f"{label} {n} 處" for label, n in report["counts_by_label"].items())
-    lines = [f"個資掃描：{report['rows_scanned']} 筆資料中有 {report['rows_affected']} 筆含疑似個人資料，共 {report['total']} 處（{parts}）。"]
+    lines = [
+        f"個資掃描：{report['rows_scanned']} 筆資料中有 {report['rows_affected']} 筆含疑似個人資料，共 {report['total']} 處（{parts}）。"
+    ]
     if report.get("mode") == "mask":
         lines.append("已用類型標記遮蔽（例如 [電話]）。")
     if report.get("examples"):

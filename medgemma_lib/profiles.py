@@ -52,8 +52,15 @@ class Architecture:
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     def linear_params(self) -> int:
         return self.layers * sum(a * b for a, b in self.linear_shapes().values())
@@ -65,9 +72,14 @@ class Architecture:
     def text_config_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``transformers.Gemma3TextConfig`` for a model of this shape."""
         kwargs: dict[str, Any] = dict(
-            hidden_size=self.hidden, intermediate_size=self.intermediate, num_hidden_layers=self.layers,
-            num_attention_heads=self.heads, num_key_value_heads=self.kv_heads, head_dim=self.head_dim,
-            vocab_size=self.vocab, sliding_window=self.sliding_window,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            vocab_size=self.vocab,
+            sliding_window=self.sliding_window,
             query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
             max_position_embeddings=self.max_position_embeddings,
         )
@@ -78,8 +90,9 @@ class Architecture:
         return kwargs
 
 
-_LM_27B = Architecture("medgemma-27b-text-it", 5376, 62, 21504, 32, 16, 128, 262_208,
-                       query_pre_attn_scalar=168, rope_parameters=_ROPE)
+_LM_27B = Architecture(
+    "medgemma-27b-text-it", 5376, 62, 21504, 32, 16, 128, 262_208, query_pre_attn_scalar=168, rope_parameters=_ROPE
+)
 _LM_4B = Architecture("medgemma-4b-it", 2560, 34, 10240, 8, 4, 256, 262_208, rope_parameters=_ROPE)
 
 
@@ -116,22 +129,51 @@ PROFILES: dict[str, ModelProfile] = {
     p.name: p
     for p in [
         ModelProfile(
-            "demo", None, "Gemma3ForCausalLM", False, "bfloat16", "sdpa", 0.27, False,
+            "demo",
+            None,
+            "Gemma3ForCausalLM",
+            False,
+            "bfloat16",
+            "sdpa",
+            0.27,
+            False,
             "Gemma 3 270M（基礎模型），由 PyPI 套件離線提供，用於在筆電 CPU 上完整走過課程流程",
             Architecture("demo", 640, 18, 2048, 4, 1, 256, 262_144, sliding_window=512, max_position_embeddings=32_768),
         ),
         ModelProfile(
-            "medgemma-4b-it", "google/medgemma-4b-it", "Gemma3ForConditionalGeneration", True, "bfloat16", "sdpa", 4.3,
-            True, "MedGemma 4B 指令微調版（含影像編碼器；本課程只用文字部分）",
+            "medgemma-4b-it",
+            "google/medgemma-4b-it",
+            "Gemma3ForConditionalGeneration",
+            True,
+            "bfloat16",
+            "sdpa",
+            4.3,
+            True,
+            "MedGemma 4B 指令微調版（含影像編碼器；本課程只用文字部分）",
             replace(_LM_4B, vision_params=SIGLIP_VISION_PARAMS),
         ),
         ModelProfile(
-            "medgemma-27b-text-it", "google/medgemma-27b-text-it", "Gemma3ForCausalLM", False, "bfloat16", "sdpa", 27.0,
-            True, "MedGemma 27B 純文字指令微調版", _LM_27B,
+            "medgemma-27b-text-it",
+            "google/medgemma-27b-text-it",
+            "Gemma3ForCausalLM",
+            False,
+            "bfloat16",
+            "sdpa",
+            27.0,
+            True,
+            "MedGemma 27B 純文字指令微調版",
+            _LM_27B,
         ),
         ModelProfile(
-            "medgemma-27b-it", "google/medgemma-27b-it", "Gemma3ForConditionalGeneration", True, "bfloat16", "sdpa", 27.4,
-            True, "MedGemma 27B 多模態指令微調版（本課程只用文字部分）",
+            "medgemma-27b-it",
+            "google/medgemma-27b-it",
+            "Gemma3ForConditionalGeneration",
+            True,
+            "bfloat16",
+            "sdpa",
+            27.4,
+            True,
+            "MedGemma 27B 多模態指令微調版（本課程只用文字部分）",
             replace(_LM_27B, name="medgemma-27b-it", vision_params=SIGLIP_VISION_PARAMS),
         ),
     ]
@@ -142,8 +184,19 @@ PROFILES: dict[str, ModelProfile] = {
 BENCH_ARCHITECTURES: dict[str, Architecture] = {
     "27b": replace(_LM_27B, name="27b"),
     "4b": replace(_LM_4B, name="4b"),
-    "tiny": Architecture("tiny", 64, 2, 128, 4, 2, 16, 4096, sliding_window=32, max_position_embeddings=4096,
-                         layer_types=("sliding_attention", "full_attention")),
+    "tiny": Architecture(
+        "tiny",
+        64,
+        2,
+        128,
+        4,
+        2,
+        16,
+        4096,
+        sliding_window=32,
+        max_position_embeddings=4096,
+        layer_types=("sliding_attention", "full_attention"),
+    ),
 }
 BENCH_EXTRA_FROZEN_PARAMS = {"27b": 0, "4b": SIGLIP_VISION_PARAMS, "tiny": 0}
 BENCH_ALIASES = {"medgemma-27b-text-it": "27b", "medgemma-27b-it": "27b", "medgemma-4b-it": "4b", "demo": "tiny"}

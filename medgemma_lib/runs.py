@@ -52,8 +52,23 @@ MERGED_DIR = "merged"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 ADAPTER_SUBDIRS = (ADAPTER_DIR, ".")  # train writes <run>/adapter/; a bare adapter folder also works
 # What a fresh run replaces; an old evaluation describes an adapter that no longer exists, so it goes too.
-RUN_ARTEFACTS = (ADAPTER_DIR, CHECKPOINT_DIR, TENSORBOARD_DIR, LOG_FILE, LOSS_PNG, MEMORY_FILE, SUMMARY_FILE, CONFIG_FILE,
-                 INITIAL_EVAL_FILE, DEMO_SUMMARY_FILE, EVAL_JSON, EVAL_MD, EVAL_PNG, MERGED_DIR, f"{MERGED_DIR}-float32")
+RUN_ARTEFACTS = (
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    TENSORBOARD_DIR,
+    LOG_FILE,
+    LOSS_PNG,
+    MEMORY_FILE,
+    SUMMARY_FILE,
+    CONFIG_FILE,
+    INITIAL_EVAL_FILE,
+    DEMO_SUMMARY_FILE,
+    EVAL_JSON,
+    EVAL_MD,
+    EVAL_PNG,
+    MERGED_DIR,
+    f"{MERGED_DIR}-float32",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,8 +104,10 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"無法建立執行資料夾 {run_dir}：{exc.strerror or exc}",
-                          hint="請確認磁碟空間與寫入權限，或改用 train.output_dir=其他資料夾。") from None
+        raise OutputError(
+            f"無法建立執行資料夾 {run_dir}：{exc.strerror or exc}",
+            hint="請確認磁碟空間與寫入權限，或改用 train.output_dir=其他資料夾。",
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,9 +164,14 @@ def open_run(run_dir: str | Path) -> Run:
     path = Path(run_dir).expanduser()
     if not path.is_dir():
         parent = path.parent if str(path.parent) not in ("", ".") else Path("results")
-        found = sorted(p.name for p in parent.glob("*") if p.is_dir() and find_adapter_dir(p)) if parent.is_dir() else []
-        listing = (f"{parent} 底下有訓練結果的資料夾：{'、'.join(found)}" if found
-                   else "請先執行 notebook 05 或 python -m medgemma_lib demo 訓練一次")
+        found = (
+            sorted(p.name for p in parent.glob("*") if p.is_dir() and find_adapter_dir(p)) if parent.is_dir() else []
+        )
+        listing = (
+            f"{parent} 底下有訓練結果的資料夾：{'、'.join(found)}"
+            if found
+            else "請先執行 notebook 05 或 python -m medgemma_lib demo 訓練一次"
+        )
         raise ModelError(f"找不到執行資料夾 {path}。", hint=listing + "。")
     adapter_dir = find_adapter_dir(path)
     if adapter_dir is None and (path / ADAPTER_DIR).is_dir():
@@ -186,8 +208,9 @@ def attach_adapter(base, adapter_dir: str | Path):
     return model
 
 
-def load_for_inference(run_dir: str | Path | Run, quantization: str | None = None, device: str | None = None,
-                       verbose: bool = True):
+def load_for_inference(
+    run_dir: str | Path | Run, quantization: str | None = None, device: str | None = None, verbose: bool = True
+):
     """Load the base model once and attach the run's adapter. Returns ``(model, tokenizer, run)``.
 
     ``quantization`` defaults to the one the run was trained with (usually ``nf4``): the adapter
@@ -200,8 +223,9 @@ def load_for_inference(run_dir: str | Path | Run, quantization: str | None = Non
     if verbose:
         print(f"載入基礎模型 {run.config.model.profile}（{quantization}，{device}），只載入一次…", flush=True)
     tokenizer = models.load_tokenizer(run.config.model.profile)
-    base = models.load_model(run.config.model.profile, quantization, device,
-                             attn_implementation=run.config.model.attn_implementation)
+    base = models.load_model(
+        run.config.model.profile, quantization, device, attn_implementation=run.config.model.attn_implementation
+    )
     model = attach_adapter(base, run.adapter_dir)
     if verbose:
         print(f"已掛上 LoRA 轉接器 {run.name}/{run.adapter_dir.name}（{time.time() - started:.0f} 秒）。", flush=True)

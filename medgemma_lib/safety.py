@@ -123,13 +123,15 @@ def _mapping(node, source: str, what: str):
 
 def _scalar(node, source: str, what: str) -> str:
     if not isinstance(node, yaml.ScalarNode) or not str(node.value).strip():
-        raise _err(source, node, f"{what}應該是一段非空白的文字。", "請用引號包住文字，例如 \"嘴歪|臉歪\"。")
+        raise _err(source, node, f"{what}應該是一段非空白的文字。", '請用引號包住文字，例如 "嘴歪|臉歪"。')
     return str(node.value)
 
 
 def _sequence(node, source: str, what: str) -> list:
     if not isinstance(node, yaml.SequenceNode) or not node.value:
-        raise _err(source, node, f"{what}應該是非空的清單（每項以「- 」開頭）。", "請參考內建的 emergency_rules.yaml 的寫法。")
+        raise _err(
+            source, node, f"{what}應該是非空的清單（每項以「- 」開頭）。", "請參考內建的 emergency_rules.yaml 的寫法。"
+        )
     return list(node.value)
 
 
@@ -138,7 +140,12 @@ def _regex(node, source: str, what: str) -> re.Pattern:
     try:
         return re.compile(text, re.IGNORECASE)
     except re.error as exc:
-        raise _err(source, node, f"{what}不是有效的正規表示式：{text!r}（{exc}）。", "請檢查括號是否成對、特殊字元（如 ( ) [ ] ? * + \\）是否需要加反斜線。") from None
+        raise _err(
+            source,
+            node,
+            f"{what}不是有效的正規表示式：{text!r}（{exc}）。",
+            "請檢查括號是否成對、特殊字元（如 ( ) [ ] ? * + \\）是否需要加反斜線。",
+        ) from None
 
 
 def _unknown_keys(found: dict, allowed: set, source: str, what: str) -> None:
@@ -155,9 +162,13 @@ def _parse_file(path: Path, source: str) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"找不到緊急規則檔：{source}", hint=f"請確認路徑是否正確，或取消設定環境變數 {RULES_ENV}。") from None
+        raise ConfigError(
+            f"找不到緊急規則檔：{source}", hint=f"請確認路徑是否正確，或取消設定環境變數 {RULES_ENV}。"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"無法讀取緊急規則檔：{source}（{exc}）", hint="請確認檔案存在且以 UTF-8 編碼儲存。") from None
+        raise ConfigError(
+            f"無法讀取緊急規則檔：{source}（{exc}）", hint="請確認檔案存在且以 UTF-8 編碼儲存。"
+        ) from None
     try:
         root = yaml.compose(text)
     except yaml.MarkedYAMLError as exc:
@@ -178,7 +189,7 @@ def _parse_file(path: Path, source: str) -> dict:
             msg = _mapping(msg_node, source, f"訊息「{name}」")
             _unknown_keys(msg, {"zh", "en"}, source, f"訊息「{name}」")
             if "zh" not in msg:
-                raise _err(source, name_node, f"訊息「{name}」缺少 zh（中文訊息）。", "請加上 zh: \"...\"。")
+                raise _err(source, name_node, f"訊息「{name}」缺少 zh（中文訊息）。", '請加上 zh: "..."。')
             zh = _scalar(msg["zh"][1], source, f"訊息「{name}」的 zh")
             en = _scalar(msg["en"][1], source, f"訊息「{name}」的 en") if "en" in msg else ""
             messages[name] = (zh, en)
@@ -188,7 +199,9 @@ def _parse_file(path: Path, source: str) -> dict:
         found = _mapping(top["policy"][1], source, "policy")
         _unknown_keys(found, set(_POLICY_KEYS), source, "policy")
         for key, (_, value_node) in found.items():
-            policy[key] = [_regex(n, source, f"policy.{key} 的項目") for n in _sequence(value_node, source, f"policy.{key}")]
+            policy[key] = [
+                _regex(n, source, f"policy.{key} 的項目") for n in _sequence(value_node, source, f"policy.{key}")
+            ]
 
     rules: list[dict] = []
     if "rules" in top:
@@ -198,23 +211,43 @@ def _parse_file(path: Path, source: str) -> dict:
             _unknown_keys(rule, _RULE_KEYS, source, "規則")
             for required in ("id", "title", "message", "match"):
                 if required not in rule:
-                    raise _err(source, rule_node, f"規則缺少必填的「{required}」。", "每條規則都要有 id、title、message、match。")
+                    raise _err(
+                        source,
+                        rule_node,
+                        f"規則缺少必填的「{required}」。",
+                        "每條規則都要有 id、title、message、match。",
+                    )
             rule_id = _scalar(rule["id"][1], source, "規則的 id")
             if rule_id in seen:
-                raise _err(source, rule["id"][1], f"規則 id「{rule_id}」在同一個檔案中重複。", "請改用不同的 id；要取代內建規則請寫在另一個檔案。")
+                raise _err(
+                    source,
+                    rule["id"][1],
+                    f"規則 id「{rule_id}」在同一個檔案中重複。",
+                    "請改用不同的 id；要取代內建規則請寫在另一個檔案。",
+                )
             seen.add(rule_id)
             mode = "skip"
             if "info_questions" in rule:
                 mode = _scalar(rule["info_questions"][1], source, "info_questions")
                 if mode not in ("skip", "alert"):
-                    raise _err(source, rule["info_questions"][1], f"info_questions 只能是 skip 或 alert，不能是「{mode}」。", "skip：知識問題不提醒；alert：一律提醒。")
+                    raise _err(
+                        source,
+                        rule["info_questions"][1],
+                        f"info_questions 只能是 skip 或 alert，不能是「{mode}」。",
+                        "skip：知識問題不提醒；alert：一律提醒。",
+                    )
             triggers = []
             for item in _sequence(rule["match"][1], source, f"規則「{rule_id}」的 match"):
                 if isinstance(item, yaml.MappingNode):
                     entry = _mapping(item, source, "match 的項目")
                     _unknown_keys(entry, {"all_of"}, source, "match 的項目")
                     if "all_of" not in entry:
-                        raise _err(source, item, "match 的項目應該是一個正規表示式，或 all_of 清單。", "例如 - all_of: [\"胸痛\", \"冷汗\"]。")
+                        raise _err(
+                            source,
+                            item,
+                            "match 的項目應該是一個正規表示式，或 all_of 清單。",
+                            '例如 - all_of: ["胸痛", "冷汗"]。',
+                        )
                     parts = _sequence(entry["all_of"][1], source, "all_of")
                     triggers.append(tuple(_regex(n, source, f"規則「{rule_id}」all_of 的項目") for n in parts))
                 else:
@@ -224,7 +257,7 @@ def _parse_file(path: Path, source: str) -> dict:
                 msg = _mapping(message_node, source, f"規則「{rule_id}」的 message")
                 _unknown_keys(msg, {"zh", "en"}, source, f"規則「{rule_id}」的 message")
                 if "zh" not in msg:
-                    raise _err(source, message_node, f"規則「{rule_id}」的 message 缺少 zh。", "請加上 zh: \"...\"。")
+                    raise _err(source, message_node, f"規則「{rule_id}」的 message 缺少 zh。", '請加上 zh: "..."。')
                 message: tuple[str, str] | str = (
                     _scalar(msg["zh"][1], source, "message.zh"),
                     _scalar(msg["en"][1], source, "message.en") if "en" in msg else "",
@@ -236,7 +269,9 @@ def _parse_file(path: Path, source: str) -> dict:
                 {
                     "id": rule_id,
                     "title": title,
-                    "title_en": _scalar(rule["title_en"][1], source, "title_en") if "title_en" in rule else rule_id.replace("_", " "),
+                    "title_en": _scalar(rule["title_en"][1], source, "title_en")
+                    if "title_en" in rule
+                    else rule_id.replace("_", " "),
                     "message": message,
                     "message_node": message_node,
                     "triggers": tuple(triggers),
@@ -292,8 +327,10 @@ def emergency_rules(extra: str | os.PathLike | Sequence[str | os.PathLike] | Non
         if isinstance(message, str):
             if message not in messages:
                 raise _err(
-                    rule["source"], rule["message_node"], f"規則「{rule['id']}」使用的訊息「{message}」沒有定義。",
-                    f"可用的訊息：{'、'.join(sorted(messages)) or '（無）'}；或直接寫 message: {{zh: \"...\"}}。",
+                    rule["source"],
+                    rule["message_node"],
+                    f"規則「{rule['id']}」使用的訊息「{message}」沒有定義。",
+                    f'可用的訊息：{"、".join(sorted(messages)) or "（無）"}；或直接寫 message: {{zh: "..."}}。',
                 )
             message = messages[message]
         zh, en = message
@@ -301,11 +338,22 @@ def emergency_rules(extra: str | os.PathLike | Sequence[str | os.PathLike] | Non
         try:
             zh.format(**fmt), en.format(**fmt)  # validate now; formatted per alert in check_emergency
         except (KeyError, IndexError, ValueError) as exc:
-            raise _err(rule["source"], rule["message_node"], f"規則「{rule['id']}」的訊息含有無法替換的大括號（{exc}）。", "訊息中只能用 {title} 與 {title_en}；要顯示大括號本身請寫 {{ }}。") from None
+            raise _err(
+                rule["source"],
+                rule["message_node"],
+                f"規則「{rule['id']}」的訊息含有無法替換的大括號（{exc}）。",
+                "訊息中只能用 {title} 與 {title_en}；要顯示大括號本身請寫 {{ }}。",
+            ) from None
         built.append(
             EmergencyRule(
-                id=rule["id"], title=rule["title"], title_en=rule["title_en"], message_zh=zh, message_en=en,
-                triggers=rule["triggers"], info_questions=rule["info_questions"], source=rule["source"],
+                id=rule["id"],
+                title=rule["title"],
+                title_en=rule["title_en"],
+                message_zh=zh,
+                message_en=en,
+                triggers=rule["triggers"],
+                info_questions=rule["info_questions"],
+                source=rule["source"],
             )
         )
     ruleset = RuleSet(
@@ -391,8 +439,12 @@ def check_emergency(text: str, rules: RuleSet | None = None) -> EmergencyAlert |
             lines.append(en.format(**fmt))
     first = fired[0][0]
     return EmergencyAlert(
-        rule_id=first.id, title=first.title, message="\n".join(lines), rule_ids=tuple(r.id for r, _ in fired),
-        matched=fired[0][1], language=language,
+        rule_id=first.id,
+        title=first.title,
+        message="\n".join(lines),
+        rule_ids=tuple(r.id for r, _ in fired),
+        matched=fired[0][1],
+        language=language,
     )
 
 

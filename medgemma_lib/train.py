@@ -91,7 +91,9 @@ class TrainResult:
         """A short Chinese report of the run."""
         lines = [f"訓練完成：{self.global_step} 步，耗時 {self.train_seconds:.0f} 秒（{self.device}）。"]
         if self.seconds_per_step:
-            lines.append(f"  每步 {self.seconds_per_step:.2f} 秒，每秒 {self.tokens_per_second or 0:.0f} 個訓練 token（共 {self.tokens_trained} 個）。")
+            lines.append(
+                f"  每步 {self.seconds_per_step:.2f} 秒，每秒 {self.tokens_per_second or 0:.0f} 個訓練 token（共 {self.tokens_trained} 個）。"
+            )
         if self.initial_eval_loss is not None and self.final_eval_loss is not None:
             rel = self.eval_loss_drop / self.initial_eval_loss if self.initial_eval_loss else 0.0
             lines.append(
@@ -99,7 +101,9 @@ class TrainResult:
                 f"困惑度 {math.exp(self.initial_eval_loss):.1f} → {math.exp(self.final_eval_loss):.1f}）"
             )
         if self.oom_retries:
-            lines.append(f"  曾因記憶體不足自動重試 {self.oom_retries} 次；最後使用 micro-batch {self.micro_batch}、梯度累積 {self.gradient_accumulation_steps}。")
+            lines.append(
+                f"  曾因記憶體不足自動重試 {self.oom_retries} 次；最後使用 micro-batch {self.micro_batch}、梯度累積 {self.gradient_accumulation_steps}。"
+            )
         if self.memory_advice:
             lines.append("  " + self.memory_advice)
         lines.append(f"  LoRA adapter：{display_path(self.adapter_dir)}")
@@ -131,7 +135,10 @@ def run_training(
     complete checkpoint of ``results/<run_name>/``. ``notebook``: draw the loss curve live.
     """
     if resume and not cfg.train.run_name:
-        raise ConfigError("--resume 需要知道要接續哪一次執行。", hint="請加上 train.run_name=先前的執行名稱（results/ 底下的資料夾名）。")
+        raise ConfigError(
+            "--resume 需要知道要接續哪一次執行。",
+            hint="請加上 train.run_name=先前的執行名稱（results/ 底下的資料夾名）。",
+        )
     if not cfg.train.run_name:
         cfg.train.run_name = default_run_name(cfg)
     run_dir = run_dir_for(cfg)
@@ -144,7 +151,10 @@ def run_training(
             for ckpt, reason in removed:
                 print(f"已移除無法使用的檢查點 {ckpt.name}（未寫完或已損壞）：{reason}", flush=True)
         if resume_from is None:
-            raise TrainingError(f"在 {display_path(ckpt_dir)} 找不到完整的檢查點，無法接續訓練。", hint="請確認 train.run_name，或不加 --resume 重新開始。")
+            raise TrainingError(
+                f"在 {display_path(ckpt_dir)} 找不到完整的檢查點，無法接續訓練。",
+                hint="請確認 train.run_name，或不加 --resume 重新開始。",
+            )
         if verbose:
             print(f"從檢查點 {display_path(resume_from)} 接續訓練。", flush=True)
     prepare_run_dir(run_dir, resume)
@@ -157,7 +167,11 @@ def run_training(
     if datasets is None:
         datasets, _report = prepare_from_config(cfg.data, output_dir=None, tokenizer=tokenizer)
     train_ds = conversational_only(datasets["train"])
-    eval_ds = conversational_only(datasets["validation"]) if "validation" in datasets and len(datasets["validation"]) else None
+    eval_ds = (
+        conversational_only(datasets["validation"])
+        if "validation" in datasets and len(datasets["validation"])
+        else None
+    )
     if len(train_ds) == 0:
         raise TrainingError("訓練集是空的，無法訓練。", hint="請檢查 data.input 與 data.max_train_examples。")
     if is_main_process():
@@ -166,11 +180,16 @@ def run_training(
     if model is None:
         if verbose:
             print(f"載入模型 {cfg.model.profile}（{cfg.model.quantization}，{device}）…", flush=True)
-        model = models.load_model(cfg.model.profile, cfg.model.quantization, device, attn_implementation=cfg.model.attn_implementation)
+        model = models.load_model(
+            cfg.model.profile, cfg.model.quantization, device, attn_implementation=cfg.model.attn_implementation
+        )
     model = prepare_model_for_training(cfg, model, profile, device, verbose=verbose)
     trainable, total = model.get_nb_trainable_parameters()
     if verbose:
-        print(f"可訓練參數：{trainable:,}／全部 {total:,}（{trainable / total:.3%}），LoRA r={cfg.lora.r}、alpha={cfg.lora.alpha}", flush=True)
+        print(
+            f"可訓練參數：{trainable:,}／全部 {total:,}（{trainable / total:.3%}），LoRA r={cfg.lora.r}、alpha={cfg.lora.alpha}",
+            flush=True,
+        )
 
     initial_eval = _read_json(run_dir / INITIAL_EVAL_FILE) if resume else None
     micro_batch, grad_accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
@@ -189,9 +208,15 @@ def run_training(
             if notebook:
                 cbs.append(monitor.LiveLossPlotCallback(mon))
             cbs.extend(callbacks or [])
-            cbs.append(stop.callback())  # after the user's callbacks, before the marker: a Ctrl+C stop saves at this step
-            cbs.append(checkpoints.CompletionMarkerCallback())  # last: marks a checkpoint complete after everything else
-            trainer = build_trainer(cfg, run_dir, device, model, tokenizer, train_ds, eval_ds, cbs, micro_batch, grad_accum)
+            cbs.append(
+                stop.callback()
+            )  # after the user's callbacks, before the marker: a Ctrl+C stop saves at this step
+            cbs.append(
+                checkpoints.CompletionMarkerCallback()
+            )  # last: marks a checkpoint complete after everything else
+            trainer = build_trainer(
+                cfg, run_dir, device, model, tokenizer, train_ds, eval_ds, cbs, micro_batch, grad_accum
+            )
             use_chinese_progress(trainer)
             try:
                 if evaluate_before and eval_ds is not None and initial_eval is None:
@@ -213,13 +238,21 @@ def run_training(
                 oom_retries += 1
                 micro_batch, grad_accum = micro_batch // 2, grad_accum * 2
                 if verbose:
-                    print(f"記憶體不足：自動改用 micro-batch {micro_batch}、梯度累積 {grad_accum}（等效批次不變）重試。", flush=True)
+                    print(
+                        f"記憶體不足：自動改用 micro-batch {micro_batch}、梯度累積 {grad_accum}（等效批次不變）重試。",
+                        flush=True,
+                    )
                 resume_from = checkpoints.latest_complete_checkpoint(ckpt_dir)
                 previous_records = monitor.read_log(log_path)
     if stop.requested and trainer.state.global_step < trainer.state.max_steps:
         good = checkpoints.latest_complete_checkpoint(ckpt_dir)
-        raise TrainingInterrupted(trainer.state.global_step, good, run_dir, checkpoint_shown=display_path(good) if good else None,
-                                  config_shown=display_path(run_dir / CONFIG_FILE))
+        raise TrainingInterrupted(
+            trainer.state.global_step,
+            good,
+            run_dir,
+            checkpoint_shown=display_path(good) if good else None,
+            config_shown=display_path(run_dir / CONFIG_FILE),
+        )
     train_seconds = time.time() - started
     train_cpu = time.process_time() - cpu_started
 
@@ -229,7 +262,9 @@ def run_training(
         final_eval = last[-1] if last else trainer.evaluate()
     adapter_dir = run_dir / ADAPTER_DIR
     if is_main_process() and (adapter_dir / checkpoints.MARKER).exists():
-        (adapter_dir / checkpoints.MARKER).unlink()  # a resumed run rewrites the adapter: the old marker no longer holds
+        (
+            adapter_dir / checkpoints.MARKER
+        ).unlink()  # a resumed run rewrites the adapter: the old marker no longer holds
     try:
         trainer.save_model(str(adapter_dir))  # adapter_model.safetensors + adapter_config.json (main process)
         if is_main_process():
@@ -242,7 +277,10 @@ def run_training(
     steps_this_session = trainer.state.global_step - (_step_of(resume_from) or 0)
     train_metrics = [h for h in trainer.state.log_history if "loss" in h]
     tokens = int(trainer._total_train_tokens)
-    pure_train = max(1e-9, sum(h.get("train_runtime", 0.0) for h in trainer.state.log_history if "train_runtime" in h) or train_seconds)
+    pure_train = max(
+        1e-9,
+        sum(h.get("train_runtime", 0.0) for h in trainer.state.log_history if "train_runtime" in h) or train_seconds,
+    )
     result = TrainResult(
         run_dir=str(run_dir),
         adapter_dir=str(adapter_dir),

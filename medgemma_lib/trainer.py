@@ -49,7 +49,9 @@ from medgemma_lib.runs import CHECKPOINT_DIR, CONFIG_FILE, TENSORBOARD_DIR
 
 # transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing*; TRL 1.16 and PEFT still read the
 # old names, so every run printed three FutureWarnings (with the library's install path) that users cannot act on.
-warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_kwargs)?` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message=r"`(is_)?gradient_checkpointing(_kwargs)?` is deprecated", category=FutureWarning
+)
 
 
 def world_size() -> int:
@@ -73,7 +75,9 @@ def lora_config(cfg: RunConfig, profile: ModelProfile) -> LoraConfig:
     )
 
 
-def sft_config(cfg: RunConfig, run_dir: Path, device: str, micro_batch: int | None = None, grad_accum: int | None = None):
+def sft_config(
+    cfg: RunConfig, run_dir: Path, device: str, micro_batch: int | None = None, grad_accum: int | None = None
+):
     """TRL ``SFTConfig`` from our config (the only place that maps our fields onto TRL's)."""
     t = cfg.train
     dtype = models.compute_dtype(device)
@@ -178,13 +182,19 @@ class LeanSFTTrainer(SFTTrainer):
         if self.needs_token_type_ids and "token_type_ids" not in inputs:
             inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
         if not self.label_only_logits or return_outputs:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
         targets_mask = labels[:, 1:] != -100
         keep = torch.zeros_like(labels, dtype=torch.bool)
         keep[:, :-1] = targets_mask
-        forward_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")}
+        forward_inputs = {
+            k: v
+            for k, v in inputs.items()
+            if k not in ("labels", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+        }
         outputs = model(**forward_inputs, use_cache=False, logits_to_keep=keep)
         logits = outputs.logits.reshape(-1, outputs.logits.size(-1)).float()
         targets = labels[:, 1:][targets_mask]
@@ -200,7 +210,11 @@ class LeanSFTTrainer(SFTTrainer):
             correct = self.accelerator.gather_for_metrics(correct).sum()
             self._metrics[mode]["mean_token_accuracy"].append((correct / n_valid).item() if n_valid > 0 else 0.0)
             if mode == "train":
-                n_tokens = inputs["position_ids"].size(1) if "attention_mask" not in inputs else int(inputs["attention_mask"].sum())
+                n_tokens = (
+                    inputs["position_ids"].size(1)
+                    if "attention_mask" not in inputs
+                    else int(inputs["attention_mask"].sum())
+                )
                 self._total_train_tokens += int(self.accelerator.gather_for_metrics(torch.tensor(n_tokens)).sum())
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return loss
@@ -212,13 +226,20 @@ def build_trainer(cfg, run_dir, device, model, tokenizer, train_ds, eval_ds, cal
         args.eval_strategy = "no"
     try:
         trainer = LeanSFTTrainer(
-            model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-            callbacks=callbacks, example_max_length=cfg.train.max_example_length if cfg.train.packing else None,
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            example_max_length=cfg.train.max_example_length if cfg.train.packing else None,
         )
     except ImportError as exc:
         raise TrainingError(f"缺少訓練需要的套件：{exc}", hint="請執行 pip install -r requirements.txt。") from None
     trainer.label_only_logits = device == "cpu"
-    trainer.needs_token_type_ids = getattr(model.config, "model_type", "") == "gemma3" or "vision_config" in model.config.to_dict()
+    trainer.needs_token_type_ids = (
+        getattr(model.config, "model_type", "") == "gemma3" or "vision_config" in model.config.to_dict()
+    )
     if device == "cpu":
         # TRL stores QLoRA adapters in bf16 (a GPU recommendation); on CPU we compute in fp32, so keep them fp32.
         for p in trainer.model.parameters():
@@ -234,8 +255,13 @@ def build_trainer(cfg, run_dir, device, model, tokenizer, train_ds, eval_ds, cal
 def prepare_model_for_training(cfg: RunConfig, model, profile, device: str, verbose: bool = True):
     """The model as :func:`run_training` trains it: 4-bit layers in their trainable layout, Liger and
     varlen attention on CUDA, then LoRA (seeded). A model that already has LoRA keeps it."""
-    if models.use_trainable_4bit_layout(model) and verbose:  # a model passed in after it generated or evaluated on a CPU
-        print("注意：這個模型的 4 位元層曾被 bitsandbytes 轉成只能推論的 CPU 格式，已轉回可訓練的格式再開始訓練。", flush=True)
+    if (
+        models.use_trainable_4bit_layout(model) and verbose
+    ):  # a model passed in after it generated or evaluated on a CPU
+        print(
+            "注意：這個模型的 4 位元層曾被 bitsandbytes 轉成只能推論的 CPU 格式，已轉回可訓練的格式再開始訓練。",
+            flush=True,
+        )
     if device.startswith("cuda") and not isinstance(model, PeftModel):
         if cfg.train.use_liger_kernel:
             apply_liger(model)
@@ -262,7 +288,13 @@ def apply_liger(model) -> None:
             "設定了 train.use_liger_kernel=true，但沒有安裝 liger-kernel。",
             hint="請執行 pip install liger-kernel==0.8.5，或改用 train.use_liger_kernel=false。",
         ) from None
-    kernels = {"rope": True, "rms_norm": True, "geglu": True, "cross_entropy": False, "fused_linear_cross_entropy": False}
+    kernels = {
+        "rope": True,
+        "rms_norm": True,
+        "geglu": True,
+        "cross_entropy": False,
+        "fused_linear_cross_entropy": False,
+    }
     if getattr(model.config, "model_type", "") == "gemma3":  # multimodal checkpoint (4B): text layers get the kernels
         apply_liger_kernel_to_gemma3(model=model, layer_norm=False, **kernels)
     else:
@@ -274,10 +306,17 @@ def use_varlen_attention(model, verbose: bool = True) -> str:
     """Attention within each packed example (flash varlen) when the installed torch has it, else sdpa."""
     if not varlen_support()["torch.nn.attention.varlen"]:
         if verbose:
-            print("注意：這個 PyTorch 沒有 torch.nn.attention.varlen，打包的資料改用 sdpa 注意力（較慢，結果相同）。", flush=True)
+            print(
+                "注意：這個 PyTorch 沒有 torch.nn.attention.varlen，打包的資料改用 sdpa 注意力（較慢，結果相同）。",
+                flush=True,
+            )
         return getattr(model.config, "_attn_implementation", "sdpa")
     name = register_varlen_attention()
-    configs = [model.config, getattr(model.config, "text_config", None), *(getattr(m, "config", None) for m in model.modules())]
+    configs = [
+        model.config,
+        getattr(model.config, "text_config", None),
+        *(getattr(m, "config", None) for m in model.modules()),
+    ]
     for config in {id(c): c for c in configs if c is not None}.values():
         if getattr(config, "model_type", "") == "gemma3_text":  # the language model only; the vision tower keeps sdpa
             config._attn_implementation = name
@@ -335,15 +374,21 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.requested = True
         if self.verbose:
-            print("\n收到中斷（Ctrl+C）：這一步結束後會儲存完整的檢查點並停止，之後可以用 --resume 接續。"
-                  "再按一次 Ctrl+C 會立即中止（不儲存）。", file=sys.stderr, flush=True)
+            print(
+                "\n收到中斷（Ctrl+C）：這一步結束後會儲存完整的檢查點並停止，之後可以用 --resume 接續。"
+                "再按一次 Ctrl+C 會立即中止（不儲存）。",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def agreed(self) -> bool:
         """Whether to stop now; with several processes, true when any of them was interrupted."""
 
         if not (dist.is_available() and dist.is_initialized()):
             return self.requested
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
         flag = torch.tensor([1 if self.requested else 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.requested = bool(flag.item())
@@ -417,13 +462,22 @@ def oom_error(cfg: RunConfig, micro_batch: int, grad_accum: int, device: str) ->
     try:
         profile = cfg.model.profile
         setup = memory.TrainingSetup(
-            profile=profile, quantization=cfg.model.quantization, lora_r=cfg.lora.r,
-            lora_targets=cfg.lora.target_modules if cfg.lora.target_modules == "all-linear" else tuple(cfg.lora.target_modules),
-            micro_batch=micro_batch, seq_len=t.max_length, gradient_checkpointing=t.gradient_checkpointing,
-            liger=t.use_liger_kernel, packing=t.packing,
+            profile=profile,
+            quantization=cfg.model.quantization,
+            lora_r=cfg.lora.r,
+            lora_targets=cfg.lora.target_modules
+            if cfg.lora.target_modules == "all-linear"
+            else tuple(cfg.lora.target_modules),
+            micro_batch=micro_batch,
+            seq_len=t.max_length,
+            gradient_checkpointing=t.gradient_checkpointing,
+            liger=t.use_liger_kernel,
+            packing=t.packing,
         )
         est = memory.estimate_training_memory(setup)
-        estimate_text = f"估算這個設定需要約 {est.needs_card_gib():.1f} GiB（峰值 allocated {est.peak_allocated_gib:.1f} GiB）。"
+        estimate_text = (
+            f"估算這個設定需要約 {est.needs_card_gib():.1f} GiB（峰值 allocated {est.peak_allocated_gib:.1f} GiB）。"
+        )
         gpu_gib = None
         if device.startswith("cuda"):
             gpu_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3
@@ -433,7 +487,9 @@ def oom_error(cfg: RunConfig, micro_batch: int, grad_accum: int, device: str) ->
         pass
     hint_parts = [
         f"把 train.per_device_train_batch_size 減半（目前 {micro_batch}）並把 train.gradient_accumulation_steps 加倍（目前 {grad_accum}），等效批次不變",
-        "開啟 train.gradient_checkpointing=true" if not t.gradient_checkpointing else f"縮短 train.max_length（目前 {t.max_length}）",
+        "開啟 train.gradient_checkpointing=true"
+        if not t.gradient_checkpointing
+        else f"縮短 train.max_length（目前 {t.max_length}）",
         "或設定 train.auto_oom_retry=true 讓程式自動重試",
     ]
     if advice_text:
@@ -456,10 +512,21 @@ def write_error(exc: OSError, what: str, ckpt_dir: Path, run_dir: Path):
     Whatever was being written is incomplete and will never be used (checkpoints and the adapter are
     only trusted with their completion marker); the newest complete checkpoint is named for ``--resume``.
     """
-    reasons = {errno.ENOSPC: "磁碟空間不足", errno.EDQUOT: "超過磁碟配額", errno.EROFS: "磁碟是唯讀的", errno.EACCES: "沒有寫入權限"}
+    reasons = {
+        errno.ENOSPC: "磁碟空間不足",
+        errno.EDQUOT: "超過磁碟配額",
+        errno.EROFS: "磁碟是唯讀的",
+        errno.EACCES: "沒有寫入權限",
+    }
     reason = reasons.get(exc.errno, exc.strerror or str(exc))
     where = display_path(exc.filename) if getattr(exc, "filename", None) else display_path(run_dir)
     good = checkpoints.latest_complete_checkpoint(ckpt_dir)
-    keep = (f"之前完整的檢查點 {display_path(good)} 沒有受影響；清出空間後執行 python -m medgemma_lib train --config "
-            f"{display_path(run_dir / CONFIG_FILE)} --resume 從它接續。") if good else "清出空間後重新訓練。"
+    keep = (
+        (
+            f"之前完整的檢查點 {display_path(good)} 沒有受影響；清出空間後執行 python -m medgemma_lib train --config "
+            f"{display_path(run_dir / CONFIG_FILE)} --resume 從它接續。"
+        )
+        if good
+        else "清出空間後重新訓練。"
+    )
     return OutputError(f"{what}時失敗：{reason}（{where}）。寫到一半的檔案不會被使用。", hint=keep)

@@ -7,7 +7,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_run(run_dir: Path, model_source: str, profile: str, quantization: str = "none", targets=("q_proj", "v_proj", "o_proj"), seed: int = 1, b_scale: float = 1.0, **eval_overrides) -> Path:
+def make_run(
+    run_dir: Path,
+    model_source: str,
+    profile: str,
+    quantization: str = "none",
+    targets=("q_proj", "v_proj", "o_proj"),
+    seed: int = 1,
+    b_scale: float = 1.0,
+    **eval_overrides,
+) -> Path:
     """Save a LoRA adapter with random, non-zero A and B (``init_lora_weights=False``) on ``model_source``.
 
     Non-zero B matters: a freshly initialised adapter (B = 0) changes nothing, so a test that
@@ -21,7 +30,9 @@ def make_run(run_dir: Path, model_source: str, profile: str, quantization: str =
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_source, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False)
+    )
     with torch.no_grad():  # keep the change visible but the model still coherent
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:

@@ -74,7 +74,9 @@ def build_tiny_gemma3(folder: Path, tokenizer, seed: int = 0) -> Path:
     )
     config.architectures = ["Gemma3ForCausalLM"]
     model = Gemma3ForCausalLM(config)
-    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID], pad_token_id=PAD_ID, do_sample=False)
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID], pad_token_id=PAD_ID, do_sample=False
+    )
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -70,7 +70,8 @@ def _imports(path: Path):
                     for alias in child.names:
                         sub = f"{base}.{alias.name}"
                         is_module = (PACKAGE.parent / sub.replace(".", "/")).with_suffix(".py").is_file() or (
-                            PACKAGE.parent / sub.replace(".", "/") / "__init__.py").is_file()
+                            PACKAGE.parent / sub.replace(".", "/") / "__init__.py"
+                        ).is_file()
                         targets.append(sub if is_module else base)
             elif isinstance(child, ast.Import):
                 targets = [a.name for a in child.names if a.name.startswith("medgemma_lib")]
@@ -125,7 +126,7 @@ def test_no_import_circle():
             if nxt not in edges:  # a package path such as "medgemma_lib.data" resolves to its __init__
                 continue
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt]
+                cycle = stack[stack.index(nxt) :] + [nxt]
                 pytest.fail("import circle: " + " -> ".join(cycle))
             if state.get(nxt) is None:
                 walk(nxt)
@@ -139,8 +140,9 @@ def test_no_import_circle():
 
 def test_function_local_imports_of_our_modules_say_why():
     _, local = _graph()
-    unexplained = [f"{m}:{line}: {text.strip()}" for m, _t, line, text in local
-                   if m != "medgemma_lib.cli" and "#" not in text]
+    unexplained = [
+        f"{m}:{line}: {text.strip()}" for m, _t, line, text in local if m != "medgemma_lib.cli" and "#" not in text
+    ]
     assert not unexplained, "move these to the top of the module, or say why on the line:\n" + "\n".join(unexplained)
     cli_local = [(line, text) for m, _t, line, text in local if m == "medgemma_lib.cli"]
     assert cli_local, "the CLI imports each step inside its handler (see medgemma_lib/cli.py)"
@@ -153,9 +155,11 @@ def test_the_error_module_imports_nothing_of_ours():
 
 def test_help_imports_no_step_module_nor_torch():
     """``--help`` builds every sub-command without importing a step module, torch or transformers."""
-    code = ("import sys; from medgemma_lib.cli import build_parser; build_parser(); "
-            "mods = sorted(m for m in sys.modules if m.startswith(('medgemma_lib.', 'torch', 'transformers', 'trl')));"
-            "print(','.join(mods))")
+    code = (
+        "import sys; from medgemma_lib.cli import build_parser; build_parser(); "
+        "mods = sorted(m for m in sys.modules if m.startswith(('medgemma_lib.', 'torch', 'transformers', 'trl')));"
+        "print(','.join(mods))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     loaded = set(out.split(",")) if out else set()
     assert loaded <= {"medgemma_lib.cli", "medgemma_lib.errors"}, loaded

@@ -54,7 +54,14 @@ class FakeHub(BaseHTTPRequestHandler):
         if self.path == "/api/whoami-v2":
             if token is None:
                 return self._send(401, {"error": "Invalid username or password."})
-            return self._send(200, {"type": "user", "name": "student01", "auth": {"type": "access_token", "accessToken": {"displayName": "course", "role": "read"}}})
+            return self._send(
+                200,
+                {
+                    "type": "user",
+                    "name": "student01",
+                    "auth": {"type": "access_token", "accessToken": {"displayName": "course", "role": "read"}},
+                },
+            )
         m = re.fullmatch(r"/api/models/(.+)/auth-check", self.path)
         if not m:
             return self._send(404, {"error": "Not Found"})
@@ -62,7 +69,11 @@ class FakeHub(BaseHTTPRequestHandler):
         if repo not in EXISTING:
             # The Hub answers 401 to anonymous and 404 to authenticated requests, RepoNotFound in both.
             code = 401 if token is None else 404
-            return self._send(code, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
+            return self._send(
+                code,
+                {"error": "Repository not found"},
+                {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"},
+            )
         if token is None:
             msg = f"Access to model {repo} is restricted. You must have access to it and be authenticated to access it. Please log in."
             return self._send(401, {"error": msg}, {"X-Error-Code": "GatedRepo", "X-Error-Message": msg})
@@ -219,7 +230,17 @@ def test_network_failure(monkeypatch, tmp_path):
 
 
 def test_each_outcome_has_its_own_chinese_message():
-    codes = [auth.OK, auth.NO_TOKEN, auth.INVALID_TOKEN, auth.GATED, auth.NOT_FOUND, auth.OFFLINE, auth.NETWORK, auth.FORBIDDEN, auth.HUB_ERROR]
+    codes = [
+        auth.OK,
+        auth.NO_TOKEN,
+        auth.INVALID_TOKEN,
+        auth.GATED,
+        auth.NOT_FOUND,
+        auth.OFFLINE,
+        auth.NETWORK,
+        auth.FORBIDDEN,
+        auth.HUB_ERROR,
+    ]
     messages = {auth._result("google/medgemma-4b-it", c, "HF_TOKEN", GOOD).message for c in codes}
     assert len(messages) == len(codes)
     assert all(re.search(r"[\u4e00-\u9fff]", m) for m in messages)
@@ -240,7 +261,11 @@ def test_require_access_raises_chinese_auth_error(fake_hub):
 
 
 def _cli(url: str | None, *args: str, token: str | None = None, home=None, offline: bool = False):
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE", "HF_HUB_OFFLINE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE", "HF_HUB_OFFLINE")
+    }
     env["HF_HOME"] = str(home)
     env["NO_PROXY"] = "127.0.0.1,localhost"
     if url:
@@ -249,7 +274,9 @@ def _cli(url: str | None, *args: str, token: str | None = None, home=None, offli
         env["HF_TOKEN"] = token
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run([sys.executable, "-m", "medgemma_lib", "auth", *args], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "medgemma_lib", "auth", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_exit_codes_and_no_token_echo(fake_hub, tmp_path):

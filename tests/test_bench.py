@@ -66,10 +66,10 @@ def test_packed_rows_count_every_real_token_exactly():
         for r, row in enumerate(b.rows):
             start = 0
             for n, p in row:
-                assert pos[r, start:start + n].tolist() == list(range(n))
+                assert pos[r, start : start + n].tolist() == list(range(n))
                 assert int(ids[r, start]) == 2  # each example starts with <bos>
-                assert bool((labels[r, start:start + p] == -100).all())  # prompt (and the first token) unlabelled
-                assert bool((labels[r, start + p:start + n] == ids[r, start + p:start + n]).all())
+                assert bool((labels[r, start : start + p] == -100).all())  # prompt (and the first token) unlabelled
+                assert bool((labels[r, start + p : start + n] == ids[r, start + p : start + n]).all())
                 seen.append(n)
                 start += n
             assert bool((labels[r, start:] == -100).all())  # the unused tail is never trained

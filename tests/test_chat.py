@@ -32,7 +32,11 @@ def test_piped_questions_each_get_answer_and_disclaimer(tiny_run):
     questions = ["What is glaucoma?", "", EMERGENCY, "離開", "this line is never read"]
     proc = subprocess.run(
         [sys.executable, "-m", "medgemma_lib", "chat", "--run", str(tiny_run), "--greedy", "--max-new-tokens", "5"],
-        input="\n".join(questions) + "\n", capture_output=True, text=True, cwd=ROOT, timeout=600,
+        input="\n".join(questions) + "\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
         env={**os.environ, "PYTHONIOENCODING": "utf-8"},
     )
     assert proc.returncode == 0, proc.stderr
@@ -62,7 +66,9 @@ def test_greedy_stream_equals_evaluated_answer(tiny_pair):
 def test_chat_loop_in_process(tiny_pair):
     model, tok = tiny_pair
     out = io.StringIO()
-    n = chat.chat_loop(model, tok, stdin=io.StringIO("糖尿病的症狀是什麼?\nquit\n"), stdout=out, max_new_tokens=4, do_sample=True)
+    n = chat.chat_loop(
+        model, tok, stdin=io.StringIO("糖尿病的症狀是什麼?\nquit\n"), stdout=out, max_new_tokens=4, do_sample=True
+    )
     assert n == 1 and out.getvalue().count(MEDICAL_DISCLAIMER) == 2
 
 
@@ -87,6 +93,13 @@ def test_question_box_streams_with_disclaimer(tiny_pair):
     ],
 )
 def test_bad_arguments_exit_2(argv, message):
-    proc = subprocess.run([sys.executable, "-m", "medgemma_lib", *argv], capture_output=True, text=True, cwd=ROOT, stdin=subprocess.DEVNULL, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "medgemma_lib", *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
     assert proc.returncode == EXIT_USER_ERROR
     assert message in proc.stderr and "Traceback" not in proc.stderr

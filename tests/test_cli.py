@@ -12,7 +12,9 @@ from medgemma_lib.errors import ConfigError
 
 
 def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "medgemma_lib", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "medgemma_lib", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_help_lists_commands():

@@ -21,13 +21,20 @@ SECTIONS = RunConfig().to_dict()
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-10**12, max_value=10**12),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
-    st.sampled_from(["-1", "0", "1e-4", "2e-4", "1e9", "nf4", "all-linear", "/nonexistent/path", "/proc/forbidden", "results"]),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**12), max_value=10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(
+        ["-1", "0", "1e-4", "2e-4", "1e9", "nf4", "all-linear", "/nonexistent/path", "/proc/forbidden", "results"]
+    ),
 )
 values = st.one_of(scalars, st.lists(scalars, max_size=3), st.dictionaries(st.text(max_size=5), scalars, max_size=2))
 known_key = st.sampled_from([(s, k) for s, keys in SECTIONS.items() for k in keys])
-any_key = st.one_of(known_key, st.tuples(st.sampled_from([*SECTIONS, "trainer", "x"]), st.text(min_size=1, max_size=12)))
+any_key = st.one_of(
+    known_key, st.tuples(st.sampled_from([*SECTIONS, "trainer", "x"]), st.text(min_size=1, max_size=12))
+)
 
 
 def run_main(argv):
@@ -68,13 +75,24 @@ def test_any_yaml_config_is_valid_or_a_chinese_error(tmp_path_factory, entries):
 
 
 @settings(max_examples=150, deadline=None)
-@given(overrides=st.lists(st.one_of(
-    st.builds(lambda kv, v: f"{kv[0]}.{kv[1]}={v}", any_key, st.text(max_size=15)),
-    st.builds(lambda kv, v: f"{kv[0]}.{kv[1]}={v}", known_key, st.sampled_from(["-5", "0", "1e30", "nan", "[1,2]", "{a: 1}", "true", "", "~"])),
-    st.text(max_size=15),
-), max_size=4))
+@given(
+    overrides=st.lists(
+        st.one_of(
+            st.builds(lambda kv, v: f"{kv[0]}.{kv[1]}={v}", any_key, st.text(max_size=15)),
+            st.builds(
+                lambda kv, v: f"{kv[0]}.{kv[1]}={v}",
+                known_key,
+                st.sampled_from(["-5", "0", "1e30", "nan", "[1,2]", "{a: 1}", "true", "", "~"]),
+            ),
+            st.text(max_size=15),
+        ),
+        max_size=4,
+    )
+)
 def test_any_command_line_override_is_valid_or_a_chinese_error(overrides):
-    _assert_clean(*run_main(["config", "check", "data.input=README.md", *[o for o in overrides if not o.startswith("-")]]))
+    _assert_clean(
+        *run_main(["config", "check", "data.input=README.md", *[o for o in overrides if not o.startswith("-")]])
+    )
 
 
 def test_paths_that_do_not_exist_or_are_not_writable(tmp_path):

@@ -9,9 +9,34 @@ from medgemma_lib.data import decoded_labels, format_masking, label_mask_example
 from medgemma_lib.models import BOS_ID, END_OF_TURN_ID
 
 RECORDS = [
-    to_record({"question": "What is (are) Glaucoma ?", "answer": "Glaucoma is a group of diseases.\nIt can damage the optic nerve.", "source": "NEI", "focus_area": "Glaucoma", "qtype": "information"}),
-    to_record({"question": "糖尿病患者可以吃水果嗎？", "answer": "可以，但要注意份量 🍎，並選擇低升糖指數的水果。", "source": "zh", "focus_area": "糖尿病", "qtype": ""}, system_prompt="你是一位謹慎的醫療衛教助理。"),
-    to_record({"question": "Is hypertension inherited?", "answer": "Partly. 家族史 raises the risk.", "source": "x", "focus_area": "Hypertension", "qtype": "inheritance"}),
+    to_record(
+        {
+            "question": "What is (are) Glaucoma ?",
+            "answer": "Glaucoma is a group of diseases.\nIt can damage the optic nerve.",
+            "source": "NEI",
+            "focus_area": "Glaucoma",
+            "qtype": "information",
+        }
+    ),
+    to_record(
+        {
+            "question": "糖尿病患者可以吃水果嗎？",
+            "answer": "可以，但要注意份量 🍎，並選擇低升糖指數的水果。",
+            "source": "zh",
+            "focus_area": "糖尿病",
+            "qtype": "",
+        },
+        system_prompt="你是一位謹慎的醫療衛教助理。",
+    ),
+    to_record(
+        {
+            "question": "Is hypertension inherited?",
+            "answer": "Partly. 家族史 raises the risk.",
+            "source": "x",
+            "focus_area": "Hypertension",
+            "qtype": "inheritance",
+        }
+    ),
 ]
 
 
@@ -21,7 +46,9 @@ def test_matches_real_sft_trainer_labels(tiny_model_dir, demo_tokenizer, tmp_pat
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=1024, dataset_num_proc=None)
-    trainer = SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=Dataset.from_list(RECORDS), processing_class=demo_tokenizer)
+    trainer = SFTTrainer(
+        model=str(tiny_model_dir), args=args, train_dataset=Dataset.from_list(RECORDS), processing_class=demo_tokenizer
+    )
     prepared = trainer.train_dataset
     assert len(prepared) == len(RECORDS)
     for record, row in zip(RECORDS, prepared):
@@ -34,12 +61,14 @@ def test_masking_of_one_example(demo_tokenizer):
     ex = label_mask_example(demo_tokenizer, RECORDS[1])
     ids, trained = ex["input_ids"], ex["trained"]
     assert ids.count(BOS_ID) == 1 and ids[0] == BOS_ID
-    assert not any(trained[: ex["prompt_tokens"]]) and all(trained[ex["prompt_tokens"]:])
+    assert not any(trained[: ex["prompt_tokens"]]) and all(trained[ex["prompt_tokens"] :])
     assert ids[-2] == END_OF_TURN_ID and trained[-2]  # the model learns to stop
     assert decoded_labels(demo_tokenizer, ex) == "可以，但要注意份量 🍎，並選擇低升糖指數的水果。<end_of_turn>\n"
     # The system prompt is part of the (masked) first user turn.
     prompt_text = demo_tokenizer.decode(ids[: ex["prompt_tokens"]])
-    assert "你是一位謹慎的醫療衛教助理。\n\n糖尿病患者" in prompt_text and prompt_text.endswith("<start_of_turn>model\n")
+    assert "你是一位謹慎的醫療衛教助理。\n\n糖尿病患者" in prompt_text and prompt_text.endswith(
+        "<start_of_turn>model\n"
+    )
 
 
 def test_truncation_keeps_start_and_masking_display(demo_tokenizer):
@@ -82,7 +111,9 @@ def test_labels_never_cover_the_prompt(demo_tokenizer, question, answer, system)
     record = to_record({"question": q, "answer": a}, system_prompt=system)
     ex = label_mask_example(demo_tokenizer, record)
     n = ex["prompt_tokens"]
-    prompt_ids = demo_tokenizer.apply_chat_template(record["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    prompt_ids = demo_tokenizer.apply_chat_template(
+        record["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     assert n == len(prompt_ids) and ex["input_ids"][:n] == list(prompt_ids)
     assert not any(ex["trained"][:n])
     assert ex["input_ids"].count(BOS_ID) == 1

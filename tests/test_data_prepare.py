@@ -29,7 +29,10 @@ def _no_leakage(splits):
     seen_focus, seen_q = {}, {}
     for name, ds in splits.items():
         for rec in ds:
-            for seen, key in ((seen_focus, rec["focus_area"].casefold()), (seen_q, " ".join(rec["prompt"][-1]["content"].casefold().split()))):
+            for seen, key in (
+                (seen_focus, rec["focus_area"].casefold()),
+                (seen_q, " ".join(rec["prompt"][-1]["content"].casefold().split())),
+            ):
                 if key:
                     assert seen.setdefault(key, name) == name, f"{key!r} in {seen[key]} and {name}"
 
@@ -74,7 +77,9 @@ def test_identical_question_in_different_focus_areas_stays_together():
 
 
 def test_limits_are_applied_after_the_split_and_counted(repo_root, tmp_path):
-    splits, report = prepare_from_config(_cfg(repo_root, max_train_examples=100, max_eval_examples=20), output_dir=tmp_path / "p")
+    splits, report = prepare_from_config(
+        _cfg(repo_root, max_train_examples=100, max_eval_examples=20), output_dir=tmp_path / "p"
+    )
     assert (len(splits["train"]), len(splits["validation"])) == (100, 20)
     assert len(splits["test"]) == report["counts"]["splits"]["test"] > 20  # the test split is left to evaluation
     _assert_adds_up(report)
@@ -85,9 +90,13 @@ def test_limits_are_applied_after_the_split_and_counted(repo_root, tmp_path):
 
 
 def test_system_prompt_opencc_and_column_mapping(repo_root):
-    cfg = _cfg(repo_root, input=str(repo_root / "data" / "zh_toyhom_sample_gb18030.csv"),
-               columns={"question": "ask", "answer": "answer", "focus_area": "department"},
-               chinese_conversion="s2twp", system_prompt="請用繁體中文回答。")
+    cfg = _cfg(
+        repo_root,
+        input=str(repo_root / "data" / "zh_toyhom_sample_gb18030.csv"),
+        columns={"question": "ask", "answer": "answer", "focus_area": "department"},
+        chinese_conversion="s2twp",
+        system_prompt="請用繁體中文回答。",
+    )
     splits, report = prepare_from_config(cfg)
     assert report["input"]["encoding"] == "gb18030" and report["counts"]["rows_in"] == 200
     text = " ".join(r["prompt"][-1]["content"] + r["completion"][0]["content"] for r in splits["train"])
@@ -100,7 +109,9 @@ def test_system_prompt_opencc_and_column_mapping(repo_root):
 def test_deidentify_mask_and_refuse(tmp_path):
     from medgemma_lib.errors import DataError
 
-    rows = [f"問題{i},回答{i}：請多休息。\n" for i in range(30)] + ["我的電話是 0912-345-678 怎麼辦,請聯絡王小明醫師。\n"]
+    rows = [f"問題{i},回答{i}：請多休息。\n" for i in range(30)] + [
+        "我的電話是 0912-345-678 怎麼辦,請聯絡王小明醫師。\n"
+    ]
     path = tmp_path / "pii.csv"
     path.write_text("question,answer\n" + "".join(rows), encoding="utf-8")
     splits, report = prepare_from_config(DataSection(input=str(path), deidentify="mask"))
@@ -114,7 +125,9 @@ def test_deidentify_mask_and_refuse(tmp_path):
 
 @pytest.mark.slow
 def test_token_lengths_in_report(repo_root, demo_tokenizer):
-    _, report = prepare_from_config(_cfg(repo_root, max_train_examples=200, max_eval_examples=50), tokenizer=demo_tokenizer)
+    _, report = prepare_from_config(
+        _cfg(repo_root, max_train_examples=200, max_eval_examples=50), tokenizer=demo_tokenizer
+    )
     tl = report["token_lengths"]
     assert tl["summary"]["total"]["min"] > tl["summary"]["prompt"]["min"] > 5
     rec = tl["recommended"]
@@ -141,7 +154,9 @@ def test_shipped_samples_regenerate_byte_for_byte(shared_data, repo_root, tmp_pa
     assert counts == {"medquad_sample.csv": 1057, "zh_toyhom_sample_gb18030.csv": 200}
     for name in counts:
         assert (tmp_path / name).read_bytes() == (repo_root / "data" / name).read_bytes()
-    assert (repo_root / "data" / "LICENSE-MedQuAD-CC-BY-4.0.txt").is_file() and (repo_root / "data" / "LICENSE-Toyhom-MIT.txt").is_file()
+    assert (repo_root / "data" / "LICENSE-MedQuAD-CC-BY-4.0.txt").is_file() and (
+        repo_root / "data" / "LICENSE-Toyhom-MIT.txt"
+    ).is_file()
 
 
 def test_zero_fractions_give_empty_splits_with_the_same_columns(repo_root):
@@ -160,7 +175,12 @@ def test_histogram_labels_never_render_as_boxes(repo_root):
 
     totals = [30, 50, 80, 120, 400, 900, 2000]
     lengths = {"prompt": [10] * 7, "completion": [t - 10 for t in totals], "total": totals}
-    report = {"summary": length_summary(lengths), "cut_table": cut_table(totals), "recommended": recommend_max_length(totals, 20.0), "lengths": lengths}
+    report = {
+        "summary": length_summary(lengths),
+        "cut_table": cut_table(totals),
+        "recommended": recommend_max_length(totals, 20.0),
+        "lengths": lengths,
+    }
     ax = plot_token_lengths(report)
     texts = [ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), *(t.get_text() for t in ax.get_legend().get_texts())]
     has_cjk = any(re.search(r"[\u4e00-\u9fff]", t) for t in texts)

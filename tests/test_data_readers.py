@@ -12,12 +12,16 @@ from medgemma_lib.data.clean import normalize_answer, resolve_columns
 from medgemma_lib.data.readers import decode_bytes
 from medgemma_lib.errors import DataError
 
-ROWS_ZH_T = [("什麼是糖尿病？", "糖尿病是一種慢性代謝疾病，血糖長期偏高，需要飲食控制與規律運動。"),
-             ("高血壓要終身服藥嗎？", "多數患者需要長期服藥，請依照醫師指示，並定期量測血壓。"),
-             ("感冒發燒可以洗澡嗎？", "可以用溫水短時間淋浴，避免著涼，洗完立刻擦乾並補充水分。")]
-ROWS_ZH_S = [("什么是糖尿病？", "糖尿病是一种慢性代谢疾病，血糖长期偏高，需要饮食控制与规律运动。"),
-             ("高血压要终身服药吗？", "多数患者需要长期服药，请按照医生指示，并定期测量血压。"),
-             ("感冒发烧可以洗澡吗？", "可以用温水短时间淋浴，避免着凉，洗完立刻擦干并补充水分。")]
+ROWS_ZH_T = [
+    ("什麼是糖尿病？", "糖尿病是一種慢性代謝疾病，血糖長期偏高，需要飲食控制與規律運動。"),
+    ("高血壓要終身服藥嗎？", "多數患者需要長期服藥，請依照醫師指示，並定期量測血壓。"),
+    ("感冒發燒可以洗澡嗎？", "可以用溫水短時間淋浴，避免著涼，洗完立刻擦乾並補充水分。"),
+]
+ROWS_ZH_S = [
+    ("什么是糖尿病？", "糖尿病是一种慢性代谢疾病，血糖长期偏高，需要饮食控制与规律运动。"),
+    ("高血压要终身服药吗？", "多数患者需要长期服药，请按照医生指示，并定期测量血压。"),
+    ("感冒发烧可以洗澡吗？", "可以用温水短时间淋浴，避免着凉，洗完立刻擦干并补充水分。"),
+]
 
 
 def _csv(rows, header="question,answer") -> str:
@@ -26,9 +30,16 @@ def _csv(rows, header="question,answer") -> str:
 
 @pytest.mark.parametrize(
     "encoding, rows, expected",
-    [("utf-8", ROWS_ZH_T, "utf-8"), ("utf-8-sig", ROWS_ZH_T, "utf-8-sig"), ("cp950", ROWS_ZH_T, "cp950"),
-     ("big5", ROWS_ZH_T, "cp950"), ("gb18030", ROWS_ZH_S, "gb18030"), ("gbk", ROWS_ZH_S, "gb18030"),
-     ("utf-16", ROWS_ZH_T, "utf-16"), ("utf-16-le", ROWS_ZH_T, "utf-16-le")],
+    [
+        ("utf-8", ROWS_ZH_T, "utf-8"),
+        ("utf-8-sig", ROWS_ZH_T, "utf-8-sig"),
+        ("cp950", ROWS_ZH_T, "cp950"),
+        ("big5", ROWS_ZH_T, "cp950"),
+        ("gb18030", ROWS_ZH_S, "gb18030"),
+        ("gbk", ROWS_ZH_S, "gb18030"),
+        ("utf-16", ROWS_ZH_T, "utf-16"),
+        ("utf-16-le", ROWS_ZH_T, "utf-16-le"),
+    ],
 )
 def test_encodings_are_detected_and_decoded_exactly(tmp_path, encoding, rows, expected):
     path = tmp_path / "qa.csv"
@@ -67,7 +78,7 @@ def test_detection_never_returns_mojibake():
         n = rng.randint(1, 60)
         enc, pool = rng.choice([("cp950", pool_t), ("gb18030", pool_s), ("utf-8", pool_t), ("utf-8", pool_s)])
         start = rng.randrange(len(pool) - n)
-        text = f"question,answer\n{pool[start:start + n]},x\n"
+        text = f"question,answer\n{pool[start : start + n]},x\n"
         tries[enc] += 1
         try:
             decoded, _, _ = decode_bytes(text.encode(enc), "x.csv")
@@ -83,7 +94,9 @@ def test_detection_never_returns_mojibake():
 
 def test_jsonl_and_json_list(tmp_path):
     lines = [json.dumps({"question": q, "answer": a, "source": "s"}, ensure_ascii=False) for q, a in ROWS_ZH_T]
-    (tmp_path / "a.jsonl").write_text("\n".join(lines[:2]) + "\n{broken\n\n" + lines[2] + "\n[1, 2]\n", encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(lines[:2]) + "\n{broken\n\n" + lines[2] + "\n[1, 2]\n", encoding="utf-8"
+    )
     table = read_table(tmp_path / "a.jsonl")
     assert len(table.rows) == 3 and table.rows_in == 5
     assert table.malformed[0].startswith("第 3 行") and table.malformed[1].startswith("第 6 行")
@@ -103,7 +116,9 @@ def test_medquad_xml_layouts(repo_root):
     assert by_q["What causes Abdominal pain ?"]["answer"] == ""
     assert len(table.rows) == 6 and len(table.malformed) == 1 and "0000999.xml" in table.malformed[0]
     columns = resolve_columns(table.columns, {}, "x")
-    result = clean_rows(table.rows, columns, rows_in=table.rows_in, malformed=table.malformed, locations=table.locations)
+    result = clean_rows(
+        table.rows, columns, rows_in=table.rows_in, malformed=table.malformed, locations=table.locations
+    )
     assert result.dropped["empty_answer"] == 2 and result.dropped["malformed"] == 1 and len(result.rows) == 4
 
 
@@ -128,7 +143,14 @@ def test_cleaning_counts_every_reason():
     ]
     columns = resolve_columns(["Q", "A", "x"], parse_column_mapping("question=Q,answer=A"), "t")
     result = clean_rows(rows, columns, rows_in=8, malformed=["第 3 行", "第 9 行"], max_answer_chars=30)
-    assert result.dropped == {"malformed": 2, "empty_question": 1, "empty_answer": 1, "control_tokens": 1, "duplicate": 1, "answer_too_long": 0}
+    assert result.dropped == {
+        "malformed": 2,
+        "empty_question": 1,
+        "empty_answer": 1,
+        "control_tokens": 1,
+        "duplicate": 1,
+        "answer_too_long": 0,
+    }
     assert len(result.rows) == 2 and result.truncated_answers == 1
     assert result.rows[1]["answer"] == "First sentence."
     assert result.rows[0]["x"] == "1"  # extra columns are kept
@@ -144,7 +166,11 @@ def test_missing_columns_message_lists_found_columns():
 
 
 def test_header_names_match_case_insensitively():
-    assert resolve_columns(["Question", "ANSWER", "Focus_Area"], {}, "x") == {"question": "Question", "answer": "ANSWER", "focus_area": "Focus_Area"}
+    assert resolve_columns(["Question", "ANSWER", "Focus_Area"], {}, "x") == {
+        "question": "Question",
+        "answer": "ANSWER",
+        "focus_area": "Focus_Area",
+    }
 
 
 def test_truncate_at_sentence_and_normalize():

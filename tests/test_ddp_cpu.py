@@ -18,9 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_two_cpu_processes_train_together(tiny_model_dir, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [
-        str(accelerate), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
-        "--cpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "29517",
-        str(ROOT / "tests" / "train_script.py"), "--result", str(tmp_path / "ddp.json"),
+        str(accelerate),
+        "launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        "29517",
+        str(ROOT / "tests" / "train_script.py"),
+        "--result",
+        str(tmp_path / "ddp.json"),
         *tiny_overrides(tiny_model_dir, tmp_path, "ddp", max_steps=2, eval_steps=2, save_steps=2, logging_steps=1),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -24,7 +24,11 @@ def test_demo_command_trains_real_model_and_lowers_heldout_loss(demo_model_dir, 
     env = {**os.environ, "HF_TOKEN": FAKE_TOKEN, "HUGGING_FACE_HUB_TOKEN": FAKE_TOKEN, "HF_HOME": str(hf_home)}
     proc = subprocess.run(
         [sys.executable, "-m", "medgemma_lib", "demo", f"train.output_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=1500, cwd=ROOT, env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=ROOT,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "demo"
@@ -36,14 +40,24 @@ def test_demo_command_trains_real_model_and_lowers_heldout_loss(demo_model_dir, 
     assert "gemv_4bit" not in proc.stderr  # torch's "no autograd kernel" warning: training must never go through it
     test = summary["test"]
     assert test["tuned"]["loss"] < test["base"]["loss"]
-    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "config.yaml", "loss.png", "train_log.jsonl", "memory.json", "train_summary.json"):
+    for name in (
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "config.yaml",
+        "loss.png",
+        "train_log.jsonl",
+        "memory.json",
+        "train_summary.json",
+    ):
         assert (run / name).is_file(), name
     assert "驗證集 loss" in proc.stdout and "LoRA adapter" in proc.stdout and "醫療免責聲明" in proc.stdout
 
     # Secrets: nothing printed, and no file written by the run (run folder, TensorBoard events, saved config,
     # logs, evaluation report, anything under HF_HOME, the model cache, the repository) holds the token.
     assert FAKE_TOKEN_CORE not in proc.stdout + proc.stderr
-    written = files_under(tmp_path) + files_under(demo_model_dir.parent, ROOT / "results", ROOT / "data", since=started - 1)
+    written = files_under(tmp_path) + files_under(
+        demo_model_dir.parent, ROOT / "results", ROOT / "data", since=started - 1
+    )
     names = {p.name for p in written}
     assert "config.yaml" in names and "train_log.jsonl" in names and "eval.md" in names
     assert any(n.startswith("events.out.tfevents") for n in names), "TensorBoard events were written and scanned"
@@ -56,11 +70,22 @@ def test_demo_summary_shows_an_example_after_the_disclaimer(capsys):
     from medgemma_lib.demo import _print_summary
 
     summary = {
-        "validation_loss": {"before": 2.9, "after": 2.1}, "steps": 20, "seconds_per_step": 4.6, "timings": {"total_s": 272},
-        "adapter_dir": "results/demo/adapter", "run_dir": "results/demo",
-        "test": {"base": {"loss": 3.4, "rougeL": 24.0, "chrf": 27.0}, "tuned": {"loss": 2.2, "rougeL": 22.0, "chrf": 26.0},
-                 "example": {"question": "What is glaucoma?", "reference": "Glaucoma is a group of diseases " * 20,
-                             "base": "I do not know.", "tuned": "Glaucoma is an eye disease."}},
+        "validation_loss": {"before": 2.9, "after": 2.1},
+        "steps": 20,
+        "seconds_per_step": 4.6,
+        "timings": {"total_s": 272},
+        "adapter_dir": "results/demo/adapter",
+        "run_dir": "results/demo",
+        "test": {
+            "base": {"loss": 3.4, "rougeL": 24.0, "chrf": 27.0},
+            "tuned": {"loss": 2.2, "rougeL": 22.0, "chrf": 26.0},
+            "example": {
+                "question": "What is glaucoma?",
+                "reference": "Glaucoma is a group of diseases " * 20,
+                "base": "I do not know.",
+                "tuned": "Glaucoma is an eye disease.",
+            },
+        },
     }
     _print_summary(summary)
     out = capsys.readouterr().out
@@ -72,6 +97,9 @@ def test_demo_summary_shows_an_example_after_the_disclaimer(capsys):
 def test_terminal_log_lines_are_chinese():
     from medgemma_lib.trainer import format_log_line
 
-    assert format_log_line({"loss": 3.1234, "learning_rate": 5e-4, "grad_norm": 2.0}, 4, 20) == "第 4/20 步：訓練 loss 3.1234，學習率 5.00e-04"
+    assert (
+        format_log_line({"loss": 3.1234, "learning_rate": 5e-4, "grad_norm": 2.0}, 4, 20)
+        == "第 4/20 步：訓練 loss 3.1234，學習率 5.00e-04"
+    )
     assert format_log_line({"eval_loss": 2.5, "eval_runtime": 6.6}, 10, 20) == "第 10/20 步：驗證集 loss 2.5000"
     assert format_log_line({"train_runtime": 92.0, "train_loss": 2.3}, 20, 20) is None

@@ -151,7 +151,9 @@ def test_cache_is_rechecked_when_libraries_change(demo_model_dir, tmp_path, monk
     (dst / "medgemma_manifest.json").write_text(json.dumps(manifest))
     calls = []
     real = models.check_demo_known_answers
-    monkeypatch.setattr(models, "check_demo_known_answers", lambda tok, model=None: calls.append(model is not None) or real(tok, model))
+    monkeypatch.setattr(
+        models, "check_demo_known_answers", lambda tok, model=None: calls.append(model is not None) or real(tok, model)
+    )
     assert models.ensure_demo_model() == dst
     assert calls == [True], "the weights are checked again (loss), once"
     assert json.loads((dst / "medgemma_manifest.json").read_text())["checked_with"] == models.library_versions()
@@ -172,7 +174,22 @@ def test_cli_reports_a_bad_cache_in_chinese_with_exit_2(demo_model_dir, tmp_path
     manifest["files"]["tokenizer.json"] = (dst / "tokenizer.json").stat().st_size
     (dst / "medgemma_manifest.json").write_text(json.dumps(manifest))
     env = {**os.environ, models.CACHE_ENV: str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "medgemma_lib", "data", "prepare", "--input", "data/medquad_sample.csv", "--tokenizer", "demo"], capture_output=True,
-                          text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medgemma_lib",
+            "data",
+            "prepare",
+            "--input",
+            "data/medquad_sample.csv",
+            "--tokenizer",
+            "demo",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "轉換結果不正確" in proc.stderr and "Traceback" not in proc.stderr

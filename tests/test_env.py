@@ -13,9 +13,18 @@ GOOD_PACKAGES = {"transformers": "5.23.0", "bitsandbytes": "0.50.2", "torch": "2
 
 def machine(gpus=(), packages=None, disk=50.0, torch="2.13.0") -> EnvironmentReport:
     return EnvironmentReport(
-        python="3.11.7", platform="Linux x86_64", cpu_count=8, ram_gib=32.0, torch=torch, cuda="12.8" if gpus else None,
-        gpus=list(gpus), bitsandbytes_backend="cuda" if gpus else "cpu", packages=dict(packages or GOOD_PACKAGES),
-        free_disk_gib=disk, demo_model_cached=False, cache_dir="~/.cache/medgemma_lib",
+        python="3.11.7",
+        platform="Linux x86_64",
+        cpu_count=8,
+        ram_gib=32.0,
+        torch=torch,
+        cuda="12.8" if gpus else None,
+        gpus=list(gpus),
+        bitsandbytes_backend="cuda" if gpus else "cpu",
+        packages=dict(packages or GOOD_PACKAGES),
+        free_disk_gib=disk,
+        demo_model_cached=False,
+        cache_dir="~/.cache/medgemma_lib",
     )
 
 
@@ -87,7 +96,9 @@ def test_doctor_cli_prints_chinese_report_and_exits_0():
 
 
 def test_doctor_json_is_data():
-    proc = subprocess.run([sys.executable, "-m", "medgemma_lib", "doctor", "--json"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "medgemma_lib", "doctor", "--json"], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert set(data) == {"report", "recommendation"}

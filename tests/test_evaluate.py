@@ -9,9 +9,8 @@ import math
 import pytest
 from _lora_runs import make_run
 
-from medgemma_lib import MEDICAL_DISCLAIMER, cli
+from medgemma_lib import MEDICAL_DISCLAIMER, cli, runs
 from medgemma_lib import evaluate as ev
-from medgemma_lib import runs
 from medgemma_lib.errors import EXIT_USER_ERROR, ModelError
 
 
@@ -19,7 +18,16 @@ from medgemma_lib.errors import EXIT_USER_ERROR, ModelError
 def tiny_run(tmp_path_factory, tiny_model_dir):
     """A run folder whose adapter (random non-zero LoRA) sits on the tiny random Gemma 3."""
     root = tmp_path_factory.mktemp("eval-runs")
-    return make_run(root / "tiny-run", str(tiny_model_dir), str(tiny_model_dir), "none", max_eval_examples=4, num_generate=2, max_new_tokens=6, batch_size=4)
+    return make_run(
+        root / "tiny-run",
+        str(tiny_model_dir),
+        str(tiny_model_dir),
+        "none",
+        max_eval_examples=4,
+        num_generate=2,
+        max_new_tokens=6,
+        batch_size=4,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +106,9 @@ def test_rouge_score_drops_chinese_so_we_split_characters():
 
 
 def test_english_metrics_by_words():
-    good = ev.text_metrics(["Diabetes causes thirst and frequent urination."], ["Diabetes causes thirst and frequent urination."])
+    good = ev.text_metrics(
+        ["Diabetes causes thirst and frequent urination."], ["Diabetes causes thirst and frequent urination."]
+    )
     bad = ev.text_metrics(["Glaucoma damages the optic nerve."], ["Diabetes causes thirst and frequent urination."])
     assert good["rougeL"] == pytest.approx(100.0) and good["chrf"] == pytest.approx(100.0)
     assert bad["rougeL"] < 20 and bad["chrf"] < good["chrf"]
@@ -191,7 +201,9 @@ def test_run_evaluation_writes_reports_and_uses_one_base(tiny_run, monkeypatch):
 
 
 def test_cli_evaluate_prints_table(tiny_run, capsys):
-    code = cli.main(["evaluate", "--run", str(tiny_run), "--num-generate", "1", "--no-chinese", "--max-new-tokens", "4"])
+    code = cli.main(
+        ["evaluate", "--run", str(tiny_run), "--num-generate", "1", "--no-chinese", "--max-new-tokens", "4"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "測試集 loss" in out and MEDICAL_DISCLAIMER in out

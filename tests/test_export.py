@@ -17,7 +17,9 @@ QUESTIONS = ["What are the symptoms of diabetes?", "糖尿病的症狀是什麼?
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_model_dir):
-    return make_run(tmp_path_factory.mktemp("export-runs") / "tiny-run", str(tiny_model_dir), str(tiny_model_dir), "none")
+    return make_run(
+        tmp_path_factory.mktemp("export-runs") / "tiny-run", str(tiny_model_dir), str(tiny_model_dir), "none"
+    )
 
 
 def _logits(model, tok, question):
@@ -35,12 +37,21 @@ def _check_standalone(folder, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", ex.EXPORT_MANIFEST} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        ex.EXPORT_MANIFEST,
+    } <= names
     assert any(n.endswith(".safetensors") for n in names) and not any("adapter" in n for n in names)
     gen = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
     assert {1, 106} <= set(gen["eos_token_id"])
     tok = AutoTokenizer.from_pretrained(str(folder))
-    assert "<start_of_turn>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert "<start_of_turn>" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype))
     assert next(model.parameters()).dtype == getattr(torch, dtype)
     return model, tok
@@ -97,7 +108,10 @@ def test_repo_id_validation(repo_id, tiny_run, capsys):
     with pytest.raises(ConfigError, match="格式不正確"):
         ex.check_repo_id(repo_id)
     # The CLI refuses before spending minutes on merging.
-    assert cli.main(["export", "--run", str(tiny_run), "--output", str(tiny_run / "never"), "--push-to-hub", repo_id]) == EXIT_USER_ERROR
+    assert (
+        cli.main(["export", "--run", str(tiny_run), "--output", str(tiny_run / "never"), "--push-to-hub", repo_id])
+        == EXIT_USER_ERROR
+    )
     assert not (tiny_run / "never").exists()
 
 

@@ -30,7 +30,9 @@ def test_strip_thinking_by_token_id(demo_tokenizer):
     enc = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
     start, end = tok.convert_tokens_to_ids(["<unused94>", "<unused95>"])
     assert (start, end) == (100, 101)
-    ids = [start] + enc("thought\nThe user asks about diabetes.") + [end] + enc("Common symptoms include thirst.") + [106]
+    ids = (
+        [start] + enc("thought\nThe user asks about diabetes.") + [end] + enc("Common symptoms include thirst.") + [106]
+    )
     text = tok.decode(generation.strip_thinking(ids, tok), skip_special_tokens=True)
     assert text == "Common symptoms include thirst."
     # a thought cut off by max_new_tokens is dropped whole
@@ -47,7 +49,11 @@ def test_stop_tokens_include_end_of_turn_and_eos(tiny):
 def test_batched_left_padding_matches_one_by_one(tiny):
     model, tok = tiny
     tok.padding_side = "right"
-    questions = ["What is diabetes?", "高血壓如何治療?", "What are the long-term complications of untreated hypertension in adults?"]
+    questions = [
+        "What is diabetes?",
+        "高血壓如何治療?",
+        "What are the long-term complications of untreated hypertension in adults?",
+    ]
     batched = generation.generate_answers(model, tok, questions, max_new_tokens=8, batch_size=3)
     single = [generation.generate_answers(model, tok, [q], max_new_tokens=8, batch_size=1)[0] for q in questions]
     assert batched == single
@@ -68,7 +74,12 @@ def test_stream_drops_thought_spans(demo_tokenizer):
     tok = demo_tokenizer
     streamer = generation.ThoughtFilteringStreamer(tok)
     streamer.put(torch.tensor([[2, 105]]))  # the prompt, skipped
-    for t in [100] + tok("thought\nplanning", add_special_tokens=False).input_ids + [101] + tok("Drink water.", add_special_tokens=False).input_ids:
+    for t in (
+        [100]
+        + tok("thought\nplanning", add_special_tokens=False).input_ids
+        + [101]
+        + tok("Drink water.", add_special_tokens=False).input_ids
+    ):
         streamer.put(torch.tensor([t]))
     streamer.end()
     assert "".join(streamer) == "Drink water."

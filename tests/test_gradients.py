@@ -46,7 +46,9 @@ def _assert_matches_reference(result) -> None:
     assert set(result.per_layer) == set(range(18)), "every decoder layer of the 270M model, first and last included"
     assert abs(result.loss_product - result.loss_reference) < 1e-4 * result.loss_reference
     for layer, diff in result.per_layer.items():
-        assert diff < gradcheck.TOLERANCE["float32"], f"layer {layer}: LoRA gradients differ by {diff:.2e} from the reference"
+        assert diff < gradcheck.TOLERANCE["float32"], (
+            f"layer {layer}: LoRA gradients differ by {diff:.2e} from the reference"
+        )
     assert result.ok
 
 
@@ -145,7 +147,9 @@ def test_a_packed_layer_is_restored_to_the_trainable_layout(demo_model_dir):
     layers = _linear4bit_layers(model)[:3]
     before = [dequantize_4bit(l.weight.data, l.weight.quant_state).clone() for l in layers]
     for layer in layers:  # bitsandbytes' own repacking, as its forward does on those CPUs
-        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(
+            layer.weight.data, layer.weight.quant_state
+        )
     assert cpu_inference_packing_state(model)["packed"] == 3
     assert use_trainable_4bit_layout(model) == 3
     assert cpu_inference_packing_state(model) == {"layers": len(_linear4bit_layers(model)), "may_pack": 0, "packed": 0}
@@ -164,8 +168,12 @@ def test_gradcheck_cli_prints_a_table_and_writes_json(tmp_path):
     import sys
 
     out = tmp_path / "gc.json"
-    proc = subprocess.run([sys.executable, "-m", "medgemma_lib.gradcheck", "--json", str(out)], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-m", "medgemma_lib.gradcheck", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "after an evaluation pass" in proc.stdout and "WRONG" not in proc.stdout
     assert "gemv_4bit" not in proc.stderr  # torch's "no autograd kernel" warning

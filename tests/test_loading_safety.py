@@ -61,7 +61,9 @@ def test_model_loads_in_the_library_ask_for_safetensors():
                 if not name.endswith(".from_pretrained"):
                     continue
                 receiver = name.rsplit(".", 1)[0]
-                if receiver.endswith("Tokenizer") or receiver == "PeftModel":  # PeftModel: adapter checked by verify_adapter first
+                if (
+                    receiver.endswith("Tokenizer") or receiver == "PeftModel"
+                ):  # PeftModel: adapter checked by verify_adapter first
                     continue
                 if _kw(call, "gguf_file") is not None:  # GGUF is a plain tensor container, no pickle
                     continue
@@ -99,7 +101,9 @@ def test_installed_trainer_resumes_with_weights_only():
     tree = ast.parse(inspect.getsource(trainer_module))
     loads = [c for c in _calls(tree) if _name(c.func) == "torch.load"]
     assert loads, "transformers.Trainer no longer calls torch.load: re-check how checkpoints are read"
-    assert all(_is_true(_kw(c, "weights_only")) for c in loads), [c.lineno for c in loads if not _is_true(_kw(c, "weights_only"))]
+    assert all(_is_true(_kw(c, "weights_only")) for c in loads), [
+        c.lineno for c in loads if not _is_true(_kw(c, "weights_only"))
+    ]
 
 
 class _Trap:

@@ -31,8 +31,11 @@ def _id(row):
 
 def _errors(row):
     est = memory.estimate_training_memory(memory.setup_from_row(row))
-    return (est, (est.peak_allocated_gib - row["peak_allocated_gib"]) / row["peak_allocated_gib"],
-            (est.peak_reserved_gib - row["peak_reserved_gib"]) / row["peak_reserved_gib"])
+    return (
+        est,
+        (est.peak_allocated_gib - row["peak_allocated_gib"]) / row["peak_allocated_gib"],
+        (est.peak_reserved_gib - row["peak_reserved_gib"]) / row["peak_reserved_gib"],
+    )
 
 
 def test_reference_data_holds_all_13_rows_of_the_h200_table_and_20_bench_rows():
@@ -44,14 +47,18 @@ def test_reference_data_holds_all_13_rows_of_the_h200_table_and_20_bench_rows():
 
 def test_table_of_measured_and_predicted_memory():
     # Prints the whole comparison (pytest -s shows it; a failure shows it too), then checks every row.
-    lines = [f"{'file':10} {'arch':4} {'variant':62} {'alloc':>7} {'pred':>7} {'err':>7} | {'reserved':>8} {'pred':>7} {'err':>7}"]
+    lines = [
+        f"{'file':10} {'arch':4} {'variant':62} {'alloc':>7} {'pred':>7} {'err':>7} | {'reserved':>8} {'pred':>7} {'err':>7}"
+    ]
     worst = 0.0
     for row in ROWS:
         est, ea, er = _errors(row)
         worst = max(worst, abs(ea))
-        lines.append(f"{'bench' if row in BENCH else 'reference':10} {row['arch']:4} {row['variant'][:62]:62} "
-                     f"{row['peak_allocated_gib']:7.2f} {est.peak_allocated_gib:7.2f} {ea:+7.1%} | "
-                     f"{row['peak_reserved_gib']:8.2f} {est.peak_reserved_gib:7.2f} {er:+7.1%}")
+        lines.append(
+            f"{'bench' if row in BENCH else 'reference':10} {row['arch']:4} {row['variant'][:62]:62} "
+            f"{row['peak_allocated_gib']:7.2f} {est.peak_allocated_gib:7.2f} {ea:+7.1%} | "
+            f"{row['peak_reserved_gib']:8.2f} {est.peak_reserved_gib:7.2f} {er:+7.1%}"
+        )
     print("\n".join(lines))
     assert worst <= TOLERANCE, "\n".join(lines)
 
@@ -67,7 +74,9 @@ def test_peak_allocated_within_15_percent_of_measurement(row):
 def test_peak_reserved_within_15_percent(row):
     # Reserved memory decides whether a card is big enough; the advice relies on this prediction.
     est, _, error = _errors(row)
-    assert abs(error) <= TOLERANCE, f"預估 {est.peak_reserved_gib} GiB，實測 {row['peak_reserved_gib']} GiB（誤差 {error:+.1%}）"
+    assert abs(error) <= TOLERANCE, (
+        f"預估 {est.peak_reserved_gib} GiB，實測 {row['peak_reserved_gib']} GiB（誤差 {error:+.1%}）"
+    )
 
 
 def test_reference_liger_rows_are_modelled_with_liger_loss_only():
@@ -81,8 +90,17 @@ def test_reference_liger_rows_are_modelled_with_liger_loss_only():
 
 
 def test_dropout_attention_and_optimizer_are_counted_physically():
-    base = memory.TrainingSetup(profile="27b", micro_batch=1, seq_len=4096, packing=True, liger=True,
-                                gradient_checkpointing=False, attn_implementation="varlen", lora_dropout=0.0, optim="adamw_fused")
+    base = memory.TrainingSetup(
+        profile="27b",
+        micro_batch=1,
+        seq_len=4096,
+        packing=True,
+        liger=True,
+        gradient_checkpointing=False,
+        attn_implementation="varlen",
+        lora_dropout=0.0,
+        optim="adamw_fused",
+    )
     est = memory.estimate_training_memory
     a = memory.ARCHITECTURES["27b"]
     h, i, q, n, L = a.hidden, a.intermediate, a.heads * a.head_dim, 4096, a.layers
@@ -98,7 +116,9 @@ def test_dropout_attention_and_optimizer_are_counted_physically():
     assert est(base, attn_implementation="flash_attention_2").peak_allocated_gib == est(base).peak_allocated_gib
     # 8-bit AdamW: 2 bytes of state per LoRA parameter instead of 8
     e = est(base)
-    assert e.lora_gib - est(base, optim="paged_adamw_8bit").lora_gib == pytest.approx(6 * e.lora_params / memory.GIB, abs=0.01)
+    assert e.lora_gib - est(base, optim="paged_adamw_8bit").lora_gib == pytest.approx(
+        6 * e.lora_params / memory.GIB, abs=0.01
+    )
 
 
 @pytest.mark.parametrize("arch,measured", [("27b", 15.05), ("4b", 2.80)])
@@ -111,20 +131,27 @@ def test_lora_parameter_count_from_the_real_shapes():
     arch = memory.ARCHITECTURES["27b"]
     # q: 5376→4096, v: 5376→2048, r 16, 62 layers
     assert memory.lora_param_count(arch, 16, ("q_proj", "v_proj")) == 62 * 16 * ((5376 + 4096) + (5376 + 2048))
-    assert memory.lora_param_count(arch, 16, "all-linear") == 62 * 16 * (2 * (5376 + 4096) + 2 * (5376 + 2048) + 3 * (5376 + 21504))  # 113.5 M
+    assert memory.lora_param_count(arch, 16, "all-linear") == 62 * 16 * (
+        2 * (5376 + 4096) + 2 * (5376 + 2048) + 3 * (5376 + 21504)
+    )  # 113.5 M
 
 
 def test_settings_move_memory_the_right_way():
     base = memory.TrainingSetup(profile="medgemma-27b-text-it", micro_batch=4, seq_len=512)
     est = memory.estimate_training_memory
     assert est(base, liger=True).peak_allocated_gib < est(base).peak_allocated_gib
-    assert est(base, gradient_checkpointing=False, liger=True).peak_allocated_gib > est(base, liger=True).peak_allocated_gib
+    assert (
+        est(base, gradient_checkpointing=False, liger=True).peak_allocated_gib
+        > est(base, liger=True).peak_allocated_gib
+    )
     assert est(base, micro_batch=8).peak_allocated_gib > est(base).peak_allocated_gib
     assert est(base, lora_r=64).lora_gib > est(base).lora_gib
     assert est(base, quantization="none").weights_gib > 3 * est(base).weights_gib
     assert est(base, liger=True).logits_gib == 0
     # the vision tower (bf16, ~0.42 B) makes the multimodal profiles heavier than the language model alone
-    assert est(base, profile="medgemma-4b-it").weights_gib - est(base, profile="4b").weights_gib == pytest.approx(0.78, abs=0.03)
+    assert est(base, profile="medgemma-4b-it").weights_gib - est(base, profile="4b").weights_gib == pytest.approx(
+        0.78, abs=0.03
+    )
 
 
 def test_advice_for_common_cards():
@@ -140,13 +167,16 @@ def test_advice_for_common_cards():
     assert big["fits"] and "無梯度檢查點" in big["setting"]  # the fastest measured setting when memory allows
 
 
-@pytest.mark.parametrize("profile,gb,preset,shape,ckpt,optim", [
-    ("medgemma-27b-text-it", 141, "141 GB", "1×4096", False, "fused"),
-    ("medgemma-27b-text-it", 24, "24 GB", "1×3072", True, "fused"),
-    ("medgemma-27b-text-it", 20, "≤ 20 GB", "1×2048", True, "8-bit"),
-    ("medgemma-4b-it", 8, "8 GB", "1×8192", True, "fused"),
-    ("medgemma-4b-it", 141, "141 GB", "4×4096", False, "fused"),
-])
+@pytest.mark.parametrize(
+    "profile,gb,preset,shape,ckpt,optim",
+    [
+        ("medgemma-27b-text-it", 141, "141 GB", "1×4096", False, "fused"),
+        ("medgemma-27b-text-it", 24, "24 GB", "1×3072", True, "fused"),
+        ("medgemma-27b-text-it", 20, "≤ 20 GB", "1×2048", True, "8-bit"),
+        ("medgemma-4b-it", 8, "8 GB", "1×8192", True, "fused"),
+        ("medgemma-4b-it", 141, "141 GB", "4×4096", False, "fused"),
+    ],
+)
 def test_advice_recommends_the_measured_presets(profile, gb, preset, shape, ckpt, optim):
     # docs/benchmarks.md "Presets that follow from this": packed, Liger, varlen, dropout 0.
     a = memory.advise(profile, memory.usable_gib(gb))
@@ -165,7 +195,9 @@ def test_advice_table_shape():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "medgemma_lib", "memory", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "medgemma_lib", "memory", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_prints_breakdown_and_advice():
@@ -177,8 +209,24 @@ def test_cli_prints_breakdown_and_advice():
     assert "放得下" in liger.stdout
     bad = _cli("--profile", "medgemma-70b")
     assert bad.returncode == 2 and "不認識" in bad.stderr and "Traceback" not in bad.stderr
-    lean = _cli("--profile", "medgemma-27b-text-it", "--batch", "1", "--seq", "3072", "--packing", "--liger", "--attn", "varlen",
-                "--lora-dropout", "0", "--optim", "adamw_torch_fused", "--expandable-segments", "--json")
+    lean = _cli(
+        "--profile",
+        "medgemma-27b-text-it",
+        "--batch",
+        "1",
+        "--seq",
+        "3072",
+        "--packing",
+        "--liger",
+        "--attn",
+        "varlen",
+        "--lora-dropout",
+        "0",
+        "--optim",
+        "adamw_torch_fused",
+        "--expandable-segments",
+        "--json",
+    )
     assert lean.returncode == 0, lean.stderr
     assert '"lora_dropout": 0.0' in lean.stdout and '"attn_implementation": "varlen"' in lean.stdout
     bad_dropout = _cli("--lora-dropout", "1.5")
@@ -194,7 +242,12 @@ def test_footprint_of_a_quantised_tiny_model(tiny_model_dir):
     from medgemma_lib.models import quantization_config
 
     full = Gemma3ForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    q = Gemma3ForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, quantization_config=quantization_config("nf4", "cpu"), device_map={"": "cpu"})
+    q = Gemma3ForCausalLM.from_pretrained(
+        tiny_model_dir,
+        dtype=torch.float32,
+        quantization_config=quantization_config("nf4", "cpu"),
+        device_map={"": "cpu"},
+    )
     fp_full, fp_q = memory.footprint(full), memory.footprint(q)
     assert fp_q["params"] == fp_full["params"]  # logical sizes survive packing
     assert fp_full["bytes"] == fp_full["fp32_bytes"]

@@ -19,7 +19,7 @@ def _continue(model, tok, text=PROMPT, n=12):
     enc = tok(text, return_tensors="pt")
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    return tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
 
 
 @pytest.mark.slow
@@ -60,9 +60,25 @@ def test_lora_targets_skip_the_vision_tower():
 
     torch.manual_seed(0)
     cfg = Gemma3Config(
-        text_config={"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                     "num_key_value_heads": 1, "head_dim": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+        text_config={
+            "vocab_size": 300,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+        },
         mm_tokens_per_image=4,
         image_token_index=299,
         boi_token_index=297,
@@ -77,5 +93,7 @@ def test_lora_targets_skip_the_vision_tower():
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("language_model" in n and "lora_" in n for n in trainable)
     assert not any("vision_tower" in n or "multi_modal_projector" in n for n in trainable)
-    wrapped = {n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "language_model" in n}
+    wrapped = {
+        n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "language_model" in n
+    }
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

@@ -62,7 +62,9 @@ def test_pattern_catches_a_token_shape(tmp_path):
 
 def test_no_tracked_file_contains_a_hub_token(repo_root):
     hits = find_token_shapes(tracked_files(repo_root))
-    assert not hits, "這些受版本控制的檔案含有看起來像 Hugging Face 權杖的字串（請撤銷該權杖並移除）：\n" + "\n".join(hits)
+    assert not hits, "這些受版本控制的檔案含有看起來像 Hugging Face 權杖的字串（請撤銷該權杖並移除）：\n" + "\n".join(
+        hits
+    )
 
 
 def test_scan_finds_the_canary(tmp_path):
@@ -88,12 +90,25 @@ def test_cli_errors_and_reports_never_show_the_token(tmp_path):
         ["--debug", "evaluate", "--run", str(tmp_path / "no-run")],
     ]
     for args in commands:
-        proc = subprocess.run([sys.executable, "-m", "medgemma_lib", *args], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "medgemma_lib", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=root,
+            timeout=300,
+        )
         out = proc.stdout + proc.stderr
         assert FAKE_TOKEN_CORE not in out, args
     # the auth check did see the token (masked), so the test covered the path that holds it
-    proc = subprocess.run([sys.executable, "-m", "medgemma_lib", "auth", "check", "--model", "google/medgemma-4b-it"],
-                          capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "medgemma_lib", "auth", "check", "--model", "google/medgemma-4b-it"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=300,
+    )
     assert "KdVb" in proc.stdout + proc.stderr
 
 
@@ -109,7 +124,9 @@ def test_token_notebook_with_a_token_in_the_environment_stores_none(tmp_path, mo
     root = Path(__file__).resolve().parents[1]
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     nb = nbformat.read(root / "notebooks" / "02_HuggingFace認證.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(root / "notebooks")}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(root / "notebooks")}}
+    ).execute()
     out = tmp_path / "02.ipynb"
     nbformat.write(nb, out)
     outputs = json.dumps([c.get("outputs", []) for c in nb.cells], ensure_ascii=False)

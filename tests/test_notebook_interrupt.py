@@ -61,7 +61,9 @@ def test_kernel_interrupt_stops_training_cleanly(tiny_model_dir, tmp_path):
         ckpt = checkpoints.latest_complete_checkpoint(tmp_path / "nb-stop" / "checkpoints")
         assert ckpt is not None and ckpt.name == f"checkpoint-{stopped}"
         # the kernel is still usable, and the default Ctrl+C behaviour is back
-        reply = kc.execute_interactive("import signal; assert signal.getsignal(signal.SIGINT) is not None; print('ok')", timeout=60)
+        reply = kc.execute_interactive(
+            "import signal; assert signal.getsignal(signal.SIGINT) is not None; print('ok')", timeout=60
+        )
         assert reply["content"]["status"] == "ok"
     finally:
         kc.stop_channels()

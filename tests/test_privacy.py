@@ -98,21 +98,36 @@ def test_full_width_digits_and_spans_point_into_original_text():
     found = scan_text(text)
     assert [f.type for f in found] == ["phone", "national_id"]
     for f in found:
-        assert text[f.start:f.end] == f.text
+        assert text[f.start : f.end] == f.text
 
 
 def test_titles_without_names_are_not_names():
     negatives = [
-        "請教醫師該怎麼辦", "主治醫師說可以出院", "請向醫師諮詢", "兒童醫師建議打疫苗", "各位先生女士好",
-        "常看醫師比較安心", "家醫科醫師會轉診", "去看醫師前先量血壓", "一位護理師來換藥", "牙醫師幫我洗牙",
-        "Talk to your doctor about the flu", "When To See the Doctor Be sure to call",
+        "請教醫師該怎麼辦",
+        "主治醫師說可以出院",
+        "請向醫師諮詢",
+        "兒童醫師建議打疫苗",
+        "各位先生女士好",
+        "常看醫師比較安心",
+        "家醫科醫師會轉診",
+        "去看醫師前先量血壓",
+        "一位護理師來換藥",
+        "牙醫師幫我洗牙",
+        "Talk to your doctor about the flu",
+        "When To See the Doctor Be sure to call",
     ]
     for text in negatives:
         assert [f for f in scan_text(text) if f.type == "name"] == [], text
 
 
 def test_dates_without_birth_cue_are_not_flagged():
-    for text in ["就診日期 2023-05-01", "手術於 2021/3/12 完成", "回診時間：113年5月6日", "Follow-up on March 3, 2024.", "born in 1985"]:
+    for text in [
+        "就診日期 2023-05-01",
+        "手術於 2021/3/12 完成",
+        "回診時間：113年5月6日",
+        "Follow-up on March 3, 2024.",
+        "born in 1985",
+    ]:
         assert scan_text(text) == [], text
 
 
@@ -215,10 +230,18 @@ def _gen_phone(rng):
         return f"(02){_digits(rng, 4)}-{_digits(rng, 4)}"
     if kind == 4:
         area = rng.choice(["02", "04", "07", "03", "06"])
-        rest = f"{_digits(rng, 4)}-{_digits(rng, 4)}" if area in ("02", "04") else f"{_digits(rng, 3)}-{_digits(rng, 4)}"
+        rest = (
+            f"{_digits(rng, 4)}-{_digits(rng, 4)}" if area in ("02", "04") else f"{_digits(rng, 3)}-{_digits(rng, 4)}"
+        )
         return f"{area}-{rest}"
     if kind == 5:
-        return rng.choice([f"+1 301-{_digits(rng, 3)}-{_digits(rng, 4)}", f"+44 20 {_digits(rng, 4)} {_digits(rng, 4)}", f"+81 3-{_digits(rng, 4)}-{_digits(rng, 4)}"])
+        return rng.choice(
+            [
+                f"+1 301-{_digits(rng, 3)}-{_digits(rng, 4)}",
+                f"+44 20 {_digits(rng, 4)} {_digits(rng, 4)}",
+                f"+81 3-{_digits(rng, 4)}-{_digits(rng, 4)}",
+            ]
+        )
     return f"+886-2-{_digits(rng, 4)}-{_digits(rng, 4)}"
 
 
@@ -256,25 +279,76 @@ def synthetic_set(seed: int = 20261129, per_type: int = 60):
         samples.append((text, gold))
 
     for _ in range(per_type):
-        add([rng.choice(["身分證字號 ", "我的身分證是", "ID: ", "病患身分證"]), ("national_id", make_national_id(rng)), rng.choice(["，請協助查詢。", "。", " 謝謝"])])
-        add([rng.choice(["居留證號碼 ", "ARC: ", "外籍看護居留證"]), ("resident_id", make_resident_id(rng)), "，需要健保嗎？"])
-        add([rng.choice(["請打 ", "聯絡電話：", "手機", "Call me at ", "家裡電話是"]), ("phone", _gen_phone(rng)), rng.choice(["，謝謝。", " 找陳小姐" if False else "。", " anytime."])])
+        add(
+            [
+                rng.choice(["身分證字號 ", "我的身分證是", "ID: ", "病患身分證"]),
+                ("national_id", make_national_id(rng)),
+                rng.choice(["，請協助查詢。", "。", " 謝謝"]),
+            ]
+        )
+        add(
+            [
+                rng.choice(["居留證號碼 ", "ARC: ", "外籍看護居留證"]),
+                ("resident_id", make_resident_id(rng)),
+                "，需要健保嗎？",
+            ]
+        )
+        add(
+            [
+                rng.choice(["請打 ", "聯絡電話：", "手機", "Call me at ", "家裡電話是"]),
+                ("phone", _gen_phone(rng)),
+                rng.choice(["，謝謝。", " 找陳小姐" if False else "。", " anytime."]),
+            ]
+        )
         local = rng.choice(["amy.lin", "wang_dr", "chen1985", "patient.k", "j.doe"])
-        add(["可以寄到 ", ("email", f"{local}@{rng.choice(['gmail.com', 'ntuh.gov.tw', 'example.org', 'hospital.com.tw'])}"), " 嗎"])
+        add(
+            [
+                "可以寄到 ",
+                ("email", f"{local}@{rng.choice(['gmail.com', 'ntuh.gov.tw', 'example.org', 'hospital.com.tw'])}"),
+                " 嗎",
+            ]
+        )
         cue, date, tail = _gen_birth(rng)
         add(["病人", cue, ("birth_date", date), tail, "，最近血糖偏高。"])
         # A letter + 9 digits after 病歷號 could be a national ID (some hospitals use it); it is masked
         # as 身分證字號 then, so the generator leaves that shape out.
-        add([rng.choice(["病歷號：", "病歷號碼 ", "MRN: ", "medical record number "]), ("medical_record", rng.choice(["", "A"]) + _digits(rng, rng.choice([6, 7, 8, 10]))), "，請調閱。"])
+        add(
+            [
+                rng.choice(["病歷號：", "病歷號碼 ", "MRN: ", "medical record number "]),
+                ("medical_record", rng.choice(["", "A"]) + _digits(rng, rng.choice([6, 7, 8, 10]))),
+                "，請調閱。",
+            ]
+        )
         nhi = _digits(rng, 12)
         if rng.random() < 0.5:
             nhi = f"{nhi[:4]} {nhi[4:8]} {nhi[8:]}"
         add([rng.choice(["健保卡號 ", "健保卡號碼：", "NHI card number "]), ("nhi_card", nhi), " 遺失了"])
         surname = rng.choice(SURNAMES)
         given = "".join(rng.sample(GIVEN, rng.choice([0, 1, 2])))
-        add([rng.choice(["昨天", "門診時", "我問了", "聽說"]), ("name", surname + given), rng.choice(ZH_TITLES), rng.choice(["說要多喝水。", "建議回診。", "很親切"])])
-        add([rng.choice(["I saw ", "Ask ", "According to "]), rng.choice(["Dr. ", "Mr. ", "Mrs. ", "Ms. ", "Dr ", "Prof. "]), ("name", rng.choice(EN_SURNAMES)), " yesterday."])
-        add(["我是", ("name", rng.choice(SURNAMES) + "".join(rng.sample(GIVEN, 2))), rng.choice(["護理師", "藥師", "營養師"]), "，想請教糖尿病衛教。"])
+        add(
+            [
+                rng.choice(["昨天", "門診時", "我問了", "聽說"]),
+                ("name", surname + given),
+                rng.choice(ZH_TITLES),
+                rng.choice(["說要多喝水。", "建議回診。", "很親切"]),
+            ]
+        )
+        add(
+            [
+                rng.choice(["I saw ", "Ask ", "According to "]),
+                rng.choice(["Dr. ", "Mr. ", "Mrs. ", "Ms. ", "Dr ", "Prof. "]),
+                ("name", rng.choice(EN_SURNAMES)),
+                " yesterday.",
+            ]
+        )
+        add(
+            [
+                "我是",
+                ("name", rng.choice(SURNAMES) + "".join(rng.sample(GIVEN, 2))),
+                rng.choice(["護理師", "藥師", "營養師"]),
+                "，想請教糖尿病衛教。",
+            ]
+        )
 
     negatives = [
         f"身分證 {make_national_id(rng, valid=False)} 的檢查碼不對",
@@ -293,14 +367,27 @@ def synthetic_set(seed: int = 20261129, per_type: int = 60):
         f"病歷上寫血糖 {rng.randint(100, 300)}，要注意嗎？",
         f"健保卡要帶，掛號費 {rng.randint(100, 500)} 元",
         f"{_digits(rng, 12)} 是檢驗單條碼",
-        "請教醫師：主治醫師說我要住院", "請向醫師諮詢，兒童醫師與家醫科醫師都可以", "各位先生女士，門診護理師會叫號",
-        "Talk to your doctor. When To See the Doctor Be sure to ask.", "Dr. Office hours are Monday to Friday.",
-        "王道是多運動", "黃疸的原因", "方便的話請告訴醫師",
-        f"她在 {rng.randint(2015, 2024)}年{rng.randint(1, 12)}月{rng.randint(1, 28)}日生產，產後出血", f"{rng.randint(2015, 2024)}/{rng.randint(1, 12)}/{rng.randint(1, 28)} 生病住院",
-        "劑量 0.02-0.05 mg/kg，間隔 08:30-12:00", "伺服器 192.168.0.1 版本 v2.0.1.3", "WBC 12.3 x10^3/uL，CRP 0.5 mg/dL",
-        "Born prematurely, the baby needed oxygen.", "Babies born between 1945 and 1965 should be tested.",
+        "請教醫師：主治醫師說我要住院",
+        "請向醫師諮詢，兒童醫師與家醫科醫師都可以",
+        "各位先生女士，門診護理師會叫號",
+        "Talk to your doctor. When To See the Doctor Be sure to ask.",
+        "Dr. Office hours are Monday to Friday.",
+        "王道是多運動",
+        "黃疸的原因",
+        "方便的話請告訴醫師",
+        f"她在 {rng.randint(2015, 2024)}年{rng.randint(1, 12)}月{rng.randint(1, 28)}日生產，產後出血",
+        f"{rng.randint(2015, 2024)}/{rng.randint(1, 12)}/{rng.randint(1, 28)} 生病住院",
+        "劑量 0.02-0.05 mg/kg，間隔 08:30-12:00",
+        "伺服器 192.168.0.1 版本 v2.0.1.3",
+        "WBC 12.3 x10^3/uL，CRP 0.5 mg/dL",
+        "Born prematurely, the baby needed oxygen.",
+        "Babies born between 1945 and 1965 should be tested.",
         # Found on real Chinese medical dialogues (surname characters inside ordinary words):
-        "谢谢医生您的解释", "非常感謝醫師", "上次健康检查医生说我有脂肪肝", "我高中同學昨天打電話給我", "祝您健康医生",
+        "谢谢医生您的解释",
+        "非常感謝醫師",
+        "上次健康检查医生说我有脂肪肝",
+        "我高中同學昨天打電話給我",
+        "祝您健康医生",
     ]
     for text in negatives:
         samples.append((text, []))
@@ -323,10 +410,10 @@ def test_synthetic_precision_recall_per_type():
             tp[item[0]] += 1
         for item in predicted - gold_set:
             fp[item[0]] += 1
-            mistakes.append(("FP", item[0], text[item[1]:item[2]], text))
+            mistakes.append(("FP", item[0], text[item[1] : item[2]], text))
         for item in gold_set - predicted:
             fn[item[0]] += 1
-            mistakes.append(("FN", item[0], text[item[1]:item[2]], text))
+            mistakes.append(("FN", item[0], text[item[1] : item[2]], text))
     print(f"\n{'type':<16}{'TP':>5}{'FP':>5}{'FN':>5}{'precision':>11}{'recall':>8}")
     table = {}
     for key in TYPE_LABELS:
@@ -364,7 +451,7 @@ def test_medquad_false_positives_near_zero(shared_data):
         for row, value in enumerate(frame[column]):
             for f in scan_text(value) if isinstance(value, str) else ():
                 hits[f.type] += 1
-                context = value[max(0, f.start - 30): f.end + 15].replace("\n", " ")
+                context = value[max(0, f.start - 30) : f.end + 15].replace("\n", " ")
                 print(f"row {row} {column} {f.type}: {f.text!r} … {context!r}")
     print("MedQuAD hits per type:", dict(hits))
     for key in TYPE_LABELS:
@@ -382,7 +469,10 @@ def _data_cli_has_deidentify() -> bool:
 
         parser = build_parser()
         help_text = subprocess.run(
-            [sys.executable, "-m", "medgemma_lib", "data", "prepare", "--help"], capture_output=True, text=True, timeout=120
+            [sys.executable, "-m", "medgemma_lib", "data", "prepare", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
         ).stdout
         return parser is not None and "--deidentify" in help_text
     except Exception:
@@ -407,8 +497,22 @@ def test_cli_mask_planted(tmp_path):
     pd.DataFrame(rows).to_csv(source, index=False)
     out_dir = tmp_path / "prepared"
     result = subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", "data", "prepare", "--input", str(source), "--output", str(out_dir), "--deidentify", "mask"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "medgemma_lib",
+            "data",
+            "prepare",
+            "--input",
+            str(source),
+            "--output",
+            str(out_dir),
+            "--deidentify",
+            "mask",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     from datasets import load_from_disk
@@ -435,7 +539,7 @@ def test_real_chinese_dialogues_false_positives(shared_data):
         for value in frame[column].dropna():
             for f in scan_text(value):
                 hits.append((f.type, f.text))
-                print(f.type, repr(f.text), value[max(0, f.start - 15): f.end + 10].replace("\n", " "))
+                print(f.type, repr(f.text), value[max(0, f.start - 15) : f.end + 10].replace("\n", " "))
     # Measured 2026-11-29: one hit, 崔树旺 in 「用崔树旺教授研发的专利中药」, a real name (a
     # professor promoting a remedy). 謝謝醫生, 感謝醫生, 健康檢查醫生, 高中同學 were hits before the fix.
     assert hits == [("name", "崔树旺")]

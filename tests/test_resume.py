@@ -42,7 +42,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
 
     resumed = _run(killed_overrides, "--resume", result=tmp_path / "resumed.json")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "checkpoint-4 接續" in resumed.stdout and "已移除無法使用的檢查點 checkpoint-6" in resumed.stdout and "沒有完成標記" in resumed.stdout
+    assert (
+        "checkpoint-4 接續" in resumed.stdout
+        and "已移除無法使用的檢查點 checkpoint-6" in resumed.stdout
+        and "沒有完成標記" in resumed.stdout
+    )
 
     a = json.loads((tmp_path / "straight.json").read_text())
     b = json.loads((tmp_path / "resumed.json").read_text())
@@ -180,7 +184,9 @@ def test_graceful_stop_first_ctrl_c_requests_second_interrupts():
 
 
 def _cli(args, **kw):
-    return subprocess.run([sys.executable, "-m", "medgemma_lib", *args], capture_output=True, text=True, timeout=900, cwd=ROOT, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "medgemma_lib", *args], capture_output=True, text=True, timeout=900, cwd=ROOT, **kw
+    )
 
 
 @pytest.mark.slow
@@ -194,12 +200,25 @@ def test_ctrl_c_stops_cleanly_then_resume_skips_a_damaged_checkpoint(tiny_model_
     import time
 
     max_steps = 60
-    overrides = tiny_overrides(tiny_model_dir, tmp_path, "ctrl-c", max_steps=max_steps, save_steps=2, eval_steps=1000,
-                               save_total_limit=3, logging_steps=1)
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        tmp_path,
+        "ctrl-c",
+        max_steps=max_steps,
+        save_steps=2,
+        eval_steps=1000,
+        save_total_limit=3,
+        logging_steps=1,
+    )
     run = tmp_path / "ctrl-c"
     log = run / "train_log.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "medgemma_lib", "train", *overrides], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medgemma_lib", "train", *overrides],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:  # wait until a few steps are logged, as a user would
         steps = [json.loads(line).get("step", 0) for line in log.read_text().splitlines()] if log.exists() else []
@@ -254,7 +273,9 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tiny_model_d
     from medgemma_lib.errors import OutputError
     from medgemma_lib.train import run_training
 
-    overrides = tiny_overrides(tiny_model_dir, tmp_path, "full", max_steps=6, save_steps=2, eval_steps=100, save_total_limit=3)
+    overrides = tiny_overrides(
+        tiny_model_dir, tmp_path, "full", max_steps=6, save_steps=2, eval_steps=100, save_total_limit=3
+    )
     original = Trainer._save_optimizer_and_scheduler
 
     def disk_full_at_step_4(self, output_dir):
@@ -266,7 +287,9 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tiny_model_d
     with pytest.raises(OutputError) as err:
         run_training(load_config(None, overrides), verbose=False)
     message = err.value.format()
-    assert "磁碟空間不足" in message and "optimizer.pt" in message and "checkpoint-2" in message and "--resume" in message
+    assert (
+        "磁碟空間不足" in message and "optimizer.pt" in message and "checkpoint-2" in message and "--resume" in message
+    )
     ckpt_dir = tmp_path / "full" / "checkpoints"
     assert checkpoints.latest_complete_checkpoint(ckpt_dir).name == "checkpoint-2"
     assert checkpoints.checkpoint_problem(ckpt_dir / "checkpoint-4")  # the half-written one is never trusted

@@ -13,49 +13,76 @@ from medgemma_lib.safety import check_emergency, emergency_rules, guard_question
 # rule id -> questions that must trigger it: (Traditional Chinese, Simplified Chinese, English) x2
 MUST_TRIGGER = {
     "chest_pain": [
-        "我現在胸口很痛，一直冒冷汗", "我爸胸悶，左手臂也很痛",
-        "我胸口很闷，一直出冷汗", "妈妈胸痛，痛到下巴和背",
-        "I have chest pain and I'm sweating a lot", "My husband has crushing chest pressure that spreads to his left arm",
+        "我現在胸口很痛，一直冒冷汗",
+        "我爸胸悶，左手臂也很痛",
+        "我胸口很闷，一直出冷汗",
+        "妈妈胸痛，痛到下巴和背",
+        "I have chest pain and I'm sweating a lot",
+        "My husband has crushing chest pressure that spreads to his left arm",
     ],
     "stroke": [
-        "我爸爸突然嘴歪、講話不清楚", "阿嬤右邊手腳突然無力",
-        "我妈妈突然脸歪，说话不清楚", "爷爷左边身体没力，动不了",
-        "My dad's face is drooping and his speech is slurred", "My wife suddenly has weakness on one side of her body",
+        "我爸爸突然嘴歪、講話不清楚",
+        "阿嬤右邊手腳突然無力",
+        "我妈妈突然脸歪，说话不清楚",
+        "爷爷左边身体没力，动不了",
+        "My dad's face is drooping and his speech is slurred",
+        "My wife suddenly has weakness on one side of her body",
     ],
     "severe_bleeding": [
-        "小孩跌倒頭破了，血流不止", "他剛剛吐血，吐了好多",
-        "切到手，血止不住怎么办", "我老公一直呕血",
-        "My son cut his leg and it won't stop bleeding", "I'm vomiting blood",
+        "小孩跌倒頭破了，血流不止",
+        "他剛剛吐血，吐了好多",
+        "切到手，血止不住怎么办",
+        "我老公一直呕血",
+        "My son cut his leg and it won't stop bleeding",
+        "I'm vomiting blood",
     ],
     "breathing": [
-        "我喘不過氣，好難受", "寶寶嘴唇發紫，好像呼吸困難",
-        "我现在呼吸困难", "奶奶喘不过气来",
-        "I can't breathe", "My child is struggling to breathe and his lips are turning blue",
+        "我喘不過氣，好難受",
+        "寶寶嘴唇發紫，好像呼吸困難",
+        "我现在呼吸困难",
+        "奶奶喘不过气来",
+        "I can't breathe",
+        "My child is struggling to breathe and his lips are turning blue",
     ],
     "unconscious": [
-        "我爸在浴室昏倒了", "阿公叫不醒，怎麼拍都沒反應",
-        "我妈晕倒了", "他突然失去意识",
-        "My mom passed out and won't wake up", "My friend collapsed and is unresponsive",
+        "我爸在浴室昏倒了",
+        "阿公叫不醒，怎麼拍都沒反應",
+        "我妈晕倒了",
+        "他突然失去意识",
+        "My mom passed out and won't wake up",
+        "My friend collapsed and is unresponsive",
     ],
     "seizure": [
-        "我兒子突然全身抽搐、口吐白沫", "她癲癇發作已經五分鐘了",
-        "孩子一直抽搐怎么办", "我老公癫痫发作了",
-        "My daughter is having a seizure right now", "He is convulsing on the floor",
+        "我兒子突然全身抽搐、口吐白沫",
+        "她癲癇發作已經五分鐘了",
+        "孩子一直抽搐怎么办",
+        "我老公癫痫发作了",
+        "My daughter is having a seizure right now",
+        "He is convulsing on the floor",
     ],
     "anaphylaxis": [
-        "我吃了花生之後喉嚨腫起來，呼吸困難", "被蜜蜂叮了，現在嘴唇腫了",
-        "我吃了虾以后喉咙肿起来", "打针后出现过敏性休克",
-        "I ate peanuts and my throat is swelling", "My son got stung by a bee and his face is swollen",
+        "我吃了花生之後喉嚨腫起來，呼吸困難",
+        "被蜜蜂叮了，現在嘴唇腫了",
+        "我吃了虾以后喉咙肿起来",
+        "打针后出现过敏性休克",
+        "I ate peanuts and my throat is swelling",
+        "My son got stung by a bee and his face is swollen",
     ],
     "poisoning": [
-        "我兒子吃了一整瓶安眠藥", "小孩誤食漂白水",
-        "我妈喝了农药", "孩子误吞了电池",
-        "My toddler swallowed a battery", "I think my father took an overdose of his pills",
+        "我兒子吃了一整瓶安眠藥",
+        "小孩誤食漂白水",
+        "我妈喝了农药",
+        "孩子误吞了电池",
+        "My toddler swallowed a battery",
+        "I think my father took an overdose of his pills",
     ],
     "suicide_self_harm": [
-        "我不想活了", "最近一直想自殺",
-        "我想死，活不下去了", "我又割腕了",
-        "I want to kill myself", "My sister has been cutting herself",
+        "我不想活了",
+        "最近一直想自殺",
+        "我想死，活不下去了",
+        "我又割腕了",
+        "I want to kill myself",
+        "My sister has been cutting herself",
     ],
 }
 
@@ -208,13 +235,29 @@ def _write(tmp_path, text, name="rules.yaml"):
 BAD_FILES = {
     "yaml_tab": ("rules:\n  - id: x\n\ttitle: X\n", 3, "YAML"),
     "yaml_colon": ("rules:\n  - id: x\n    title: 胸痛: 冒冷汗: 喘\n    message: emergency\n", 3, "YAML"),
-    "bad_regex": ("rules:\n  - id: x\n    title: X\n    message: emergency\n    match:\n      - \"嘴歪(\"\n", 6, "正規表示式"),
+    "bad_regex": (
+        'rules:\n  - id: x\n    title: X\n    message: emergency\n    match:\n      - "嘴歪("\n',
+        6,
+        "正規表示式",
+    ),
     "missing_match": ("rules:\n  - id: x\n    title: X\n    message: emergency\n", 2, "match"),
-    "unknown_key": ("rules:\n  - id: x\n    title: X\n    message: emergency\n    matches: [\"a\"]\n", 5, "match"),
-    "unknown_message": ("rules:\n  - id: x\n    title: X\n    message: urgent\n    match: [\"a\"]\n", 4, "urgent"),
-    "duplicate_id": ("rules:\n  - id: x\n    title: X\n    message: emergency\n    match: [\"a\"]\n  - id: x\n    title: Y\n    message: emergency\n    match: [\"b\"]\n", 6, "重複"),
-    "bad_info_mode": ("rules:\n  - id: x\n    title: X\n    message: emergency\n    info_questions: maybe\n    match: [\"a\"]\n", 5, "info_questions"),
-    "all_of_empty": ("rules:\n  - id: x\n    title: X\n    message: emergency\n    match:\n      - all_of: []\n", 6, "all_of"),
+    "unknown_key": ('rules:\n  - id: x\n    title: X\n    message: emergency\n    matches: ["a"]\n', 5, "match"),
+    "unknown_message": ('rules:\n  - id: x\n    title: X\n    message: urgent\n    match: ["a"]\n', 4, "urgent"),
+    "duplicate_id": (
+        'rules:\n  - id: x\n    title: X\n    message: emergency\n    match: ["a"]\n  - id: x\n    title: Y\n    message: emergency\n    match: ["b"]\n',
+        6,
+        "重複",
+    ),
+    "bad_info_mode": (
+        'rules:\n  - id: x\n    title: X\n    message: emergency\n    info_questions: maybe\n    match: ["a"]\n',
+        5,
+        "info_questions",
+    ),
+    "all_of_empty": (
+        "rules:\n  - id: x\n    title: X\n    message: emergency\n    match:\n      - all_of: []\n",
+        6,
+        "all_of",
+    ),
 }
 
 
@@ -244,11 +287,11 @@ def test_teacher_rules_merge_from_env(monkeypatch, tmp_path):
         "    title: 疑似熱中暑\n"
         "    message: emergency\n"
         "    match:\n"
-        "      - all_of: [\"體溫|体温|temperature\", \"(4[0-2]|10[4-9]) ?(度|°)\", \"意識|意识|confus\"]\n"
+        '      - all_of: ["體溫|体温|temperature", "(4[0-2]|10[4-9]) ?(度|°)", "意識|意识|confus"]\n'
         "  - id: severe_bleeding\n"
         "    title: 大量出血（校內版）\n"
-        "    message: {zh: \"請立刻撥 119，並通知學校護理師。\"}\n"
-        "    match: [\"流很多血\"]\n",
+        '    message: {zh: "請立刻撥 119，並通知學校護理師。"}\n'
+        '    match: ["流很多血"]\n',
     )
     monkeypatch.setenv(safety.RULES_ENV, str(extra))
     rules = emergency_rules()

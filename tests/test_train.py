@@ -55,7 +55,8 @@ def test_label_only_loss_equals_trl_loss(tiny_model_dir, tiny_splits, demo_token
 
     from medgemma_lib.models import PROFILES, load_model
     from medgemma_lib.train import conversational_only
-    from medgemma_lib.trainer import build_trainer as _build_trainer, lora_config
+    from medgemma_lib.trainer import build_trainer as _build_trainer
+    from medgemma_lib.trainer import lora_config
 
     cfg = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, "eq"))
     model = get_peft_model(load_model(str(tiny_model_dir), "none", "cpu"), lora_config(cfg, PROFILES["demo"]))
@@ -161,9 +162,14 @@ def test_oom_without_retry_explains_in_chinese(tiny_model_dir, tiny_splits, tmp_
         def on_step_begin(self, args, state, control, **kwargs):
             raise torch.OutOfMemoryError("CUDA out of memory.")
 
-    cfg = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, "oom2", max_steps=2, auto_oom_retry=False) + ["model.profile=demo"])
+    cfg = load_config(
+        None,
+        tiny_overrides(tiny_model_dir, tmp_path, "oom2", max_steps=2, auto_oom_retry=False) + ["model.profile=demo"],
+    )
     with pytest.raises(ResourceError) as info:
-        run_training(cfg, datasets=tiny_splits, callbacks=[FakeOOM()], evaluate_before=False, model=_tiny_model(tiny_model_dir))
+        run_training(
+            cfg, datasets=tiny_splits, callbacks=[FakeOOM()], evaluate_before=False, model=_tiny_model(tiny_model_dir)
+        )
     err = info.value
     assert "記憶體不足" in err.message and "micro-batch 2" in err.message
     assert "估算" in err.message  # the estimator's figure for this setting
@@ -189,6 +195,10 @@ def test_train_cli_bad_override_exit_2():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "medgemma_lib", "train", "--config", "configs/demo.yaml", "train.max_stepz=3"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "medgemma_lib", "train", "--config", "configs/demo.yaml", "train.max_stepz=3"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "train.max_stepz" in proc.stderr and "max_steps" in proc.stderr and "Traceback" not in proc.stderr

@@ -13,7 +13,13 @@ def small_splits(n_train: int = 24, n_eval: int = 4, tokenizer=None):
     from medgemma_lib.config import DataSection
     from medgemma_lib.data import prepare_from_config
 
-    section = DataSection(input=str(SAMPLE), max_answer_chars=300, long_answer_policy="drop", max_train_examples=n_train, max_eval_examples=n_eval)
+    section = DataSection(
+        input=str(SAMPLE),
+        max_answer_chars=300,
+        long_answer_policy="drop",
+        max_train_examples=n_train,
+        max_eval_examples=n_eval,
+    )
     splits, _ = prepare_from_config(section, output_dir=None, tokenizer=tokenizer)
     return splits
 
@@ -21,12 +27,31 @@ def small_splits(n_train: int = 24, n_eval: int = 4, tokenizer=None):
 def tiny_overrides(model_dir, output_dir, run_name: str, **train) -> list[str]:
     """Config overrides for a fast CPU run of the tiny random Gemma 3 (plumbing only)."""
     values = {
-        "max_steps": 6, "per_device_train_batch_size": 2, "max_length": 96, "packing": True, "gradient_checkpointing": False,
-        "logging_steps": 1, "eval_steps": 3, "save_steps": 3, "save_total_limit": 2, "learning_rate": 1e-3, "warmup_ratio": 0.34,
-        "num_threads": 1, "seed": 7,
+        "max_steps": 6,
+        "per_device_train_batch_size": 2,
+        "max_length": 96,
+        "packing": True,
+        "gradient_checkpointing": False,
+        "logging_steps": 1,
+        "eval_steps": 3,
+        "save_steps": 3,
+        "save_total_limit": 2,
+        "learning_rate": 1e-3,
+        "warmup_ratio": 0.34,
+        "num_threads": 1,
+        "seed": 7,
     }
     values.update(train)
-    out = [f"model.profile={model_dir}", "model.quantization=nf4", f"train.output_dir={output_dir}", f"train.run_name={run_name}",
-           f"data.input={SAMPLE}", "data.max_answer_chars=300", "data.long_answer_policy=drop", "data.max_train_examples=24", "data.max_eval_examples=4"]
+    out = [
+        f"model.profile={model_dir}",
+        "model.quantization=nf4",
+        f"train.output_dir={output_dir}",
+        f"train.run_name={run_name}",
+        f"data.input={SAMPLE}",
+        "data.max_answer_chars=300",
+        "data.long_answer_policy=drop",
+        "data.max_train_examples=24",
+        "data.max_eval_examples=4",
+    ]
     out += [f"train.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
     return out

@@ -34,10 +34,23 @@ prod, prod_layers, prod_worst = gradcheck.compare(gp, g32)
 print("| comparison | largest rel. diff | layer 0 | last layer | loss |")
 print("|---|---:|---:|---:|---|")
 last = max(floor_layers)
-print(f"| plain bf16 reference vs fp32 reference | {floor:.2e} | {floor_layers[0]:.2e} | {floor_layers[last]:.2e} | {loss16:.5f} vs {loss32:.5f} |")
-print(f"| product (bf16) vs fp32 reference | {prod:.2e} | {prod_layers[0]:.2e} | {prod_layers[last]:.2e} | {lossp:.5f} vs {loss32:.5f} |")
+print(
+    f"| plain bf16 reference vs fp32 reference | {floor:.2e} | {floor_layers[0]:.2e} | {floor_layers[last]:.2e} | {loss16:.5f} vs {loss32:.5f} |"
+)
+print(
+    f"| product (bf16) vs fp32 reference | {prod:.2e} | {prod_layers[0]:.2e} | {prod_layers[last]:.2e} | {lossp:.5f} vs {loss32:.5f} |"
+)
 if args.json:
-    Path(args.json).write_text(json.dumps({"overrides": args.overrides, "floor": {"max": floor, "per_layer": floor_layers, "worst": floor_worst},
-                                           "product": {"max": prod, "per_layer": prod_layers, "worst": prod_worst},
-                                           "loss": {"fp32_reference": loss32, "bf16_reference": loss16, "product": lossp},
-                                           "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}, indent=1))
+    Path(args.json).write_text(
+        json.dumps(
+            {
+                "overrides": args.overrides,
+                "floor": {"max": floor, "per_layer": floor_layers, "worst": floor_worst},
+                "product": {"max": prod, "per_layer": prod_layers, "worst": prod_worst},
+                "loss": {"fp32_reference": loss32, "bf16_reference": loss16, "product": lossp},
+                "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            },
+            indent=1,
+        )
+    )

@@ -7,6 +7,7 @@ tokenizer.json.xz, tokenizer_config.json, chat_template.jinja):
   python docs/bench/train_presets.py OUT_DIR 27b:configs/medgemma-27b-24gb.yaml:6
   python docs/bench/train_presets.py OUT_DIR 4b:configs/medgemma-4b-8gb.yaml:8   # one process per run
 """
+
 import gc
 import json
 import lzma
@@ -40,8 +41,19 @@ for spec in sys.argv[2:]:
     model, info = bench.build_model(arch, device)
     tokenizer = load_tokenizer(str(folder))
     run_name = f"{arch}-{Path(preset).stem}"
-    cfg = load_config(preset, [f"model.profile={folder}", f"train.max_steps={steps}", "train.logging_steps=1", "train.eval_steps=1000",
-                               "train.save_steps=1000", f"train.run_name={run_name}", "train.output_dir=/tmp/res", "data.max_eval_examples=16"])
+    cfg = load_config(
+        preset,
+        [
+            f"model.profile={folder}",
+            f"train.max_steps={steps}",
+            "train.logging_steps=1",
+            "train.eval_steps=1000",
+            "train.save_steps=1000",
+            f"train.run_name={run_name}",
+            "train.output_dir=/tmp/res",
+            "data.max_eval_examples=16",
+        ],
+    )
     t0 = time.time()
     r = run_training(cfg, model=model, tokenizer=tokenizer, verbose=True)
     wall = time.time() - t0
@@ -53,15 +65,31 @@ for spec in sys.argv[2:]:
         steady = (float(b["num_tokens"]) - float(a["num_tokens"])) / max(1e-9, b["time_s"] - a["time_s"])
     ck = checkpoints.latest_complete_checkpoint(run / "checkpoints")
     ck_bytes = sum(p.stat().st_size for p in ck.rglob("*") if p.is_file()) if ck else None
-    t1 = time.time(); checkpoints.write_completion_marker(ck); marker_s = time.time() - t1
-    t1 = time.time(); problem = checkpoints.checkpoint_problem(ck); verify_s = time.time() - t1
-    row = {"arch": arch, "preset": preset, "build": info, "wall_s": round(wall, 1), "steady_tokens_per_s": round(steady, 1) if steady else None,
-           "checkpoint_gib": round(ck_bytes / 2**30, 3) if ck_bytes else None, "marker_write_s": round(marker_s, 2),
-           "marker_verify_s": round(verify_s, 2), "checkpoint_ok": problem is None,
-           "memory": r.memory,
-           "summary": {k: v for k, v in r.to_dict().items() if k != "memory_advice"}, "log": recs}
+    t1 = time.time()
+    checkpoints.write_completion_marker(ck)
+    marker_s = time.time() - t1
+    t1 = time.time()
+    problem = checkpoints.checkpoint_problem(ck)
+    verify_s = time.time() - t1
+    row = {
+        "arch": arch,
+        "preset": preset,
+        "build": info,
+        "wall_s": round(wall, 1),
+        "steady_tokens_per_s": round(steady, 1) if steady else None,
+        "checkpoint_gib": round(ck_bytes / 2**30, 3) if ck_bytes else None,
+        "marker_write_s": round(marker_s, 2),
+        "marker_verify_s": round(verify_s, 2),
+        "checkpoint_ok": problem is None,
+        "memory": r.memory,
+        "summary": {k: v for k, v in r.to_dict().items() if k != "memory_advice"},
+        "log": recs,
+    }
     results[run_name] = row
-    print(json.dumps({k: v for k, v in row.items() if k not in ("log", "summary", "build")}, ensure_ascii=False), flush=True)
+    print(
+        json.dumps({k: v for k, v in row.items() if k not in ("log", "summary", "build")}, ensure_ascii=False),
+        flush=True,
+    )
     (out_dir / "presets.json").write_text(json.dumps(results, ensure_ascii=False, indent=1, default=str))
     del model, r, tokenizer
     gc.collect()

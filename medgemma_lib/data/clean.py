@@ -23,7 +23,9 @@ DROP_REASONS = {
     "answer_too_long": "答案超過長度上限（drop）",
 }
 # Literal Gemma control tokens in data would be parsed as real turn markers and break the masking.
-_CONTROL_TOKENS = re.compile(r"<(?:bos|eos|pad|start_of_turn|end_of_turn|start_of_image|end_of_image|image_soft_token)>")
+_CONTROL_TOKENS = re.compile(
+    r"<(?:bos|eos|pad|start_of_turn|end_of_turn|start_of_image|end_of_image|image_soft_token)>"
+)
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？；;])\s|(?<=[。！？；])|\n")
 
 
@@ -52,13 +54,19 @@ def parse_column_mapping(spec: str | dict | None) -> dict[str, str]:
             if not part.strip():
                 continue
             if "=" not in part:
-                raise DataError(f"--columns 的 {part!r} 格式不對。", hint="格式為 目標欄=檔案中的欄，例如 --columns question=ask,answer=answer,focus_area=department")
+                raise DataError(
+                    f"--columns 的 {part!r} 格式不對。",
+                    hint="格式為 目標欄=檔案中的欄，例如 --columns question=ask,answer=answer,focus_area=department",
+                )
             target, src = (x.strip() for x in part.split("=", 1))
             items.append((target, src))
     allowed = (*REQUIRED, *OPTIONAL)
     for target, src in items:
         if target not in allowed:
-            raise DataError(f"--columns 的目標欄 {target!r} 不認識。", hint=f"目標欄只能是：{'、'.join(allowed)}（等號左邊是目標，右邊是檔案中的欄名）。")
+            raise DataError(
+                f"--columns 的目標欄 {target!r} 不認識。",
+                hint=f"目標欄只能是：{'、'.join(allowed)}（等號左邊是目標，右邊是檔案中的欄名）。",
+            )
         if not src:
             raise DataError(f"--columns 的 {target}= 後面沒有欄名。", hint="例如 question=ask")
     return dict(items)
@@ -91,8 +99,10 @@ def resolve_columns(found: list[str], mapping: dict[str, str], where: str) -> di
 def _guess_mapping(found: list[str]) -> str:
     lower = [c.lower() for c in found]
     pick = {}
-    for target, words in {"question": ("ask", "question", "q", "問題", "问题", "title", "prompt", "input"),
-                          "answer": ("answer", "response", "a", "回答", "答案", "output", "reply")}.items():
+    for target, words in {
+        "question": ("ask", "question", "q", "問題", "问题", "title", "prompt", "input"),
+        "answer": ("answer", "response", "a", "回答", "答案", "output", "reply"),
+    }.items():
         pick[target] = next((found[lower.index(w)] for w in words if w in lower), found[0] if found else "欄名")
     return f"question={pick['question']},answer={pick['answer']}"
 
@@ -141,7 +151,9 @@ def clean_rows(
         row = {t: raw.get(c) or "" for t, c in columns.items()}
         q = normalize_inline(row.get("question", ""))
         a = normalize_answer(row.get("answer", ""))
-        extras = {k: ("" if v is None else str(v)) for k, v in raw.items() if k not in mapped_sources and k not in columns}
+        extras = {
+            k: ("" if v is None else str(v)) for k, v in raw.items() if k not in mapped_sources and k not in columns
+        }
         if convert is not None:
             q, a = convert(q), convert(a)
         reason, pair = None, (q, a)
@@ -167,13 +179,16 @@ def clean_rows(
             continue
         seen.add(pair)
         focus = normalize_inline(row.get("focus_area", ""))
-        kept.append({
-            **extras,
-            "question": q, "answer": a,
-            "source": normalize_inline(row.get("source", "")),
-            "focus_area": convert(focus) if (convert and focus) else focus,
-            "qtype": normalize_inline(row.get("qtype", "")),
-        })
+        kept.append(
+            {
+                **extras,
+                "question": q,
+                "answer": a,
+                "source": normalize_inline(row.get("source", "")),
+                "focus_area": convert(focus) if (convert and focus) else focus,
+                "qtype": normalize_inline(row.get("qtype", "")),
+            }
+        )
     result = CleanResult(kept, rows_in, dropped, truncated, {k: v for k, v in examples.items() if v})
     result.check()
     return result

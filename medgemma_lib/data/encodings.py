@@ -17,10 +17,22 @@ from medgemma_lib.errors import DataError
 
 # Encodings we detect on our own (mapped to the superset codec); a detector result outside these needs --encoding.
 _SUPERSETS = {
-    "ascii": "utf-8", "utf_8": "utf-8", "utf-8": "utf-8", "utf_8_sig": "utf-8-sig", "utf-8-sig": "utf-8-sig",
-    "big5": "cp950", "big5hkscs": "cp950", "cp950": "cp950",
-    "gb2312": "gb18030", "gbk": "gb18030", "gb18030": "gb18030", "hz": None,
-    "utf_16": "utf-16", "utf-16": "utf-16", "utf_16_le": "utf-16-le", "utf_16_be": "utf-16-be",
+    "ascii": "utf-8",
+    "utf_8": "utf-8",
+    "utf-8": "utf-8",
+    "utf_8_sig": "utf-8-sig",
+    "utf-8-sig": "utf-8-sig",
+    "big5": "cp950",
+    "big5hkscs": "cp950",
+    "cp950": "cp950",
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "gb18030": "gb18030",
+    "hz": None,
+    "utf_16": "utf-16",
+    "utf-16": "utf-16",
+    "utf_16_le": "utf-16-le",
+    "utf_16_be": "utf-16-be",
 }
 _SUPPORTED_TEXT = "UTF-8、UTF-8 BOM、Big5（cp950）、GB18030、UTF-16"
 
@@ -43,14 +55,20 @@ def decode_bytes(data: bytes, where: str, encoding: str | None = None) -> tuple[
         try:
             codecs.lookup(encoding)
         except LookupError:
-            raise DataError(f"不認識的編碼名稱 {encoding!r}。", hint="常用的有：utf-8、utf-8-sig、cp950（Big5）、gb18030、utf-16。") from None
+            raise DataError(
+                f"不認識的編碼名稱 {encoding!r}。", hint="常用的有：utf-8、utf-8-sig、cp950（Big5）、gb18030、utf-16。"
+            ) from None
         try:
             return data.decode(encoding), encoding, False
         except UnicodeDecodeError as exc:
             raise DataError(
                 f"{where} 無法以指定的編碼 {encoding} 解碼：第 {_line_of(data, exc.start)} 行附近（第 {exc.start} 個位元組）有不合法的位元組。",
                 hint="請確認檔案的實際編碼；不加 --encoding 讓程式自動偵測，或改用 "
-                + "、".join(e for e in ("utf-8", "cp950", "gb18030", "utf-16") if codecs.lookup(e).name != codecs.lookup(encoding).name)
+                + "、".join(
+                    e
+                    for e in ("utf-8", "cp950", "gb18030", "utf-16")
+                    if codecs.lookup(e).name != codecs.lookup(encoding).name
+                )
                 + " 試試。",
             ) from None
     if data.startswith(codecs.BOM_UTF8):
@@ -80,7 +98,13 @@ def _utf16_without_bom(data: bytes) -> str | None:
         return None
     even, odd = sample[0::2].count(0), sample[1::2].count(0)
     half = len(sample) // 2
-    encoding = "utf-16-le" if odd > 0.3 * half and even < 0.05 * half else "utf-16-be" if even > 0.3 * half and odd < 0.05 * half else None
+    encoding = (
+        "utf-16-le"
+        if odd > 0.3 * half and even < 0.05 * half
+        else "utf-16-be"
+        if even > 0.3 * half and odd < 0.05 * half
+        else None
+    )
     if encoding is None or len(data) % 2:
         return None
     try:

@@ -21,8 +21,20 @@ from medgemma_lib.errors import DataError
 
 CONVERSIONS = ("s2t", "s2tw", "s2twp", "t2s", "tw2s")
 # Columns TRL reads itself; an input column with one of these names would confuse it.
-_RESERVED = {"prompt", "completion", "messages", "text", "input_ids", "labels", "attention_mask",
-             "completion_mask", "assistant_masks", "id", "question", "answer"}
+_RESERVED = {
+    "prompt",
+    "completion",
+    "messages",
+    "text",
+    "input_ids",
+    "labels",
+    "attention_mask",
+    "completion_mask",
+    "assistant_masks",
+    "id",
+    "question",
+    "answer",
+}
 
 
 @lru_cache(maxsize=8)
@@ -35,7 +47,10 @@ def chinese_converter(config: str | None):
     if not config:
         return None
     if config not in CONVERSIONS:
-        raise DataError(f"不支援的繁簡轉換 {config!r}。", hint=f"可用：{'、'.join(CONVERSIONS)}（s2twp＝簡體轉台灣正體並轉換常用詞）。")
+        raise DataError(
+            f"不支援的繁簡轉換 {config!r}。",
+            hint=f"可用：{'、'.join(CONVERSIONS)}（s2twp＝簡體轉台灣正體並轉換常用詞）。",
+        )
     return _opencc(config).convert
 
 

@@ -22,7 +22,7 @@ def token_lengths(tokenizer, records, batch_size: int = 512) -> dict[str, list[i
     prompts, totals = [], []
     records = list(records)
     for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
+        chunk = records[start : start + batch_size]
         p_text = tokenizer.apply_chat_template([r["prompt"] for r in chunk], tokenize=False, add_generation_prompt=True)
         f_text = tokenizer.apply_chat_template([r["prompt"] + r["completion"] for r in chunk], tokenize=False)
         prompts += [len(x) for x in tokenizer(p_text, add_special_tokens=False)["input_ids"]]
@@ -44,8 +44,13 @@ def length_summary(lengths: dict[str, list[int]]) -> dict[str, dict[str, int]]:
     for kind, values in lengths.items():
         s = sorted(values)
         out[kind] = {
-            "min": s[0] if s else 0, "median": _percentile(s, 50), "p90": _percentile(s, 90),
-            "p95": _percentile(s, 95), "p99": _percentile(s, 99), "max": s[-1] if s else 0, "sum": sum(s),
+            "min": s[0] if s else 0,
+            "median": _percentile(s, 50),
+            "p90": _percentile(s, 90),
+            "p95": _percentile(s, 95),
+            "p99": _percentile(s, 99),
+            "max": s[-1] if s else 0,
+            "sum": sum(s),
         }
     return out
 
@@ -56,12 +61,14 @@ def cut_table(totals: list[int], candidates=CANDIDATE_LENGTHS) -> list[dict]:
     rows = []
     for length in candidates:
         cut = [t for t in totals if t > length]
-        rows.append({
-            "max_length": length,
-            "examples_cut": len(cut),
-            "examples_cut_pct": round(100 * len(cut) / n, 2) if n else 0.0,
-            "tokens_lost_pct": round(100 * sum(t - length for t in cut) / all_tokens, 2),
-        })
+        rows.append(
+            {
+                "max_length": length,
+                "examples_cut": len(cut),
+                "examples_cut_pct": round(100 * len(cut) / n, 2) if n else 0.0,
+                "tokens_lost_pct": round(100 * sum(t - length for t in cut) / all_tokens, 2),
+            }
+        )
     return rows
 
 
@@ -103,11 +110,21 @@ def plot_token_lengths(report: dict, ax=None):
     top = max(totals) if totals else 1
     bins = min(60, max(10, len(set(totals))))
     ax.hist(totals, bins=bins, color="#4C72B0", alpha=0.85)
-    ax.axvline(rec["max_length"], color="#C44E52", linestyle="--",
-               label=plots.label(f"建議 max_length = {rec['max_length']}（截斷 {rec['examples_cut_pct']}% 的樣本）",
-                                 f"suggested max_length = {rec['max_length']} (cuts {rec['examples_cut_pct']}% of examples)"))
+    ax.axvline(
+        rec["max_length"],
+        color="#C44E52",
+        linestyle="--",
+        label=plots.label(
+            f"建議 max_length = {rec['max_length']}（截斷 {rec['examples_cut_pct']}% 的樣本）",
+            f"suggested max_length = {rec['max_length']} (cuts {rec['examples_cut_pct']}% of examples)",
+        ),
+    )
     ax.set_xlim(0, max(top, rec["max_length"]) * 1.05)
-    ax.set_xlabel(plots.label("每筆樣本的 token 數（提示＋答案，含對話模板）", "tokens per example (prompt + answer, chat template)"))
+    ax.set_xlabel(
+        plots.label(
+            "每筆樣本的 token 數（提示＋答案，含對話模板）", "tokens per example (prompt + answer, chat template)"
+        )
+    )
     ax.set_ylabel(plots.label("樣本數", "examples"))
     ax.set_title(plots.label("Token 長度分布", "Token length distribution"))
     ax.legend()

@@ -23,7 +23,10 @@ def label_mask_example(tokenizer, record: dict, max_length: int | None = None) -
     strings), ``prompt_tokens`` (masked prefix length), ``truncated`` (cut by ``max_length``).
     """
 
-    kwargs = {"chat_template": None, "tools": None}  # SFTTrainer passes these (chat_template None unless assistant_only_loss)
+    kwargs = {
+        "chat_template": None,
+        "tools": None,
+    }  # SFTTrainer passes these (chat_template None unless assistant_only_loss)
     prompt_ids = list(_tokenize(tokenizer, record["prompt"], add_generation_prompt=True, **kwargs)["input_ids"])
     full_ids = list(_tokenize(tokenizer, record["prompt"] + record["completion"], **kwargs)["input_ids"])
     prompt_len = common_prefix_length(prompt_ids, full_ids)
@@ -74,9 +77,11 @@ def masking_table(tokenizer, record: dict, max_length: int | None = None):
     """A pandas table, one row per token: position, id, token, trained."""
 
     ex = label_mask_example(tokenizer, record, max_length)
-    return pd.DataFrame({
-        "位置": range(len(ex["input_ids"])),
-        "token id": ex["input_ids"],
-        "token": [_show(t) for t in ex["tokens"]],
-        "訓練": ["✔ 訓練" if t else "· 遮蔽" for t in ex["trained"]],
-    })
+    return pd.DataFrame(
+        {
+            "位置": range(len(ex["input_ids"])),
+            "token id": ex["input_ids"],
+            "token": [_show(t) for t in ex["tokens"]],
+            "訓練": ["✔ 訓練" if t else "· 遮蔽" for t in ex["trained"]],
+        }
+    )

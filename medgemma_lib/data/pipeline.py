@@ -68,8 +68,14 @@ def prepare_records(data_cfg, tokenizer=None, input_format: str | None = None) -
     columns = _clean.resolve_columns(table.columns, mapping, f"輸入檔 {path.name}")
     convert = formatting.chinese_converter(data_cfg.chinese_conversion)
     cleaned = _clean.clean_rows(
-        table.rows, columns, rows_in=table.rows_in, malformed=table.malformed, locations=table.locations,
-        max_answer_chars=data_cfg.max_answer_chars, long_answers=data_cfg.long_answer_policy, convert=convert,
+        table.rows,
+        columns,
+        rows_in=table.rows_in,
+        malformed=table.malformed,
+        locations=table.locations,
+        max_answer_chars=data_cfg.max_answer_chars,
+        long_answers=data_cfg.long_answer_policy,
+        convert=convert,
     )
     if not cleaned.rows:
         reasons = "、".join(f"{_clean.DROP_REASONS[k]} {v} 筆" for k, v in cleaned.dropped.items() if v)
@@ -79,18 +85,29 @@ def prepare_records(data_cfg, tokenizer=None, input_format: str | None = None) -
         )
     rows, deid = _deidentify(cleaned.rows, data_cfg.deidentify)
     parts = split.split_by_focus_area(rows, data_cfg.validation_fraction, data_cfg.test_fraction, data_cfg.seed)
-    by_split = {name: [formatting.to_record(rows[i], data_cfg.system_prompt) for i in idx] for name, idx in parts.items()}
+    by_split = {
+        name: [formatting.to_record(rows[i], data_cfg.system_prompt) for i in idx] for name, idx in parts.items()
+    }
     before = {name: len(recs) for name, recs in by_split.items()}
     by_split["train"] = _limit(by_split["train"], data_cfg.max_train_examples)
-    by_split["validation"] = _limit(by_split["validation"], data_cfg.max_eval_examples)  # test: see eval.max_eval_examples
+    by_split["validation"] = _limit(
+        by_split["validation"], data_cfg.max_eval_examples
+    )  # test: see eval.max_eval_examples
     split_of_row = {i: name for name, idx in parts.items() for i in idx}
     report = {
         "input": {
-            "path": display_path(path), "format": table.format, "encoding": table.encoding,
-            "encoding_detected": table.encoding_detected, "sha256": file_sha256(path),
-            "columns_found": table.columns, "columns_used": columns,
+            "path": display_path(path),
+            "format": table.format,
+            "encoding": table.encoding,
+            "encoding_detected": table.encoding_detected,
+            "sha256": file_sha256(path),
+            "columns_found": table.columns,
+            "columns_used": columns,
         },
-        "options": {**{f.name: getattr(data_cfg, f.name) for f in dataclasses.fields(data_cfg)}, "input": display_path(path)},
+        "options": {
+            **{f.name: getattr(data_cfg, f.name) for f in dataclasses.fields(data_cfg)},
+            "input": display_path(path),
+        },
         "counts": {
             "rows_in": cleaned.rows_in,
             "kept": len(cleaned.rows),
@@ -118,11 +135,17 @@ def prepare_records(data_cfg, tokenizer=None, input_format: str | None = None) -
 def to_dataset_dict(by_split: dict[str, list[dict]]):
     """Records per split as a ``datasets.DatasetDict`` (empty splits keep the columns)."""
 
-    columns = sorted({k for recs in by_split.values() for r in recs for k in r}, key=lambda k: (k not in ("prompt", "completion"), k))
+    columns = sorted(
+        {k for recs in by_split.values() for r in recs for k in r}, key=lambda k: (k not in ("prompt", "completion"), k)
+    )
     out = {}
     for name, recs in by_split.items():
         # Every split gets every column so they share one schema.
-        out[name] = Dataset.from_list([{c: r.get(c, "") for c in columns} for r in recs]) if recs else _empty_like(by_split, columns)
+        out[name] = (
+            Dataset.from_list([{c: r.get(c, "") for c in columns} for r in recs])
+            if recs
+            else _empty_like(by_split, columns)
+        )
     return DatasetDict(out)
 
 
@@ -132,7 +155,11 @@ def _empty_like(by_split, columns):
 
 
 def prepare_from_config(
-    data_cfg, output_dir: str | Path | None = None, tokenizer=None, overwrite: bool = False, input_format: str | None = None
+    data_cfg,
+    output_dir: str | Path | None = None,
+    tokenizer=None,
+    overwrite: bool = False,
+    input_format: str | None = None,
 ):
     """Prepared splits (``train``, ``validation``, ``test``) and the report, from a ``DataSection``.
 

@@ -62,7 +62,6 @@ def detect_format(path: Path, forced: str | None = None) -> str:
     )
 
 
-
 # ----------------------------------------------------------------------------------------------
 # CSV
 
@@ -81,7 +80,10 @@ def read_csv(path: Path, encoding: str | None = None) -> RawTable:
         raise DataError(f"{path.name} 第 1 行（標題列）無法解析：{exc}。", hint="請確認這是逗號分隔的 CSV。") from None
     columns = [h.strip() for h in header]
     if not any(columns):
-        raise DataError(f"{path.name} 第 1 行（標題列）是空的。", hint="CSV 第一行必須是欄位名稱，例如 question,answer,source,focus_area。")
+        raise DataError(
+            f"{path.name} 第 1 行（標題列）是空的。",
+            hint="CSV 第一行必須是欄位名稱，例如 question,answer,source,focus_area。",
+        )
     rows: list[dict[str, str]] = []
     malformed: list[str] = []
     locations: list[str] = []
@@ -94,7 +96,7 @@ def read_csv(path: Path, encoding: str | None = None) -> RawTable:
         except csv.Error as exc:
             raise DataError(
                 f"{path.name} 第 {start} 行開始的引號格式錯誤（{exc}），之後的內容無法可靠地分欄。",
-                hint="通常是欄位內的雙引號沒有寫成兩個（\"\"）或少了結尾引號；請在試算表軟體中重新匯出 CSV。",
+                hint='通常是欄位內的雙引號沒有寫成兩個（""）或少了結尾引號；請在試算表軟體中重新匯出 CSV。',
             ) from None
         line = start
         start = reader.line_num + 1
@@ -111,7 +113,9 @@ def read_csv(path: Path, encoding: str | None = None) -> RawTable:
             hint="請確認分隔符號是逗號（Tab 分隔請存成 .tsv）、欄位內的逗號有用雙引號括起來。",
         )
     if not rows and not malformed:
-        raise DataError(f"{path.name} 只有標題列（{', '.join(columns)}），沒有任何資料列。", hint="請確認匯出時有包含資料。")
+        raise DataError(
+            f"{path.name} 只有標題列（{', '.join(columns)}），沒有任何資料列。", hint="請確認匯出時有包含資料。"
+        )
     return RawTable(rows, columns, "csv", enc, detected, malformed, locations)
 
 
@@ -130,7 +134,10 @@ def read_jsonl(path: Path, encoding: str | None = None) -> RawTable:
         try:
             items = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path.name} 第 {exc.lineno} 行第 {exc.colno} 欄的 JSON 格式錯誤：{exc.msg}。", hint="請用 JSON 檢查工具修正，或改存為每行一筆的 JSONL。") from None
+            raise DataError(
+                f"{path.name} 第 {exc.lineno} 行第 {exc.colno} 欄的 JSON 格式錯誤：{exc.msg}。",
+                hint="請用 JSON 檢查工具修正，或改存為每行一筆的 JSONL。",
+            ) from None
         numbered = [(f"第 {i + 1} 筆", item) for i, item in enumerate(items)]
     else:
         numbered = []
@@ -153,7 +160,10 @@ def read_jsonl(path: Path, encoding: str | None = None) -> RawTable:
         rows.append(row)
         locations.append(where)
     if not rows and not malformed:
-        raise DataError(f"{path.name} 沒有任何資料（只有空行）。", hint="JSONL 每行一筆，例如 {\"question\": \"...\", \"answer\": \"...\"}。")
+        raise DataError(
+            f"{path.name} 沒有任何資料（只有空行）。",
+            hint='JSONL 每行一筆，例如 {"question": "...", "answer": "..."}。',
+        )
     if not rows:
         raise DataError(
             f"{path.name} 的 {len(malformed)} 行都無法解析成問答物件：{'；'.join(malformed[:3])}。",
@@ -195,13 +205,17 @@ def _xml_pairs(root: ET.Element, collection: str) -> list[dict[str, str]] | None
         a = pair.find("Answer")
         if a is None:
             a = pair.find("answer")
-        out.append({
-            "question": "".join(q.itertext()) if q is not None else "",
-            "answer": "".join(a.itertext()) if a is not None else "",
-            "source": source, "focus_area": focus,
-            "qtype": (q.get("qtype") if q is not None else "") or "",
-            "document_id": doc_id, "collection": collection,
-        })
+        out.append(
+            {
+                "question": "".join(q.itertext()) if q is not None else "",
+                "answer": "".join(a.itertext()) if a is not None else "",
+                "source": source,
+                "focus_area": focus,
+                "qtype": (q.get("qtype") if q is not None else "") or "",
+                "document_id": doc_id,
+                "collection": collection,
+            }
+        )
     return out
 
 
@@ -223,7 +237,9 @@ def _iter_xml_members(path: Path):
                         found.append((m.name, Path(m.name).parent.name, handle.read() if handle else b""))
             yield from sorted(found)
         except (tarfile.TarError, EOFError, OSError) as exc:
-            raise DataError(f"無法讀取壓縮檔 {path.name}：{exc}。", hint="請確認檔案下載完整，或先用 tar -xzf 解壓縮後指向資料夾。") from None
+            raise DataError(
+                f"無法讀取壓縮檔 {path.name}：{exc}。", hint="請確認檔案下載完整，或先用 tar -xzf 解壓縮後指向資料夾。"
+            ) from None
 
 
 def read_medquad_xml(path: Path) -> RawTable:
@@ -264,13 +280,17 @@ def read_table(path: str | Path, fmt: str | None = None, encoding: str | None = 
     if not p.exists():
         near = ""
         if p.parent.is_dir():
-            similar = sorted(x.name for x in p.parent.iterdir() if x.suffix.lower() in (".csv", ".jsonl", ".json", ".gz"))[:5]
+            similar = sorted(
+                x.name for x in p.parent.iterdir() if x.suffix.lower() in (".csv", ".jsonl", ".json", ".gz")
+            )[:5]
             near = f"同一資料夾裡有：{'、'.join(similar)}。" if similar else ""
         raise DataError(f"找不到輸入檔 {p}。", hint=f"請確認路徑（相對於目前的工作資料夾 {Path.cwd().name}/）。{near}")
     kind = detect_format(p, fmt)
     if kind == "csv":
         if p.is_dir():
-            raise DataError(f"{p} 是資料夾，不是 CSV 檔。", hint="請指向 .csv 檔；MedQuAD XML 資料夾請用 --format xml。")
+            raise DataError(
+                f"{p} 是資料夾，不是 CSV 檔。", hint="請指向 .csv 檔；MedQuAD XML 資料夾請用 --format xml。"
+            )
         return read_csv(p, encoding)
     if kind == "jsonl":
         if p.is_dir():

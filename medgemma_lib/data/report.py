@@ -29,9 +29,13 @@ def format_report(report: dict) -> str:
     for name, stats in report["splits"].items():
         limited = counts.get("removed_by_limits", {}).get(name, 0)
         extra = f"（依筆數上限另外略過 {limited:,} 筆）" if limited else ""
-        lines.append(f"  - {_SPLIT_NAMES.get(name, name)}：{stats['rows']:,} 筆，{stats['focus_areas']:,} 個主題，來源 {len(stats['sources'])} 個{extra}")
+        lines.append(
+            f"  - {_SPLIT_NAMES.get(name, name)}：{stats['rows']:,} 筆，{stats['focus_areas']:,} 個主題，來源 {len(stats['sources'])} 個{extra}"
+        )
     leak = report.get("leakage", {})
-    lines.append(f"洩漏檢查：跨集合的主題 {leak.get('focus_areas_in_two_splits', 0)} 個、跨集合的相同問題 {leak.get('questions_in_two_splits', 0)} 個")
+    lines.append(
+        f"洩漏檢查：跨集合的主題 {leak.get('focus_areas_in_two_splits', 0)} 個、跨集合的相同問題 {leak.get('questions_in_two_splits', 0)} 個"
+    )
     deid = report.get("deidentification")
     if deid:
         found = "、".join(f"{k} {v}" for k, v in deid.get("counts_by_label", {}).items()) or "無"

@@ -54,7 +54,15 @@ def medquad_sample(rows: list[dict[str, str]], target: int = MEDQUAD_TARGET, see
 def toyhom_upstream_rows(rows: list[dict[str, str]], n: int = 200, seed: int = SEED) -> list[dict[str, str]]:
     """``n`` Toyhom pairs in the upstream column layout."""
     picked = sorted(random.Random(seed).sample(range(len(rows)), n))
-    return [{"department": rows[i]["focus_area"], "title": rows[i]["title"], "ask": rows[i]["ask"], "answer": rows[i]["answer"]} for i in picked]
+    return [
+        {
+            "department": rows[i]["focus_area"],
+            "title": rows[i]["title"],
+            "ask": rows[i]["ask"],
+            "answer": rows[i]["answer"],
+        }
+        for i in picked
+    ]
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict[str, str]], encoding: str) -> None:
@@ -77,4 +85,8 @@ def build_samples(shared_data: str | Path, out_dir: str | Path) -> dict[str, int
 
 
 if __name__ == "__main__":
-    print(build_samples(sys.argv[1] if len(sys.argv) > 1 else "../shared/data", sys.argv[2] if len(sys.argv) > 2 else "data"))
+    print(
+        build_samples(
+            sys.argv[1] if len(sys.argv) > 1 else "../shared/data", sys.argv[2] if len(sys.argv) > 2 else "data"
+        )
+    )

@@ -41,16 +41,27 @@ def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
         raise OutputError(f"輸出路徑 {out} 已經是一個檔案，不是資料夾。", hint="請用 --output 指定一個新的資料夾名稱。")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise OutputError(f"輸出資料夾 {out} 已存在且不是空的，為避免覆蓋沒有寫入。", hint="請指定新的資料夾，或加上 --overwrite 取代舊的結果。")
+            raise OutputError(
+                f"輸出資料夾 {out} 已存在且不是空的，為避免覆蓋沒有寫入。",
+                hint="請指定新的資料夾，或加上 --overwrite 取代舊的結果。",
+            )
         if not (out / REPORT_NAME).is_file():
-            raise OutputError(f"輸出資料夾 {out} 裡有其他檔案（不是 data prepare 的輸出），不會覆蓋它。", hint="請指定新的或空的資料夾。")
+            raise OutputError(
+                f"輸出資料夾 {out} 裡有其他檔案（不是 data prepare 的輸出），不會覆蓋它。",
+                hint="請指定新的或空的資料夾。",
+            )
     ancestor = out.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise OutputError(f"無法建立輸出資料夾 {out}：上層路徑 {ancestor} 是檔案，不是資料夾。", hint="請換一個輸出位置。")
+        raise OutputError(
+            f"無法建立輸出資料夾 {out}：上層路徑 {ancestor} 是檔案，不是資料夾。", hint="請換一個輸出位置。"
+        )
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise OutputError(f"沒有權限寫入 {ancestor}，無法建立輸出資料夾 {out}。", hint="請換一個有寫入權限的位置（例如家目錄下的資料夾）。")
+        raise OutputError(
+            f"沒有權限寫入 {ancestor}，無法建立輸出資料夾 {out}。",
+            hint="請換一個有寫入權限的位置（例如家目錄下的資料夾）。",
+        )
     return out
 
 
@@ -77,7 +88,9 @@ def load_prepared(path: str | Path):
         with quiet_datasets():
             return load_from_disk(str(folder / "splits"))
     except (OSError, ValueError, FileNotFoundError) as exc:
-        raise DataError(f"無法載入 {folder}/splits：{exc}", hint="資料夾可能不完整；請重新執行 data prepare。") from None
+        raise DataError(
+            f"無法載入 {folder}/splits：{exc}", hint="資料夾可能不完整；請重新執行 data prepare。"
+        ) from None
 
 
 def load_report(path: str | Path) -> dict:
