@@ -26,6 +26,20 @@ class _DropKernelsHubNotice(_logging.Filter):
 
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKernelsHubNotice())
 
+
+def quiet_library_warnings() -> None:
+    """Hide warnings from the libraries underneath that a learner cannot act on (notebooks 06 and 07 call this).
+
+    transformers, PEFT, TRL and accelerate announce future API changes (``FutureWarning``) that concern their own
+    next versions, not the course's code; bitsandbytes, offline on a CPU, mentions an optional ``kernels`` package.
+    Only those: a warning of any other kind or from any other package still shows.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*kernels.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl|accelerate)(\.|$)")
+
+
 __version__ = "0.1.0"
 
 MEDICAL_DISCLAIMER = (

@@ -173,7 +173,10 @@ def _result(model_id: str, status: str, source: str, token: str | None, suggesti
         hint = f"細粒度權杖需勾選 gated 儲存庫的讀取權限；或到 {TOKENS_PAGE} 建立一般的 Read 權杖。"
     elif status == OFFLINE:
         msg = f"目前為離線模式（HF_HUB_OFFLINE=1），無法向 Hugging Face 確認 {shown_id} 的存取權。"
-        hint = "離線時請使用 demo 設定檔（Gemma 3 270M，已隨套件提供，完全不需要網路與權杖）；要下載 MedGemma 時請取消 HF_HUB_OFFLINE 再執行一次。"
+        hint = (
+            "離線時請使用 demo 設定檔（Gemma 3 270M，已隨套件提供，完全不需要網路與權杖）；"
+            "要下載 MedGemma 時請取消 HF_HUB_OFFLINE 再執行一次。"
+        )
     elif status == NETWORK:
         msg = f"無法連線到 Hugging Face Hub，所以無法確認 {shown_id} 的存取權。"
         hint = "請檢查網路、防火牆或代理伺服器（HTTPS_PROXY）設定；沒有網路時請使用 demo 設定檔，它完全離線可用。"

@@ -55,6 +55,7 @@ from torch import nn
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.models.gemma3 import modeling_gemma3
 
+from medgemma_lib.atomic import write_json, write_text
 from medgemma_lib.attention import (  # noqa: F401 - shared with train.py; re-exported for existing callers
     VARLEN_ATTN,
     _varlen_fn,
@@ -116,7 +117,8 @@ class Variant:
         )
         return (
             f"{t} r{self.lora_r} drop{self.lora_dropout:g}, {shape}, trunc {self.max_length}, "
-            f"ckpt {'on' if self.grad_ckpt else 'off'}, {'liger' if self.liger else 'full logits'}, {self.attn}, {self.optim}"
+            f"ckpt {'on' if self.grad_ckpt else 'off'}, {'liger' if self.liger else 'full logits'}, "
+            f"{self.attn}, {self.optim}"
         )
 
 
@@ -458,7 +460,7 @@ def build_model(arch: str, device: str, quantize: bool = True, seed: int = 0):
 
     def materialise(module: nn.Module) -> None:
         module.to_empty(device=device, recurse=True)
-        for name, p in module.named_parameters(recurse=True):
+        for _name, p in module.named_parameters(recurse=True):
             with torch.no_grad():
                 if p.dim() >= 2:
                     p.normal_(0.0, config.initializer_range)
@@ -842,19 +844,22 @@ def markdown_table(results: dict) -> str:
     env = results["environment"]
     v = env["versions"]
     head = (
-        f"GPU: {env.get('gpu') or 'CPU'}; torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')}, "
+        f"GPU: {env.get('gpu') or 'CPU'}; torch {v.get('torch')}, transformers {v.get('transformers')}, "
+        f"peft {v.get('peft')}, "
         f"bitsandbytes {v.get('bitsandbytes')}, liger-kernel {v.get('liger-kernel')}; {env['date']}; "
         f"bf16 matmul {env.get('matmul_tflops_measured')} TFLOP/s measured\n\n"
     )
     lines = [
-        "| arch | variant | setting | steps (warm-up) | useful tok/step | padding | useful tok/s | × original | share of ceiling | step s (median) | peak alloc GiB | peak reserved GiB | epoch h |",
+        "| arch | variant | setting | steps (warm-up) | useful tok/step | padding | useful tok/s | × original | "
+        "share of ceiling | step s (median) | peak alloc GiB | peak reserved GiB | epoch h |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for arch, a in results["archs"].items():
         for r in a["variants"]:
             if r.get("oom"):
                 lines.append(
-                    f"| {arch} | {r['name']} | {r['summary']} | OOM | | | | | | | {r.get('peak_allocated_gib', '')} | {r.get('peak_reserved_gib', '')} | |"
+                    f"| {arch} | {r['name']} | {r['summary']} | OOM | | | | | | | "
+                    f"{r.get('peak_allocated_gib', '')} | {r.get('peak_reserved_gib', '')} | |"
                 )
                 continue
             lines.append(
@@ -867,8 +872,8 @@ def markdown_table(results: dict) -> str:
 
 
 def _write(results: dict, out: Path) -> None:
-    (out / "bench.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
-    (out / "bench.md").write_text(markdown_table(results), encoding="utf-8")
+    write_json(out / "bench.json", results)
+    write_text(out / "bench.md", markdown_table(results))
 
 
 def packed_matches_unpacked(
@@ -952,7 +957,7 @@ def run_unsloth(
 
     device = "cuda"
     full, prompt = load_token_lengths(None)
-    folder = Path(tempfile.mkdtemp(prefix=f"random-{arch}-"))
+    folder = tmp_model = Path(tempfile.mkdtemp(prefix=f"random-{arch}-"))  # a scratch model for Unsloth, removed below
     started = time.perf_counter()
     config = text_config(arch)
     torch.manual_seed(seed)
@@ -962,8 +967,8 @@ def run_unsloth(
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    (folder / "tokenizer.json").write_bytes(lzma.decompress(Path(tokenizer_xz).read_bytes()))
-    (folder / "tokenizer_config.json").write_text(
+    (tmp_model / "tokenizer.json").write_bytes(lzma.decompress(Path(tokenizer_xz).read_bytes()))
+    (tmp_model / "tokenizer_config.json").write_text(
         json.dumps(
             {
                 "backend": "tokenizers",

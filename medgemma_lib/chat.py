@@ -133,7 +133,8 @@ def question_box(model, tokenizer, max_new_tokens: int = 192, do_sample: bool = 
     adapter = w.ToggleButtons(options=[("微調後", True), ("基礎模型", False)], value=True, description="模型：")
     answer = w.Textarea(layout=w.Layout(width="100%", height="220px"), disabled=True)
     disclaimer = w.HTML(
-        f"<div style='border:1px solid #e0a800;background:#fff8e1;padding:8px;border-radius:4px'>{MEDICAL_DISCLAIMER}</div>",
+        "<div style='border:1px solid #e0a800;background:#fff8e1;padding:8px;border-radius:4px'>"
+        f"{MEDICAL_DISCLAIMER}</div>",
         layout=w.Layout(width="32%"),
     )
 

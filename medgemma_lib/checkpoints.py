@@ -174,7 +174,10 @@ def adapter_problem(adapter_dir: str | os.PathLike) -> str | None:
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         if any(adapter_dir.glob("*.bin")) or any(adapter_dir.glob("*.pt")):
-            return f"只有 .bin／.pt 權重：本課程只載入 safetensors（{ADAPTER_WEIGHTS}），因為 pickle 格式在載入時可以執行任意程式碼"
+            return (
+                f"只有 .bin／.pt 權重：本課程只載入 safetensors（{ADAPTER_WEIGHTS}），"
+                "因為 pickle 格式在載入時可以執行任意程式碼"
+            )
         return f"缺少 {ADAPTER_WEIGHTS}"
     try:
         json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
@@ -201,7 +204,8 @@ def verify_adapter(adapter_dir: str | os.PathLike, *, run_dir: str | os.PathLike
         good = latest_complete_checkpoint(run_dir / "checkpoints")
         if good is not None:
             hint = (
-                f"訓練的完整檢查點 {good.name} 還在：執行 python -m medgemma_lib train --config {display_path(run_dir / 'config.yaml')} --resume "
+                f"訓練的完整檢查點 {good.name} 還在：執行 python -m medgemma_lib train "
+                f"--config {display_path(run_dir / 'config.yaml')} --resume "
                 "會從它接續並重新寫出轉接器（若它已是最後一步，只會重新存檔，不再訓練）。"
             )
     raise ModelError(f"LoRA 轉接器 {display_path(adapter_dir)} 已損毀或不完整，無法使用：{problem}。", hint=hint)

@@ -115,7 +115,8 @@ def _run_auth_whoami(args) -> int:
     info = auth.whoami()
     print(f"帳號：{info['name']}")
     print(
-        f"權杖：{info['masked_token']}（來源：{auth.SOURCE_NAMES[info['token_source']]}；權限：{info['role'] or '未知'}）"
+        f"權杖：{info['masked_token']}（來源：{auth.SOURCE_NAMES[info['token_source']]}；"
+        f"權限：{info['role'] or '未知'}）"
     )
     return 0
 
@@ -287,7 +288,8 @@ def _run_models(args) -> int:
     for p in PROFILES.values():
         print(f"{p.name:<24}{(p.hub_id or '（離線套件）'):<32}{p.model_class:<36}{p.description}")
     print(
-        f"\n示範模型是否已快取：{'是' if models.demo_model_cached() else '否'}（{display_path(models.demo_model_dir())}）"
+        f"\n示範模型是否已快取：{'是' if models.demo_model_cached() else '否'}"
+        f"（{display_path(models.demo_model_dir())}）"
     )
     return 0
 
@@ -600,7 +602,8 @@ def _run_bench(args) -> int:
             diff = bench.packed_matches_unpacked("tiny", device, attn=attn)
             control = bench.packed_matches_unpacked("tiny", device, attn=attn, restart_positions=False)
             print(
-                f"打包檢查（{attn}，{device}）：最大 logits 相對差 {diff:.2e}（對照組：位置不重新起算時 {control:.2e}）",
+                f"打包檢查（{attn}，{device}）：最大 logits 相對差 {diff:.2e}"
+                f"（對照組：位置不重新起算時 {control:.2e}）",
                 flush=True,
             )
             if diff > (2e-2 if device.startswith("cuda") else 1e-4):

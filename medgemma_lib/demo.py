@@ -65,7 +65,9 @@ def run_demo(overrides: list[str] | None = None, evaluate: bool = True) -> dict:
     counts = {name: len(ds) for name, ds in splits.items()}
     timings["data_s"] = round(time.time() - t, 1)
     print(
-        f"資料：{display_path(cfg.data.input)} → 訓練 {counts.get('train', 0)}、驗證 {counts.get('validation', 0)}、測試 {counts.get('test', 0)} 筆（答案 ≤ {cfg.data.max_answer_chars} 字元）。",
+        f"資料：{display_path(cfg.data.input)} → 訓練 {counts.get('train', 0)}、"
+        f"驗證 {counts.get('validation', 0)}、測試 {counts.get('test', 0)} 筆"
+        f"（答案 ≤ {cfg.data.max_answer_chars} 字元）。",
         flush=True,
     )
 
@@ -129,7 +131,8 @@ def _print_summary(s: dict) -> None:
     if "base" in test and "tuned" in test:
         b, t = test["base"], test["tuned"]
         print(
-            f"測試集 loss：基礎模型 {b['loss']:.3f}（困惑度 {math.exp(b['loss']):.1f}）→ 微調後 {t['loss']:.3f}（困惑度 {math.exp(t['loss']):.1f}）"
+            f"測試集 loss：基礎模型 {b['loss']:.3f}（困惑度 {math.exp(b['loss']):.1f}）"
+            f"→ 微調後 {t['loss']:.3f}（困惑度 {math.exp(t['loss']):.1f}）"
         )
         for key, name in (("rougeL", "ROUGE-L"), ("chrf", "chrF")):
             if key in b and key in t and b[key] is not None:
@@ -145,7 +148,8 @@ def _print_summary(s: dict) -> None:
         print(f"  參考答案：{_one_line(example.get('reference'), 200)}")
     print(f"\nLoRA 轉接器：{s['adapter_dir']}")
     print(
-        f"執行資料夾：{s['run_dir']}（評估報告 eval.md、loss.png、config.yaml、train_log.jsonl、memory.json、tensorboard/）"
+        f"執行資料夾：{s['run_dir']}"
+        "（評估報告 eval.md、loss.png、config.yaml、train_log.jsonl、memory.json、tensorboard/）"
     )
     print("下一步：")
     print("  看完整的評估報告：" + s["run_dir"] + "/eval.md")

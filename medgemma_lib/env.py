@@ -163,7 +163,8 @@ def recommend(report: EnvironmentReport) -> Recommendation:
     elif not best.bf16:
         problems.append(
             f"{best.name}（運算能力 {best.compute_capability[0]}.{best.compute_capability[1]}）不支援 bfloat16；"
-            "Gemma 3 以 fp16 訓練會溢位，因此無法在這張卡上訓練 MedGemma。請改用 Ampere 以後的 GPU，或使用 demo 設定檔。"
+            "Gemma 3 以 fp16 訓練會溢位，因此無法在這張卡上訓練 MedGemma。"
+            "請改用 Ampere 以後的 GPU，或使用 demo 設定檔。"
         )
         rec = Recommendation(
             "demo", "configs/demo.yaml", f"{best.name} 只支援 fp16，無法訓練 Gemma 3：建議先用 demo 設定檔學習流程。"
@@ -204,7 +205,8 @@ def format_report(report: EnvironmentReport, rec: Recommendation) -> str:
     if report.gpus:
         for i, g in enumerate(report.gpus):
             lines.append(
-                f"GPU {i}：{g.name}，{g.total_gib} GiB，運算能力 {g.compute_capability[0]}.{g.compute_capability[1]}，bf16：{'支援' if g.bf16 else '不支援'}"
+                f"GPU {i}：{g.name}，{g.total_gib} GiB，"
+                f"運算能力 {g.compute_capability[0]}.{g.compute_capability[1]}，bf16：{'支援' if g.bf16 else '不支援'}"
             )
     else:
         lines.append("GPU：未偵測到 CUDA GPU")
@@ -217,7 +219,8 @@ def format_report(report: EnvironmentReport, rec: Recommendation) -> str:
         lines.append(f"  - {name}：{ver or '未安裝'}")
     lines.append(f"磁碟剩餘空間：{report.free_disk_gib} GiB")
     lines.append(
-        f"示範模型快取：{'已就緒' if report.demo_model_cached else '尚未建立（第一次使用時自動轉換，約 2 分鐘）'}（{report.cache_dir}）"
+        f"示範模型快取：{'已就緒' if report.demo_model_cached else '尚未建立（第一次使用時自動轉換，約 2 分鐘）'}"
+        f"（{report.cache_dir}）"
     )
     lines.append("")
     lines.append("== 建議 ==")

@@ -54,7 +54,7 @@ from medgemma_lib.data import (
     read_table,
 )
 from medgemma_lib.errors import ConfigError, DataError, ModelError, OutputError
-from medgemma_lib.generation import generate_answers
+from medgemma_lib.generation import generate_answers, load_before_answers
 from medgemma_lib.paths import REPO_ROOT, display_path, resolve_path
 from medgemma_lib.runs import EVAL_JSON, EVAL_MD, EVAL_PNG, Run, find_adapter_dir, load_for_inference, open_run
 from medgemma_lib.train import run_training
@@ -339,7 +339,8 @@ def run_evaluation(
     zh_set = chinese_eval_set(num_chinese_samples) if chinese else []
     if verbose:
         print(
-            f"測試集 {len(records)} 筆：{len(loss_set)} 筆計算 loss，{len(gen_set)} 題英文與 {len(zh_set)} 題中文產生答案（每題最多 {max_new_tokens} 個 token）。",
+            f"測試集 {len(records)} 筆：{len(loss_set)} 筆計算 loss，{len(gen_set)} 題英文與 {len(zh_set)} 題中文"
+            f"產生答案（每題最多 {max_new_tokens} 個 token）。",
             flush=True,
         )
 
@@ -377,7 +378,8 @@ def run_evaluation(
             s = summarize_losses(loss_rows[name])
             label = "基礎模型" if name == "base" else "微調後模型"
             print(
-                f"{label}：測試 loss {s['loss']:.4f}（{timings[f'{name}_loss_seconds']:.0f} 秒），產生答案 {timings[f'{name}_generate_seconds']:.0f} 秒",
+                f"{label}：測試 loss {s['loss']:.4f}（{timings[f'{name}_loss_seconds']:.0f} 秒），"
+                f"產生答案 {timings[f'{name}_generate_seconds']:.0f} 秒",
                 flush=True,
             )
 
@@ -433,7 +435,8 @@ def run_evaluation(
         "tokenization": {
             "loss": "與訓練相同：提示遮蔽，只在答案 token（含 <end_of_turn>）上計算，依 token 數加權平均",
             "english": "ROUGE-L 以英文單字計（rouge-score 斷詞 + Porter 詞幹）；BLEU 用 sacrebleu 13a；chrF 以字元計",
-            "chinese": "ROUGE-L 以中文「字」計（每個漢字一個單位，英文單字整個算一個）；BLEU 用 sacrebleu zh；chrF 以字元計",
+            "chinese": "ROUGE-L 以中文「字」計（每個漢字一個單位，英文單字整個算一個）；"
+            "BLEU 用 sacrebleu zh；chrF 以字元計",
             "length": "英文：單字數；中文：字數",
         },
         "models": result_models,
@@ -455,7 +458,8 @@ def run_evaluation(
         write_reports(result, run.path)
         if verbose:
             print(
-                f"評估結果已寫入 {display_path(run.path)}/：{EVAL_JSON}、{EVAL_MD}、{EVAL_PNG}（共 {result['seconds']:.0f} 秒）。",
+                f"評估結果已寫入 {display_path(run.path)}/：{EVAL_JSON}、{EVAL_MD}、{EVAL_PNG}"
+                f"（共 {result['seconds']:.0f} 秒）。",
                 flush=True,
             )
     return result
@@ -549,7 +553,8 @@ def side_by_side_markdown(result: dict, n: int | None = None, chinese: bool = Fa
         for name, label in (("base", "基礎模型"), ("tuned", "微調後")):
             s = row["scores"].get(name, {})
             parts.append(
-                f"**{label}**（ROUGE-L {_fmt(s.get('rougeL'))}，chrF {_fmt(s.get('chrf'))}）：{_clip(row['answers'].get(name, '')) or '（空白）'}\n"
+                f"**{label}**（ROUGE-L {_fmt(s.get('rougeL'))}，chrF {_fmt(s.get('chrf'))}）："
+                f"{_clip(row['answers'].get(name, '')) or '（空白）'}\n"
             )
     return "\n".join(parts)
 
@@ -568,6 +573,16 @@ def before_after_markdown(result: dict, before: dict) -> str:
     return "\n".join(parts) if len(parts) > 1 else "（沒有相同的問題可以比較）"
 
 
+def before_after_section(result: dict, results_dir: str | Path | None = None) -> str:
+    """Markdown of the answers saved before fine-tuning next to the fine-tuned ones (notebook 06), or, when notebook 04
+    has not saved them yet, a Chinese note saying how to get them (the lesson goes on either way)."""
+    try:
+        before = load_before_answers(result["profile"], results_dir)
+    except OutputError as err:
+        return f"> {err.format()}"
+    return before_after_markdown(result, before)
+
+
 def _clip(text: str, limit: int = 600) -> str:
     text = " ".join((text or "").split())
     return text if len(text) <= limit else text[:limit] + "…"
@@ -579,7 +594,8 @@ def render_markdown(result: dict) -> str:
         f"# 評估報告：{result['run']}\n",
         f"> {MEDICAL_DISCLAIMER}\n",
         f"- 模型：{result['profile']}（{result['quantization']}），LoRA 轉接器 `{result['adapter']}`",
-        f"- 測試集 {s['test_examples']} 筆；loss 用 {s['loss_examples']} 筆；英文產生 {s['generated_english']} 題、中文 {s['generated_chinese']} 題，"
+        f"- 測試集 {s['test_examples']} 筆；loss 用 {s['loss_examples']} 筆；"
+        f"英文產生 {s['generated_english']} 題、中文 {s['generated_chinese']} 題，"
         f"貪婪解碼（greedy），每題最多 {s['max_new_tokens']} 個 token",
         "- 基礎模型與微調後模型是同一份權重：基礎模型的數字是在 `model.disable_adapter()` 之內量的",
         f"- 斷詞方式：{result['tokenization']['english']}；{result['tokenization']['chinese']}",
@@ -633,7 +649,8 @@ def plot_comparison(result: dict, path: str | Path | None = None):
     fig.suptitle(f"{result['run']} ({result['profile']})")
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110)
     return fig
 
 

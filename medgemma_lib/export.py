@@ -26,10 +26,10 @@ import re
 import time
 from pathlib import Path
 
+import huggingface_hub
 import peft
 import torch
 import transformers
-from huggingface_hub import HfApi
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from medgemma_lib import MEDICAL_DISCLAIMER
@@ -241,7 +241,8 @@ def verify_export(
             "匯出模型與「基礎模型＋轉接器」的貪婪答案" + ("完全相同 ✓" if result["same"] else "不完全相同"), flush=True
         )
         print(
-            f"下一個 token 的 logits 差距：轉接器造成的變化的 {result['merge_error_ratio']:.1%}（0% 表示完全一致；100% 等於沒有合併）",
+            f"下一個 token 的 logits 差距：轉接器造成的變化的 {result['merge_error_ratio']:.1%}"
+            "（0% 表示完全一致；100% 等於沒有合併）",
             flush=True,
         )
     return result
@@ -303,7 +304,7 @@ def push_to_hub(
             "目前是離線模式（HF_HUB_OFFLINE=1），無法上傳。", hint="請在有網路的環境取消 HF_HUB_OFFLINE 後再上傳。"
         )
 
-    api = HfApi(endpoint=endpoint, token=token)
+    api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
     if verbose:
         print(
             f"上傳 {export_dir.name} 到 {repo_id}（{'私人' if private else '公開'}，權杖 {mask_token(token)}）…",

@@ -168,7 +168,8 @@ def reference_examples(trainer, inputs) -> list[tuple[list[int], list[int]]]:
 
 
 def product_gradients(trainer, inputs) -> tuple[float, dict]:
-    """Loss and LoRA gradients of one step through the product's ``training_step`` (its ``compute_loss`` and backward)."""
+    """Loss and LoRA gradients of one step through the product's ``training_step``
+    (its ``compute_loss`` and backward)."""
 
     model = trainer.model
     model.zero_grad(set_to_none=True)
@@ -188,7 +189,8 @@ def product_gradients(trainer, inputs) -> tuple[float, dict]:
 
 
 def _lora_key(name: str) -> str:
-    """``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`` -> ``model.layers.0.self_attn.q_proj.A``."""
+    """``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``
+    -> ``model.layers.0.self_attn.q_proj.A``."""
     m = re.search(r"(?:base_model\.model\.)?(.*)\.lora_([AB])\.[^.]+\.weight$", name)
     if not m:
         raise AssertionError(f"unexpected trainable parameter {name}")
@@ -311,14 +313,17 @@ def run_check(cfg=None, *, evaluate_first: bool = False, trainer=None, workdir: 
 
 def format_table(results: list[GradCheck]) -> str:
     lines = [
-        "| check | device | dtype | examples | label tokens | loss (product / reference) | largest rel. diff | layer 0 | last layer | tolerance | result |",
+        "| check | device | dtype | examples | label tokens | loss (product / reference) | largest rel. diff | "
+        "layer 0 | last layer | tolerance | result |",
         "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in results:
         last = max(k for k in r.per_layer)
         lines.append(
-            f"| {'after an evaluation pass' if r.after_eval_pass else 'first step'} | {r.device} | {r.dtype} | {r.n_examples} | {r.n_label_tokens} | "
-            f"{r.loss_product:.5f} / {r.loss_reference:.5f} | {r.max_rel_diff:.2e} | {r.per_layer.get(0, float('nan')):.2e} | "
+            f"| {'after an evaluation pass' if r.after_eval_pass else 'first step'} | {r.device} | {r.dtype} | "
+            f"{r.n_examples} | {r.n_label_tokens} | "
+            f"{r.loss_product:.5f} / {r.loss_reference:.5f} | {r.max_rel_diff:.2e} | "
+            f"{r.per_layer.get(0, float('nan')):.2e} | "
             f"{r.per_layer[last]:.2e} | {r.tolerance:g} | {'ok' if r.ok else 'WRONG'} |"
         )
     return "\n".join(lines)

@@ -212,6 +212,30 @@ class MemoryEstimate:
         return d
 
 
+def setup_for_run(cfg, device: str = "cuda", micro_batch: int | None = None) -> TrainingSetup:
+    """The estimator's input for a run config (``RunConfig``) as ``run_training`` would train it on ``device``:
+    fp32 on CPU, bf16 on CUDA, where packed rows use varlen attention and Liger runs when configured."""
+    t, cuda = cfg.train, device.startswith("cuda")
+    targets = cfg.lora.target_modules
+    return TrainingSetup(
+        profile=cfg.model.profile,
+        quantization=cfg.model.quantization,
+        lora_r=cfg.lora.r,
+        lora_targets=targets if targets == "all-linear" else tuple(targets),
+        lora_dropout=cfg.lora.dropout,
+        micro_batch=micro_batch or t.per_device_train_batch_size,
+        seq_len=t.max_length,
+        gradient_checkpointing=t.gradient_checkpointing,
+        liger=bool(t.use_liger_kernel and cuda),
+        packing=t.packing,
+        attn_implementation="varlen"
+        if cuda and (t.packing or t.padding_free)
+        else cfg.model.attn_implementation or "sdpa",
+        compute_bytes=2 if cuda else 4,
+        optim=t.optim,
+    )
+
+
 def lora_param_count(arch: Architecture, r: int, targets) -> int:
     names = _target_names(targets)
     shapes = arch.linear_shapes()
@@ -445,12 +469,16 @@ def advise(profile: str, gpu_gib: float, **kwargs) -> dict:
                 "setting": None,
                 "preset": None,
                 "peak_allocated_gib": None,
-                "advice": f"放不下：{profile} 最省記憶體的設定（{smallest.setup.label()}）也需要約 {smallest.needs_card_gib():.0f} GiB。"
+                "advice": f"放不下：{profile} 最省記憶體的設定（{smallest.setup.label()}）"
+                f"也需要約 {smallest.needs_card_gib():.0f} GiB。"
                 + ("請改用 medgemma-4b-it 或 demo。" if "27b" in profile else "請改用 demo 設定檔（CPU 也可）。"),
             }
         chosen = (None, max(fitting, key=lambda e: _speed_rank(e.setup)))
     card, best = chosen
-    text = f"可以：{best.setup.label()}，預估峰值 {best.peak_allocated_gib:.1f} GiB（含保留約 {best.needs_card_gib():.1f} GiB）。"
+    text = (
+        f"可以：{best.setup.label()}，預估峰值 {best.peak_allocated_gib:.1f} GiB"
+        f"（含保留約 {best.needs_card_gib():.1f} GiB）。"
+    )
     if card:
         text += f"這是 H200 實測的 {card} 預設（docs/benchmarks.md）。"
     if not best.setup.liger:
@@ -516,7 +544,8 @@ def format_estimate(e: MemoryEstimate, gpu_gib: float | None = None) -> str:
         f"  其他                {e.overhead_gib:7.2f} GiB",
         f"  峰值（allocated）   {e.peak_allocated_gib:7.2f} GiB",
         f"  需要的顯示卡        {e.needs_card_gib():7.1f} GiB 以上（含記憶體碎片與 CUDA context）",
-        "（依 H200 實測驗證：peak allocated 誤差在 ±15% 內，見 medgemma_lib/resources/h200_reference.json 與 h200_bench_2026-11-29.json）",
+        "（依 H200 實測驗證：peak allocated 誤差在 ±15% 內，"
+        "見 medgemma_lib/resources/h200_reference.json 與 h200_bench_2026-11-29.json）",
     ]
     if gpu_gib is not None:
         lines.append(
@@ -539,7 +568,7 @@ def footprint(model) -> dict:
     rows: dict[str, dict] = {}
     total_params = total_bytes = 0
     seen: set[int] = set()  # code tables may be shared between weights: count storage once
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+    for _name, p in list(model.named_parameters()) + list(model.named_buffers()):
         qs = getattr(p, "quant_state", None)
         if qs is not None:
             n = int(torch.Size(qs.shape).numel())

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Gemma3ForCausalLM, GenerationConfig
+import transformers  # Auto* classes through the module: tests swap them to feed a broken conversion
+from transformers import BitsAndBytesConfig, Gemma3ForCausalLM, GenerationConfig
 from transformers.utils import logging as hf_logging
 
 from medgemma_lib.atomic import TMP_TAG, atomic_folder, write_json
@@ -198,10 +198,12 @@ def _convert_demo(target: Path, verbose: bool) -> Path:
         if verbose:
             print("正在轉換示範模型（只有第一次需要，約 2 分鐘；完成後存入快取，之後幾秒就能載入）…", flush=True)
         with quiet_loading():
-            tokenizer = AutoTokenizer.from_pretrained(str(work), gguf_file=gguf_name)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(work), gguf_file=gguf_name)
             tokenizer.chat_template = chat_template()
             tokenizer.padding_side = "right"
-            gguf_model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=gguf_name, dtype=torch.float32)
+            gguf_model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(work), gguf_file=gguf_name, dtype=torch.float32
+            )
         config = gguf_model.config
         config_dict = config.to_dict()
         config_dict.pop("quantization_config", None)
@@ -263,7 +265,7 @@ def quiet_loading():
 
 def _verify_demo_folder(folder: Path, reference: Any) -> dict:
     """Reload the written folder, compare a forward pass with the in-memory model, then check the known answers."""
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     reloaded = Gemma3ForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
     ids = tok("Diabetes is a chronic disease", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -323,7 +325,8 @@ def check_demo_known_answers(tokenizer, model=None) -> dict:
         got = measured["tokens"].get(name)
         if got != ids:
             wrong.append(
-                f"「{name}」的 token 不符（應為 {len(ids)} 個 token，得到 {len(got or [])} 個，前幾個 {list(got or [])[:6]}）"
+                f"「{name}」的 token 不符（應為 {len(ids)} 個 token，"
+                f"得到 {len(got or [])} 個，前幾個 {list(got or [])[:6]}）"
             )
     if model is not None:
         low, high = known["answer_loss_band"]
@@ -341,7 +344,8 @@ def _known_answer_error(wrong: list[str], known: dict) -> ModelError:
     pinned = known["recorded_with"]
     differ = [n for n in pinned if found.get(n) != pinned[n]]
     versions = (
-        f"目前安裝：{'、'.join(f'{n} {found.get(n)}' for n in pinned)}；已知正確：{'、'.join(f'{n} {v}' for n, v in pinned.items())}"
+        f"目前安裝：{'、'.join(f'{n} {found.get(n)}' for n in pinned)}；"
+        f"已知正確：{'、'.join(f'{n} {v}' for n, v in pinned.items())}"
         + (f"（不同的是 {'、'.join(differ)}）" if differ else "（版本相同，快取檔案可能已損壞）")
     )
     return ModelError(
@@ -364,7 +368,7 @@ def _recheck_if_libraries_changed(folder: Path) -> None:
     info = json.loads(manifest.read_text(encoding="utf-8"))
     if info.get("checked_with") != library_versions():
         with quiet_loading():
-            tok = AutoTokenizer.from_pretrained(str(folder))
+            tok = transformers.AutoTokenizer.from_pretrained(str(folder))
             model = Gemma3ForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
         check_demo_known_answers(tok, model)
         info["checked_with"] = library_versions()
@@ -447,7 +451,7 @@ def load_tokenizer(profile_or_path: str = "demo"):
     """The Gemma 3 tokenizer with the turn template and right padding for training."""
     profile, source = resolve_profile(profile_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = transformers.AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         raise _load_error(profile_or_path, exc) from None
     if not tok.chat_template:
@@ -568,7 +572,8 @@ def _load_error(profile_or_path: str, exc: Exception) -> ModelError:
         and (any(folder.glob("*.bin")) or any(folder.glob("*.pt")))
     ):
         return ModelError(
-            f"模型資料夾 {profile_or_path} 只有 .bin／.pt（pickle）權重：本課程只載入 safetensors，因為 pickle 檔在載入時可以執行任意程式碼。",
+            f"模型資料夾 {profile_or_path} 只有 .bin／.pt（pickle）權重："
+            "本課程只載入 safetensors，因為 pickle 檔在載入時可以執行任意程式碼。",
             hint="請用 safetensors 格式的模型（Hub 上的 MedGemma 都是），或在信任來源的前提下自行轉換成 safetensors。",
         )
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"

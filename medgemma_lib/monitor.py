@@ -22,6 +22,7 @@ import psutil
 import torch
 from transformers import TrainerCallback
 
+from medgemma_lib.atomic import atomic_file
 from medgemma_lib.plots import label, setup_cjk_font
 
 GIB = 1024**3
@@ -150,7 +151,8 @@ def plot_loss_curve(records: list[dict], path: str | os.PathLike | None = None, 
         ax.legend()
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110)
     return fig
 
 

@@ -577,7 +577,8 @@ def format_report(report: dict) -> str:
         return f"個資掃描：{report.get('rows_scanned', 0)} 筆資料中未發現疑似個人資料。"
     parts = "、".join(f"{label} {n} 處" for label, n in report["counts_by_label"].items())
     lines = [
-        f"個資掃描：{report['rows_scanned']} 筆資料中有 {report['rows_affected']} 筆含疑似個人資料，共 {report['total']} 處（{parts}）。"
+        f"個資掃描：{report['rows_scanned']} 筆資料中有 {report['rows_affected']} 筆含疑似個人資料，"
+        f"共 {report['total']} 處（{parts}）。"
     ]
     if report.get("mode") == "mask":
         lines.append("已用類型標記遮蔽（例如 [電話]）。")

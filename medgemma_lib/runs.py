@@ -152,8 +152,12 @@ def check_adapter_file(adapter_dir: Path, run_dir: Path | None = None) -> None:
                 handle.get_tensor(name)
     except Exception as exc:  # safetensors raises its own SafetensorError and OSError
         raise ModelError(
-            f"LoRA 轉接器權重檔 {adapter_dir.name}/{ADAPTER_WEIGHTS} 已損毀或不完整（{str(exc).splitlines()[0][:120]}）。",
-            hint="檔案可能在複製或訓練中途被截斷；請重新訓練（python -m medgemma_lib train ...）或重新複製整個執行資料夾。",
+            f"LoRA 轉接器權重檔 {adapter_dir.name}/{ADAPTER_WEIGHTS} 已損毀或不完整"
+            f"（{str(exc).splitlines()[0][:120]}）。",
+            hint=(
+                "檔案可能在複製或訓練中途被截斷；"
+                "請重新訓練（python -m medgemma_lib train ...）或重新複製整個執行資料夾。"
+            ),
         ) from None
     if not names:
         raise ModelError(f"LoRA 轉接器權重檔 {weights.name} 是空的（沒有任何權重）。", hint="請重新訓練。")

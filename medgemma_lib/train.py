@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import pandas as pd
 import torch
 
 from medgemma_lib import checkpoints, models, monitor
@@ -92,7 +93,8 @@ class TrainResult:
         lines = [f"訓練完成：{self.global_step} 步，耗時 {self.train_seconds:.0f} 秒（{self.device}）。"]
         if self.seconds_per_step:
             lines.append(
-                f"  每步 {self.seconds_per_step:.2f} 秒，每秒 {self.tokens_per_second or 0:.0f} 個訓練 token（共 {self.tokens_trained} 個）。"
+                f"  每步 {self.seconds_per_step:.2f} 秒，每秒 {self.tokens_per_second or 0:.0f} 個訓練 token"
+                f"（共 {self.tokens_trained} 個）。"
             )
         if self.initial_eval_loss is not None and self.final_eval_loss is not None:
             rel = self.eval_loss_drop / self.initial_eval_loss if self.initial_eval_loss else 0.0
@@ -102,13 +104,40 @@ class TrainResult:
             )
         if self.oom_retries:
             lines.append(
-                f"  曾因記憶體不足自動重試 {self.oom_retries} 次；最後使用 micro-batch {self.micro_batch}、梯度累積 {self.gradient_accumulation_steps}。"
+                f"  曾因記憶體不足自動重試 {self.oom_retries} 次；"
+                f"最後使用 micro-batch {self.micro_batch}、梯度累積 {self.gradient_accumulation_steps}。"
             )
         if self.memory_advice:
             lines.append("  " + self.memory_advice)
         lines.append(f"  LoRA adapter：{display_path(self.adapter_dir)}")
         lines.append(f"  執行資料夾：{display_path(self.run_dir)}（loss.png、train_log.jsonl、tensorboard/）")
         return "\n".join(lines)
+
+
+SETTINGS_SHOWN = (
+    "max_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "per_device_train_batch_size",
+    "max_length",
+    "packing",
+    "gradient_checkpointing",
+    "eval_steps",
+    "save_steps",
+)
+
+
+def settings_table(cfg: RunConfig) -> pd.DataFrame:
+    """The settings that shape a run (training, LoRA, quantisation) as a two-column table (notebook 05)."""
+    rows = [(k, getattr(cfg.train, k)) for k in SETTINGS_SHOWN]
+    rows += [
+        ("lora.r", cfg.lora.r),
+        ("lora.alpha", cfg.lora.alpha),
+        ("lora.target_modules", cfg.lora.target_modules),
+        ("model.quantization", cfg.model.quantization),
+    ]
+    return pd.DataFrame(rows, columns=["設定", "值"]).set_index("設定")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +216,8 @@ def run_training(
     trainable, total = model.get_nb_trainable_parameters()
     if verbose:
         print(
-            f"可訓練參數：{trainable:,}／全部 {total:,}（{trainable / total:.3%}），LoRA r={cfg.lora.r}、alpha={cfg.lora.alpha}",
+            f"可訓練參數：{trainable:,}／全部 {total:,}（{trainable / total:.3%}），"
+            f"LoRA r={cfg.lora.r}、alpha={cfg.lora.alpha}",
             flush=True,
         )
 

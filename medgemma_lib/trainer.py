@@ -461,19 +461,7 @@ def oom_error(cfg: RunConfig, micro_batch: int, grad_accum: int, device: str) ->
     advice_text = ""
     try:
         profile = cfg.model.profile
-        setup = memory.TrainingSetup(
-            profile=profile,
-            quantization=cfg.model.quantization,
-            lora_r=cfg.lora.r,
-            lora_targets=cfg.lora.target_modules
-            if cfg.lora.target_modules == "all-linear"
-            else tuple(cfg.lora.target_modules),
-            micro_batch=micro_batch,
-            seq_len=t.max_length,
-            gradient_checkpointing=t.gradient_checkpointing,
-            liger=t.use_liger_kernel,
-            packing=t.packing,
-        )
+        setup = memory.setup_for_run(cfg, device, micro_batch)
         est = memory.estimate_training_memory(setup)
         estimate_text = (
             f"估算這個設定需要約 {est.needs_card_gib():.1f} GiB（峰值 allocated {est.peak_allocated_gib:.1f} GiB）。"
@@ -486,7 +474,8 @@ def oom_error(cfg: RunConfig, micro_batch: int, grad_accum: int, device: str) ->
     except Exception:  # noqa: BLE001 - the estimator is optional help; the OOM message must still appear
         pass
     hint_parts = [
-        f"把 train.per_device_train_batch_size 減半（目前 {micro_batch}）並把 train.gradient_accumulation_steps 加倍（目前 {grad_accum}），等效批次不變",
+        f"把 train.per_device_train_batch_size 減半（目前 {micro_batch}）"
+        f"並把 train.gradient_accumulation_steps 加倍（目前 {grad_accum}），等效批次不變",
         "開啟 train.gradient_checkpointing=true"
         if not t.gradient_checkpointing
         else f"縮短 train.max_length（目前 {t.max_length}）",
@@ -495,7 +484,8 @@ def oom_error(cfg: RunConfig, micro_batch: int, grad_accum: int, device: str) ->
     if advice_text:
         hint_parts.insert(0, "估算器建議：" + advice_text)
     return ResourceError(
-        f"訓練時記憶體不足（out of memory）：micro-batch {micro_batch}、每列最多 {t.max_length} 個 token。{estimate_text}",
+        f"訓練時記憶體不足（out of memory）：micro-batch {micro_batch}、"
+        f"每列最多 {t.max_length} 個 token。{estimate_text}",
         hint="；".join(hint_parts) + "。可先執行 python -m medgemma_lib memory 查看估算。",
     )
 

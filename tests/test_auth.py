@@ -75,10 +75,16 @@ class FakeHub(BaseHTTPRequestHandler):
                 {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"},
             )
         if token is None:
-            msg = f"Access to model {repo} is restricted. You must have access to it and be authenticated to access it. Please log in."
+            msg = (
+                f"Access to model {repo} is restricted. You must have access to it and be authenticated to access it. "
+                "Please log in."
+            )
             return self._send(401, {"error": msg}, {"X-Error-Code": "GatedRepo", "X-Error-Message": msg})
         if token == NOT_ACCEPTED:
-            msg = f"Access to model {repo} is restricted and you are not in the authorized list. Visit https://huggingface.co/{repo} to ask for access."
+            msg = (
+                f"Access to model {repo} is restricted and you are not in the authorized list. "
+                f"Visit https://huggingface.co/{repo} to ask for access."
+            )
             return self._send(403, {"error": msg}, {"X-Error-Code": "GatedRepo", "X-Error-Message": msg})
         return self._send(200, {})
 

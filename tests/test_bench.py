@@ -1,4 +1,5 @@
-"""bench: MedQuAD-shaped batches, useful-token accounting, packing that keeps examples apart, CLI end to end (tiny, CPU)."""
+"""bench: MedQuAD-shaped batches, useful-token accounting, packing that keeps examples apart,
+CLI end to end (tiny, CPU)."""
 
 from __future__ import annotations
 

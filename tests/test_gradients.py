@@ -99,7 +99,7 @@ def test_reference_examples_are_the_records_own_tokenisation(trainer, demo_token
     assert sum(len(ids) for ids, _ in examples) == inputs["input_ids"].shape[1]
     packed_labels = inputs["labels"][0].tolist()
     assert packed_labels == [t for _, labels in examples for t in labels]
-    for ids, labels in examples:
+    for _ids, labels in examples:
         trained = [t for t in labels if t != -100]
         assert END_OF_TURN_ID in trained
         text = demo_tokenizer.decode(trained)
@@ -145,7 +145,7 @@ def test_a_packed_layer_is_restored_to_the_trainable_layout(demo_model_dir):
 
     model = load_model("demo", "nf4", "cpu")
     layers = _linear4bit_layers(model)[:3]
-    before = [dequantize_4bit(l.weight.data, l.weight.quant_state).clone() for l in layers]
+    before = [dequantize_4bit(layer.weight.data, layer.weight.quant_state).clone() for layer in layers]
     for layer in layers:  # bitsandbytes' own repacking, as its forward does on those CPUs
         layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(
             layer.weight.data, layer.weight.quant_state

@@ -95,7 +95,8 @@ def test_no_remote_code_no_pickle_anywhere():
 
 
 def test_installed_trainer_resumes_with_weights_only():
-    """Resuming reads optimizer.pt / scheduler.pt / rng_state.pth with torch.load: the pinned transformers must use weights_only=True."""
+    """Resuming reads optimizer.pt / scheduler.pt / rng_state.pth with torch.load:
+    the pinned transformers must use weights_only=True."""
     import transformers.trainer as trainer_module
 
     tree = ast.parse(inspect.getsource(trainer_module))

@@ -48,7 +48,8 @@ def test_reference_data_holds_all_13_rows_of_the_h200_table_and_20_bench_rows():
 def test_table_of_measured_and_predicted_memory():
     # Prints the whole comparison (pytest -s shows it; a failure shows it too), then checks every row.
     lines = [
-        f"{'file':10} {'arch':4} {'variant':62} {'alloc':>7} {'pred':>7} {'err':>7} | {'reserved':>8} {'pred':>7} {'err':>7}"
+        f"{'file':10} {'arch':4} {'variant':62} {'alloc':>7} {'pred':>7} {'err':>7} | "
+        f"{'reserved':>8} {'pred':>7} {'err':>7}"
     ]
     worst = 0.0
     for row in ROWS:

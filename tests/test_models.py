@@ -70,9 +70,8 @@ def test_chat_template_is_gemma_turn_format(demo_tokenizer):
         [{"role": "user", "content": "糖尿病的症狀是什麼？"}, {"role": "assistant", "content": "口渴、多尿。"}],
         tokenize=False,
     )
-    assert (
-        text
-        == "<bos><start_of_turn>user\n糖尿病的症狀是什麼？<end_of_turn>\n<start_of_turn>model\n口渴、多尿。<end_of_turn>\n"
+    assert text == (
+        "<bos><start_of_turn>user\n糖尿病的症狀是什麼？<end_of_turn>\n<start_of_turn>model\n口渴、多尿。<end_of_turn>\n"
     )
     assert len(demo_tokenizer) == 262144
     assert demo_tokenizer.convert_tokens_to_ids("<end_of_turn>") == models.END_OF_TURN_ID

@@ -356,7 +356,8 @@ def synthetic_set(seed: int = 20261129, per_type: int = 60):
         f"訂單編號 {_digits(rng, 10)}",
         f"血壓 {rng.randint(100, 160)}/{rng.randint(60, 100)} mmHg，心跳 {rng.randint(60, 100)}",
         f"血糖 {rng.randint(80, 300)} mg/dL，HbA1c {rng.randint(5, 12)}.{rng.randint(0, 9)}%",
-        f"就診日期 {rng.randint(2015, 2025)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}，下次回診 {rng.randint(110, 114)}年{rng.randint(1, 12)}月{rng.randint(1, 28)}日",
+        f"就診日期 {rng.randint(2015, 2025)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}，"
+        f"下次回診 {rng.randint(110, 114)}年{rng.randint(1, 12)}月{rng.randint(1, 28)}日",
         f"出生後 {rng.randint(2, 30)} 天的新生兒黃疸",
         f"ICD-10 E11.{rng.randint(0, 9)}，藥品代碼 A0{_digits(rng, 8)}",
         f"每日 {rng.randint(1, 4)} 次，每次 {rng.choice([250, 500, 1000])} mg，共 {rng.randint(7, 28)} 天",

@@ -244,7 +244,8 @@ BAD_FILES = {
     "unknown_key": ('rules:\n  - id: x\n    title: X\n    message: emergency\n    matches: ["a"]\n', 5, "match"),
     "unknown_message": ('rules:\n  - id: x\n    title: X\n    message: urgent\n    match: ["a"]\n', 4, "urgent"),
     "duplicate_id": (
-        'rules:\n  - id: x\n    title: X\n    message: emergency\n    match: ["a"]\n  - id: x\n    title: Y\n    message: emergency\n    match: ["b"]\n',
+        'rules:\n  - id: x\n    title: X\n    message: emergency\n    match: ["a"]\n'
+        '  - id: x\n    title: Y\n    message: emergency\n    match: ["b"]\n',
         6,
         "重複",
     ),

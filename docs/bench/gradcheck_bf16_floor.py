@@ -35,10 +35,12 @@ print("| comparison | largest rel. diff | layer 0 | last layer | loss |")
 print("|---|---:|---:|---:|---|")
 last = max(floor_layers)
 print(
-    f"| plain bf16 reference vs fp32 reference | {floor:.2e} | {floor_layers[0]:.2e} | {floor_layers[last]:.2e} | {loss16:.5f} vs {loss32:.5f} |"
+    f"| plain bf16 reference vs fp32 reference | {floor:.2e} | {floor_layers[0]:.2e} | {floor_layers[last]:.2e} | "
+    f"{loss16:.5f} vs {loss32:.5f} |"
 )
 print(
-    f"| product (bf16) vs fp32 reference | {prod:.2e} | {prod_layers[0]:.2e} | {prod_layers[last]:.2e} | {lossp:.5f} vs {loss32:.5f} |"
+    f"| product (bf16) vs fp32 reference | {prod:.2e} | {prod_layers[0]:.2e} | {prod_layers[last]:.2e} | "
+    f"{lossp:.5f} vs {loss32:.5f} |"
 )
 if args.json:
     Path(args.json).write_text(

@@ -62,7 +62,8 @@ def decode_bytes(data: bytes, where: str, encoding: str | None = None) -> tuple[
             return data.decode(encoding), encoding, False
         except UnicodeDecodeError as exc:
             raise DataError(
-                f"{where} 無法以指定的編碼 {encoding} 解碼：第 {_line_of(data, exc.start)} 行附近（第 {exc.start} 個位元組）有不合法的位元組。",
+                f"{where} 無法以指定的編碼 {encoding} 解碼："
+                f"第 {_line_of(data, exc.start)} 行附近（第 {exc.start} 個位元組）有不合法的位元組。",
                 hint="請確認檔案的實際編碼；不加 --encoding 讓程式自動偵測，或改用 "
                 + "、".join(
                     e
@@ -142,7 +143,10 @@ def _short_non_cjk_utf8(text: str, data: bytes) -> bool:
 def _ambiguous_error(where: str, candidates: list[str]) -> DataError:
     return DataError(
         f"{where} 的編碼無法確定：可能是 {'、'.join(candidates)}，猜錯會產生亂碼，所以沒有繼續。",
-        hint="請以 --encoding 指定，例如 --encoding cp950（台灣 Big5）、--encoding gb18030（中國大陸 GBK）或 --encoding utf-8。",
+        hint=(
+            "請以 --encoding 指定，例如 --encoding cp950（台灣 Big5）、"
+            "--encoding gb18030（中國大陸 GBK）或 --encoding utf-8。"
+        ),
     )
 
 

@@ -30,11 +30,13 @@ def format_report(report: dict) -> str:
         limited = counts.get("removed_by_limits", {}).get(name, 0)
         extra = f"（依筆數上限另外略過 {limited:,} 筆）" if limited else ""
         lines.append(
-            f"  - {_SPLIT_NAMES.get(name, name)}：{stats['rows']:,} 筆，{stats['focus_areas']:,} 個主題，來源 {len(stats['sources'])} 個{extra}"
+            f"  - {_SPLIT_NAMES.get(name, name)}：{stats['rows']:,} 筆，{stats['focus_areas']:,} 個主題，"
+            f"來源 {len(stats['sources'])} 個{extra}"
         )
     leak = report.get("leakage", {})
     lines.append(
-        f"洩漏檢查：跨集合的主題 {leak.get('focus_areas_in_two_splits', 0)} 個、跨集合的相同問題 {leak.get('questions_in_two_splits', 0)} 個"
+        f"洩漏檢查：跨集合的主題 {leak.get('focus_areas_in_two_splits', 0)} 個、"
+        f"跨集合的相同問題 {leak.get('questions_in_two_splits', 0)} 個"
     )
     deid = report.get("deidentification")
     if deid:
@@ -44,8 +46,10 @@ def format_report(report: dict) -> str:
     if tl:
         total, rec = tl["summary"]["total"], tl["recommended"]
         lines.append(
-            f"Token 長度（合計）：中位數 {total['median']}、p90 {total['p90']}、p99 {total['p99']}、最大 {total['max']}；"
-            f"建議 max_length = {rec['max_length']}（截斷 {rec['examples_cut_pct']}% 的樣本、{rec['tokens_lost_pct']}% 的 token）"
+            f"Token 長度（合計）：中位數 {total['median']}、p90 {total['p90']}、p99 {total['p99']}、"
+            f"最大 {total['max']}；"
+            f"建議 max_length = {rec['max_length']}（截斷 {rec['examples_cut_pct']}% 的樣本、"
+            f"{rec['tokens_lost_pct']}% 的 token）"
         )
     if report.get("output"):
         lines.append(f"已存到：{report['output']}/（splits/ 與 prepare_report.json）")

@@ -96,7 +96,8 @@ def _check_sizes(assigned: dict[str, list[int]], val: float, test: float, groups
             ["訓練集"] * (not assigned["train"]) + [{"validation": "驗證集", "test": "測試集"}[n] for n in empty]
         )
         raise DataError(
-            f"資料太少，無法切分：清理後只有 {groups} 個互不重疊的群組（同一主題或同一問題必須在同一個集合），{which}會是空的。",
+            f"資料太少，無法切分：清理後只有 {groups} 個互不重疊的群組"
+            f"（同一主題或同一問題必須在同一個集合），{which}會是空的。",
             hint="請提供更多資料（不同主題 focus_area），或把 --val-fraction / --test-fraction 設為 0。",
         )
 
