@@ -34,7 +34,6 @@ from medgemma_lib.runs import (
     LOSS_PNG,
     MEMORY_FILE,
     SUMMARY_FILE,
-    TENSORBOARD_DIR,
     default_run_name,
     is_main_process,
     prepare_run_dir,
@@ -233,7 +232,7 @@ def run_training(
         while True:
             mon = monitor.MonitorCallback(log_path, device, previous_records)
             cbs = [mon]
-            if TENSORBOARD_DIR in (cfg.train.report_to or []) and is_main_process():
+            if "tensorboard" in (cfg.train.report_to or []) and is_main_process():
                 cbs.append(tensorboard_callback(run_dir))
             if notebook:
                 cbs.append(monitor.LiveLossPlotCallback(mon))
