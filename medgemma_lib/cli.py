@@ -68,10 +68,15 @@ def _run_doctor(args) -> int:
 
 def _add_config(sub) -> None:
     p = sub.add_parser("config", help="檢查設定檔（YAML）是否正確，並印出套用覆寫後的完整設定")
-    p.add_argument("action", choices=["check", "show"], help="check：只檢查；show：檢查並印出完整設定")
-    p.add_argument("--config", help="設定檔路徑，例如 configs/demo.yaml")
-    p.add_argument("overrides", nargs="*", help="覆寫，例如 train.learning_rate=1e-4")
-    p.set_defaults(func=_run_config)
+    # check / show as sub-actions, each with one positional list: `config check --config X a.b=1` keeps the override
+    # (with two positionals argparse gave `overrides` the empty run before --config and refused what came after)
+    csub = p.add_subparsers(dest="config_action", metavar="動作", parser_class=type(p))
+    for action, text in (("check", "只檢查"), ("show", "檢查並印出完整設定")):
+        a = csub.add_parser(action, help=text)
+        a.add_argument("--config", help="設定檔路徑，例如 configs/demo.yaml")
+        a.add_argument("overrides", nargs="*", help="覆寫，例如 train.learning_rate=1e-4")
+        a.set_defaults(func=_run_config, action=action)
+    p.set_defaults(func=_print_help_of(p))
 
 
 def _run_config(args) -> int:

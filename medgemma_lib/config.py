@@ -25,6 +25,7 @@ import yaml
 
 from medgemma_lib.atomic import write_text
 from medgemma_lib.errors import ConfigError, OutputError
+from medgemma_lib.paths import resolve_path
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
@@ -349,17 +350,20 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
 def check_paths(cfg: RunConfig, root: str | os.PathLike | None = None) -> None:
     """Fail early, in Chinese, when the input is missing or the output folder is not writable."""
     base = Path(root) if root else Path.cwd()
+
+    def locate(path) -> Path:  # as the data step finds it: the working folder, then the repository
+        p = Path(path)
+        return (p if p.is_absolute() else base / p) if root else resolve_path(p)
+
     if cfg.data.prepared_dir is None:
-        src = Path(cfg.data.input)
-        src = src if src.is_absolute() else base / src
+        src = locate(cfg.data.input)
         if not src.exists():
             raise ConfigError(
                 f"找不到資料檔 data.input = {cfg.data.input}。",
                 hint="請確認路徑（相對於目前資料夾），例如 data/medquad_sample.csv。",
             )
     else:
-        prepared = Path(cfg.data.prepared_dir)
-        prepared = prepared if prepared.is_absolute() else base / prepared
+        prepared = locate(cfg.data.prepared_dir)
         if not prepared.is_dir():
             raise ConfigError(
                 f"找不到已準備的資料夾 data.prepared_dir = {cfg.data.prepared_dir}。",

@@ -85,3 +85,64 @@ def test_missing_config_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "nope.yaml")
     assert "找不到設定檔" in str(info.value)
+
+
+def test_config_check_finds_the_data_where_training_does(repo_root, tmp_path):
+    """From notebooks/ the default ``data/medquad_sample.csv`` is found in the repository, by ``config check`` as by
+    the data step; a path that exists nowhere is refused with exit 2 and a Chinese message."""
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medgemma_lib",
+            "config",
+            "check",
+            "--config",
+            "../configs/demo.yaml",
+            f"train.output_dir={tmp_path}",
+        ],
+        cwd=repo_root / "notebooks",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0 and "設定檢查通過" in ok.stdout, ok.stderr
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medgemma_lib",
+            "config",
+            "check",
+            "--config",
+            "../configs/demo.yaml",
+            "data.input=data/no-such-file.csv",
+        ],
+        cwd=repo_root / "notebooks",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "找不到資料檔" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_config_show_applies_overrides_given_after_the_config_option(repo_root):
+    shown = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medgemma_lib",
+            "config",
+            "show",
+            "--config",
+            "configs/demo.yaml",
+            "lora.r=8",
+            "train.max_steps=3",
+        ],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "\n  r: 8\n" in shown.stdout and "\n  max_steps: 3\n" in shown.stdout
