@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,10 @@ __all__ = [
     "WRONG_IDS",
     "ModelProfile",
 ]  # re-exported
+
+# transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing*; TRL 1.16 and PEFT still call the
+# old names, so loading, training and export printed FutureWarnings (with the library's install path) nobody can act on.
+warnings.filterwarnings("ignore", message=r"`\w*gradient_checkpointing\w*` is deprecated", category=FutureWarning)
 
 DEMO_FOLDER_NAME = "gemma3-270m-demo"
 DEMO_TMP_GLOB = f".{DEMO_FOLDER_NAME}{TMP_TAG}*"  # temporary folders of conversions in progress (or killed)

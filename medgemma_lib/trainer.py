@@ -25,7 +25,6 @@ import os
 import signal
 import sys
 import threading
-import warnings
 from pathlib import Path
 
 import torch
@@ -46,12 +45,6 @@ from medgemma_lib.errors import OutputError, ResourceError, TrainingError
 from medgemma_lib.paths import display_path
 from medgemma_lib.profiles import ModelProfile
 from medgemma_lib.runs import CHECKPOINT_DIR, CONFIG_FILE, TENSORBOARD_DIR
-
-# transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing*; TRL 1.16 and PEFT still read the
-# old names, so every run printed three FutureWarnings (with the library's install path) that users cannot act on.
-warnings.filterwarnings(
-    "ignore", message=r"`(is_)?gradient_checkpointing(_kwargs)?` is deprecated", category=FutureWarning
-)
 
 
 def world_size() -> int:
