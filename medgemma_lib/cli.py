@@ -440,6 +440,15 @@ def _add_evaluate(sub) -> None:
         "--chinese-samples", type=int, default=4, help="從隨附中文樣本取幾題（另有原始指南的三題）；0 表示只用三題"
     )
     p.add_argument("--no-chinese", action="store_true", help="略過中文題")
+    p.add_argument(
+        "--num-generate-chinese",
+        type=int,
+        default=None,
+        help="從 data.mix 保留的中文測試題取幾題（預設：eval.num_generate_chinese；0 表示用原始指南的題目）",
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=None, help="配對 bootstrap 重抽次數，算差異的 95%% 信賴區間（預設：設定檔）"
+    )
     p.add_argument("--quantization", choices=QUANTIZATIONS, default=None, help="基礎模型的量化方式（預設：與訓練相同）")
     p.set_defaults(func=_run_evaluate)
 
@@ -455,6 +464,8 @@ def _run_evaluate(args) -> int:
         batch_size=args.batch_size,
         num_chinese_samples=args.chinese_samples,
         chinese=not args.no_chinese,
+        num_generate_chinese=args.num_generate_chinese,
+        bootstrap_resamples=args.bootstrap,
         quantization=args.quantization,
     )
     print()
@@ -462,6 +473,26 @@ def _run_evaluate(args) -> int:
     if result["chinese"]["answers"]:
         print("中文題：")
         print(evaluate.markdown_table(evaluate.comparison_rows(result, "chinese")))
+    print(MEDICAL_DISCLAIMER)
+    return 0
+
+
+def _add_quality(sub) -> None:
+    p = sub.add_parser(
+        "quality",
+        help="參考品質報告：完整訓練＋評估（含 95% 信賴區間、語言一致率），寫到 docs/quality/<名稱>.json 與 .md",
+    )
+    p.add_argument("--config", "-c", required=True, help="設定檔，例如 configs/medquad-full.yaml")
+    p.add_argument("--report", required=True, help="報告路徑（不含副檔名），例如 docs/quality/medquad-full-gemma3-270m")
+    p.add_argument("--compare", action="append", default=[], help="另一份報告（.json），放進比較表；可重複")
+    p.add_argument("overrides", nargs="*", metavar="區段.鍵=值", help="覆寫設定，例如 eval.num_generate=50")
+    p.set_defaults(func=_run_quality)
+
+
+def _run_quality(args) -> int:
+    from medgemma_lib import MEDICAL_DISCLAIMER, quality  # handler import: see the module docstring
+
+    quality.run_quality(args.config, list(args.overrides), args.report, args.compare)
     print(MEDICAL_DISCLAIMER)
     return 0
 
@@ -657,6 +688,7 @@ COMMANDS = [
     _add_train,
     _add_demo,
     _add_evaluate,
+    _add_quality,
     _add_chat,
     _add_export,
     _add_bench,

@@ -131,6 +131,10 @@ class EvalSection:
     num_generate: int = _f(16, "產生答案並計算 ROUGE/BLEU/chrF 的測試題數", min=0)
     batch_size: int = _f(8, "產生答案時的批次大小", min=1)
     max_eval_examples: int | None = _f(None, "計算 loss 時最多用幾筆測試資料", min=1)
+    num_generate_chinese: int = _f(
+        0, "從資料混合（data.mix）保留的中文測試題取幾題產生答案；0 表示用原始指南的三題與隨附樣本", min=0
+    )
+    bootstrap_resamples: int = _f(0, "配對 bootstrap 重抽次數，用來算差異的 95% 信賴區間（0 表示不算）", min=0)
 
 
 @dataclass

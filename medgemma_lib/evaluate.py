@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
-from medgemma_lib import MEDICAL_DISCLAIMER, plots
+from medgemma_lib import MEDICAL_DISCLAIMER, plots, stats
 from medgemma_lib.atomic import atomic_file, write_json, write_text
 from medgemma_lib.config import load_config
 from medgemma_lib.data import (
@@ -104,8 +104,8 @@ def find_or_train_run(run_dir: str | Path, config: str | Path = "configs/demo.ya
 # Data
 
 
-def test_records(run: Run, tokenizer=None, limit: int | None = None) -> list[dict]:
-    """The held-out test split of the run (same data config and seed as training)."""
+def held_out_records(run: Run) -> tuple[list[dict], list[dict]]:
+    """The run's held-out ``test`` split and the ``test_mix`` split of its data mix (same config and seed)."""
 
     data_cfg = copy.deepcopy(run.config.data)
     data_cfg.input = str(resolve_path(data_cfg.input))
@@ -117,8 +117,37 @@ def test_records(run: Run, tokenizer=None, limit: int | None = None) -> list[dic
             "這次執行的資料沒有測試集（test split 是空的）。",
             hint="請把 data.test_fraction 設為大於 0（例如 0.1）後重新訓練。",
         )
-    records = [dict(r) for r in splits["test"]]
+    mix = [dict(r) for r in splits["test_mix"]] if "test_mix" in splits else []
+    return [dict(r) for r in splits["test"]], mix
+
+
+def test_records(run: Run, tokenizer=None, limit: int | None = None) -> list[dict]:
+    """The held-out test split of the run (same data config and seed as training)."""
+    records = held_out_records(run)[0]
     return records[:limit] if limit else records
+
+
+def mix_chinese_set(mix_records: list[dict], limit: int) -> list[dict]:
+    """Held-out Chinese questions of the data mix (``test_mix``), taken in turn from each source, at most ``limit``."""
+    by_source: dict[str, list[dict]] = {}
+    for rec in mix_records:
+        if is_chinese(question_of(rec)):
+            by_source.setdefault(rec.get("mix_source") or rec.get("source", ""), []).append(rec)
+    picked: list[dict] = []
+    queues = [list(v) for _, v in sorted(by_source.items())]
+    while len(picked) < limit and any(queues):
+        for queue in queues:
+            if queue and len(picked) < limit:
+                picked.append(queue.pop(0))
+    return [
+        {
+            "question": question_of(r),
+            "reference": answer_of(r),
+            "source": r.get("mix_source") or r.get("source", ""),
+            "record": r,
+        }
+        for r in picked
+    ]
 
 
 def chinese_eval_set(num_sample: int = 4) -> list[dict]:
@@ -246,6 +275,80 @@ def text_metrics(predictions: list[str], references: list[str], chinese: bool = 
     }
 
 
+def paired_intervals(
+    loss_rows: dict[str, list[dict]],
+    answers: dict[str, list[str]],
+    references: list[str],
+    start: int,
+    stop: int,
+    chinese: bool,
+    resamples: int,
+) -> dict:
+    """95 % paired-bootstrap intervals of tuned − base for loss, ROUGE-L, BLEU, chrF and length.
+
+    ``answers[model][start:stop]`` are the answers to ``references``; ``loss_rows`` are aligned
+    per example (both models skip the same records). See :mod:`medgemma_lib.stats`.
+    """
+    out: dict[str, dict] = {}
+    if loss_rows.get("base"):
+        nll = {m: [r["nll"] for r in loss_rows[m]] for m in ("base", "tuned")}
+        tokens = [r["tokens"] for r in loss_rows["base"]]
+        out["loss"] = stats.paired_difference(stats.loss_scorer(nll, tokens), len(tokens), resamples)
+    if stop > start:
+        hyps = {m: answers[m][start:stop] for m in ("base", "tuned")}
+        per = {m: text_metrics(hyps[m], references, chinese=chinese)["per_answer"] for m in hyps}
+        n = len(references)
+        for key in ("rougeL", "length"):
+            values = {m: [row[key] for row in per[m]] for m in per}
+            out[key] = stats.paired_difference(stats.mean_scorer(values), n, resamples)
+        for key in ("bleu", "chrf"):
+            out[key] = stats.paired_difference(stats.corpus_scorer(key, hyps, references, chinese), n, resamples)
+    return out
+
+
+def decoding_limits(tokenizer, references: list[str], lengths: dict[str, list[dict]], max_new_tokens: int) -> dict:
+    """What the token limit cuts: reference answers' token lengths against it, and answers that hit it."""
+    if not references:
+        return {}
+    ref_tokens = sorted(len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in references)
+
+    def pct(q: float) -> int:
+        return ref_tokens[min(len(ref_tokens) - 1, max(0, math.ceil(q / 100 * len(ref_tokens)) - 1))]
+
+    return {
+        "max_new_tokens": max_new_tokens,
+        "reference_tokens": {"median": pct(50), "p75": pct(75), "p90": pct(90), "max": ref_tokens[-1]},
+        "references_longer_than_limit": sum(1 for t in ref_tokens if t > max_new_tokens) / len(ref_tokens),
+        "answers_cut_at_limit": {
+            m: (sum(1 for x in rows if not x["stopped"]) / len(rows) if rows else None) for m, rows in lengths.items()
+        },
+        "answer_tokens_mean": {
+            m: (sum(x["tokens"] for x in rows) / len(rows) if rows else None) for m, rows in lengths.items()
+        },
+    }
+
+
+def _mean_share(texts: list[str]) -> float | None:
+    shares = [s for s in (stats.simplified_share(t) for t in texts) if s is not None]
+    return sum(shares) / len(shares) if shares else None
+
+
+def _loss_examples(loss_rows: dict[str, list[dict]]) -> list[dict]:
+    """Per-example answer NLL of both models (for intervals and breakdowns recomputed later)."""
+    if not loss_rows.get("base"):
+        return []
+    return [
+        {
+            "id": b.get("id"),
+            "source": b["source"],
+            "qtype": b["qtype"],
+            "tokens": b["tokens"],
+            "nll": {"base": b["nll"], "tuned": t["nll"]},
+        }
+        for b, t in zip(loss_rows["base"], loss_rows["tuned"])
+    ]
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole evaluation
 
@@ -299,6 +402,8 @@ def run_evaluation(
     num_chinese_samples: int = 4,
     chinese: bool = True,
     num_side_by_side: int = 3,
+    num_generate_chinese: int | None = None,
+    bootstrap_resamples: int | None = None,
     quantization: str | None = None,
     device: str | None = None,
     model=None,
@@ -312,7 +417,10 @@ def run_evaluation(
     loss (``eval.max_eval_examples``; None = the whole test split), ``num_generate`` test questions
     answered greedily (``eval.num_generate``) with ``max_new_tokens`` each. ``model``/``tokenizer``:
     an already loaded :func:`medgemma_lib.runs.load_for_inference` pair (a notebook reuses it for the chat box).
-    Returns the metrics dict that is written to ``eval.json``.
+    ``num_generate_chinese``: held-out Chinese questions of the data mix (``test_mix``) to answer
+    instead of the guide's set (``eval.num_generate_chinese``; 0 = the guide's set).
+    ``bootstrap_resamples``: paired bootstrap resamples for the 95 % intervals of every difference
+    (``eval.bootstrap_resamples``; 0 = none). Returns the metrics dict that is written to ``eval.json``.
     """
 
     started = time.time()
@@ -322,7 +430,14 @@ def run_evaluation(
     num_generate = num_generate if num_generate is not None else ev.num_generate
     max_new_tokens = max_new_tokens or ev.max_new_tokens
     batch_size = batch_size or ev.batch_size
-    for name, value in (("max_loss_examples", max_loss_examples), ("num_generate", num_generate)):
+    num_generate_chinese = ev.num_generate_chinese if num_generate_chinese is None else num_generate_chinese
+    resamples = ev.bootstrap_resamples if bootstrap_resamples is None else bootstrap_resamples
+    for name, value in (
+        ("max_loss_examples", max_loss_examples),
+        ("num_generate", num_generate),
+        ("num_generate_chinese", num_generate_chinese),
+        ("bootstrap_resamples", resamples),
+    ):
         if value is not None and value < 0:
             raise ConfigError(f"{name} 不能是負數（收到 {value}）。", hint="請給 0 或正整數。")
     if model is None or tokenizer is None:
@@ -333,10 +448,15 @@ def run_evaluation(
             hint="請用 runs.load_for_inference(執行資料夾) 載入模型。",
         )
 
-    records = test_records(run, tokenizer)
+    records, mix_records = held_out_records(run)
     loss_set = records[:max_loss_examples] if max_loss_examples else records
     gen_set = records[:num_generate]
-    zh_set = chinese_eval_set(num_chinese_samples) if chinese else []
+    zh_from_mix = bool(chinese and num_generate_chinese and mix_chinese_set(mix_records, 1))
+    if zh_from_mix:
+        zh_set = mix_chinese_set(mix_records, num_generate_chinese)
+    else:
+        zh_set = chinese_eval_set(num_chinese_samples) if chinese else []
+    zh_loss_set = [z["record"] for z in zh_set] if zh_from_mix else []
     if verbose:
         print(
             f"測試集 {len(records)} 筆：{len(loss_set)} 筆計算 loss，{len(gen_set)} 題英文與 {len(zh_set)} 題中文"
@@ -351,14 +471,18 @@ def run_evaluation(
     system_prompt = run.config.data.system_prompt
     max_length = run.config.train.max_length
     loss_rows: dict[str, list[dict]] = {}
+    zh_loss_rows: dict[str, list[dict]] = {}
     answers: dict[str, list[str]] = {}
+    lengths: dict[str, list[dict]] = {}
     timings: dict[str, float] = {}
     for name in ("base", "tuned"):
         t0 = time.time()
         ctx = model.disable_adapter() if name == "base" else contextlib.nullcontext()
         with ctx:
             loss_rows[name] = answer_losses(model, tokenizer, loss_set, max_length=max_length, progress=verbose)
+            zh_loss_rows[name] = answer_losses(model, tokenizer, zh_loss_set, max_length=max_length)
             t1 = time.time()
+            lengths[name] = []
             answers[name] = (
                 generate_answers(
                     model,
@@ -368,6 +492,7 @@ def run_evaluation(
                     do_sample=False,
                     batch_size=batch_size,
                     system_prompt=system_prompt,
+                    lengths=lengths[name],
                 )
                 if questions
                 else []
@@ -400,7 +525,14 @@ def run_evaluation(
         for r, q, ref in zip(gen_set, questions[:n_en], refs_en)
     ]
     zh_rows = [
-        {"source": z["source"], "question": z["question"], "reference": z["reference"], "answers": {}, "scores": {}}
+        {
+            "id": (z.get("record") or {}).get("id"),
+            "source": z["source"],
+            "question": z["question"],
+            "reference": z["reference"],
+            "answers": {},
+            "scores": {},
+        }
         for z in zh_set
     ]
     for name in ("base", "tuned"):
@@ -415,6 +547,15 @@ def run_evaluation(
             **{k: v for k, v in en.items() if k != "per_answer"},
         }
         chinese_models[name] = {k: v for k, v in zh.items() if k != "per_answer"}
+        if zh_loss_rows[name]:
+            chinese_models[name].update(summarize_losses(zh_loss_rows[name]))
+    refs_zh = [z["reference"] for z in zh_set]
+    intervals = {}
+    if resamples:
+        intervals = {
+            "english": paired_intervals(loss_rows, answers, refs_en, 0, n_en, False, resamples),
+            "chinese": paired_intervals(zh_loss_rows, answers, refs_zh, n_en, len(questions), True, resamples),
+        }
 
     result = {
         "run": run.name,
@@ -428,6 +569,10 @@ def run_evaluation(
             "generated_english": n_en,
             "generated_chinese": len(zh_rows),
             "max_new_tokens": max_new_tokens,
+            "chinese_questions": "data.mix 的 test_mix（保留的中文測試題）"
+            if zh_from_mix
+            else "原始指南的三題＋隨附中文樣本",
+            "bootstrap_resamples": resamples,
             "decoding": "greedy",
             "batch_size": batch_size,
             "max_length": max_length,
@@ -441,11 +586,26 @@ def run_evaluation(
         },
         "models": result_models,
         "difference": _difference(result_models["base"], result_models["tuned"]),
+        "ci95": intervals.get("english", {}),
+        "language": {
+            "rule": stats.LANGUAGE_RULE,
+            "english": {n: stats.language_fidelity(questions[:n_en], answers[n][:n_en]) for n in ("base", "tuned")},
+            "chinese": {n: stats.language_fidelity(questions[n_en:], answers[n][n_en:]) for n in ("base", "tuned")},
+            "simplified_share": {n: _mean_share(answers[n][n_en:]) for n in ("base", "tuned")},
+            "simplified_share_reference": _mean_share(refs_zh),
+        },
+        "decoding": {
+            "english": decoding_limits(tokenizer, refs_en, {n: lengths[n][:n_en] for n in lengths}, max_new_tokens),
+            "chinese": decoding_limits(tokenizer, refs_zh, {n: lengths[n][n_en:] for n in lengths}, max_new_tokens),
+        },
+        "loss_examples": _loss_examples(loss_rows),
         "by_source": _breakdown(loss_rows, gen_rows, "source"),
         "by_qtype": _breakdown(loss_rows, gen_rows, "qtype"),
         "chinese": {
             "models": chinese_models,
             "difference": _difference(chinese_models["base"], chinese_models["tuned"]),
+            "ci95": intervals.get("chinese", {}),
+            "loss_examples": _loss_examples(zh_loss_rows),
             "answers": zh_rows,
         },
         "answers": gen_rows,
@@ -489,6 +649,7 @@ def comparison_rows(result: dict, section: str = "models") -> list[dict]:
     """Rows ``指標 / 基礎模型 / 微調後 / 差異`` for the main (or ``chinese``) table."""
     models = result[section] if section == "models" else result["chinese"]["models"]
     diff = result["difference"] if section == "models" else result["chinese"]["difference"]
+    ci = (result.get("ci95") if section == "models" else result["chinese"].get("ci95")) or {}
     rows = []
     for key, label in METRIC_NAMES.items():
         b, t = models["base"].get(key), models["tuned"].get(key)
@@ -501,6 +662,79 @@ def comparison_rows(result: dict, section: str = "models") -> list[dict]:
                 "基礎模型": _fmt(b, digits),
                 "微調後": _fmt(t, digits),
                 "差異": _fmt_diff(key, diff.get(key)),
+            }
+        )
+        if ci:
+            rows[-1]["差異的 95% 信賴區間"] = fmt_interval(key, (ci.get(key) or {}).get("ci95"))
+    return rows
+
+
+def fmt_interval(key: str, interval) -> str:
+    """``[low, high]`` with ✓ (wholly better), ✗ (wholly worse) or ≈ (includes zero: no clear difference)."""
+    if not interval or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in interval):
+        return "—"
+    low, high = interval
+    digits = 4 if key == "loss" else 2
+    if key == "length":
+        mark = ""
+    elif low > 0 or high < 0:
+        better = high < 0 if key in LOWER_IS_BETTER else low > 0
+        mark = " ✓" if better else " ✗"
+    else:
+        mark = " ≈"
+    return f"[{low:+.{digits}f}, {high:+.{digits}f}]{mark}"
+
+
+def language_rows(result: dict) -> list[dict]:
+    """Language fidelity: share of answers in the language of their question, base vs tuned."""
+    lang = result.get("language") or {}
+    rows = []
+    for part, label in (("english", "英文問題"), ("chinese", "中文問題")):
+        entry = lang.get(part) or {}
+        if not entry or not entry.get("base", {}).get("answers"):
+            continue
+        row = {"問題": label, "題數": entry["base"]["answers"]}
+        for name, col in (("base", "基礎模型"), ("tuned", "微調後")):
+            f = entry[name]
+            row[col] = f"{f['fidelity'] * 100:.1f}%（{f['same_language']}/{f['answers']}）"
+        rows.append(row)
+    share = lang.get("simplified_share") or {}
+    if rows and share.get("base") is not None:
+        ref = lang.get("simplified_share_reference")
+        rows.append(
+            {
+                "問題": "中文答案中的簡體字比例",
+                "題數": "—",
+                "基礎模型": _fmt_pct(share.get("base")),
+                "微調後": _fmt_pct(share.get("tuned")),
+            }
+        )
+        if ref is not None:
+            rows[-1]["問題"] += f"（參考答案 {_fmt_pct(ref)}）"
+    return rows
+
+
+def _fmt_pct(value) -> str:
+    return "—" if value is None else f"{value * 100:.1f}%"
+
+
+def decoding_rows(result: dict) -> list[dict]:
+    """What ``max_new_tokens`` cuts: reference lengths in tokens and the share of answers stopped by the limit."""
+    rows = []
+    for part, label in (("english", "英文"), ("chinese", "中文")):
+        d = (result.get("decoding") or {}).get(part) or {}
+        if not d:
+            continue
+        ref = d["reference_tokens"]
+        cut = d["answers_cut_at_limit"]
+        rows.append(
+            {
+                "題目": label,
+                "上限（token）": d["max_new_tokens"],
+                "參考答案 token 中位數 / p90": f"{ref['median']} / {ref['p90']}",
+                "參考答案超過上限": _fmt_pct(d["references_longer_than_limit"]),
+                "被上限截斷：基礎模型": _fmt_pct(cut.get("base")),
+                "被上限截斷：微調後": _fmt_pct(cut.get("tuned")),
             }
         )
     return rows
@@ -590,6 +824,7 @@ def _clip(text: str, limit: int = 600) -> str:
 
 def render_markdown(result: dict) -> str:
     s = result["settings"]
+    lang_rule = (result.get("language") or {}).get("rule", "")
     lines = [
         f"# 評估報告：{result['run']}\n",
         f"> {MEDICAL_DISCLAIMER}\n",
@@ -606,6 +841,12 @@ def render_markdown(result: dict) -> str:
         "✓ 表示微調後較好（loss、困惑度越低越好；ROUGE-L、BLEU、chrF 越高越好）。"
         "答案長度受 max_new_tokens 限制，參考答案平均長度："
         f"{_fmt(result['models']['base'].get('reference_length'), 0)} 個單字。\n",
+        *(
+            ["## 答案的語言（語言一致率）\n", markdown_table(language_rows(result)), f"判定方式：{lang_rule}。\n"]
+            if language_rows(result)
+            else []
+        ),
+        *(["## 解碼上限截掉了什麼\n", markdown_table(decoding_rows(result))] if decoding_rows(result) else []),
         "## 依來源\n",
         markdown_table(breakdown_table(result, "source").to_dict("records")),
         "## 依問題類型\n",
@@ -613,7 +854,7 @@ def render_markdown(result: dict) -> str:
     ]
     if result["chinese"]["answers"]:
         lines += [
-            "## 中文問題（原始指南的三題＋隨附中文樣本）\n",
+            f"## 中文問題（{result['settings'].get('chinese_questions', '原始指南的三題＋隨附中文樣本')}）\n",
             markdown_table(comparison_rows(result, "chinese")),
             side_by_side_markdown(result, n=len(result["chinese"]["answers"]), chinese=True),
         ]

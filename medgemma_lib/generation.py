@@ -100,6 +100,14 @@ def _decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+def _length(ids: list[int], stop_ids) -> dict:
+    stops = set(stop_ids if isinstance(stop_ids, (list, tuple, set)) else [stop_ids])
+    for i, token in enumerate(ids):
+        if token in stops:
+            return {"tokens": i + 1, "stopped": True}
+    return {"tokens": len(ids), "stopped": False}
+
+
 def generate_answers(
     model,
     tokenizer,
@@ -110,8 +118,14 @@ def generate_answers(
     system_prompt: str | None = None,
     temperature: float = 0.7,
     top_p: float = 0.95,
+    lengths: list | None = None,
 ) -> list[str]:
-    """Answer each question (greedy by default); returns plain answers in the same order."""
+    """Answer each question (greedy by default); returns plain answers in the same order.
+
+    ``lengths``: a list that receives, per answer, ``{"tokens": n, "stopped": bool}``: the tokens
+    generated up to and including the first stop token, and whether one came before the limit
+    (``stopped=False`` means ``max_new_tokens`` cut the answer).
+    """
 
     if not questions:
         return []
@@ -132,6 +146,8 @@ def generate_answers(
                 out = model.generate(**enc, **kwargs)
             new = out[:, enc["input_ids"].shape[1] :]
             answers += [_decode(tokenizer, row.tolist()) for row in new]
+            if lengths is not None:
+                lengths += [_length(row.tolist(), kwargs["eos_token_id"]) for row in new]
     finally:
         tokenizer.padding_side = old_side
         if was_training:
