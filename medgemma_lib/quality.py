@@ -115,7 +115,7 @@ def build_report(result: dict, train_summary: dict, cfg, command: str, prepare_r
     """The ``docs/quality`` JSON from an evaluation result (``eval.json``) and the run's training summary."""
     zh = result["chinese"]
     report = {
-        "title": f"{cfg.model.profile}（{cfg.train.run_name or '—'}）：微調前後比較，資料 {display_path(cfg.data.input)}",
+        "title": f"{cfg.model.profile}（{cfg.train.run_name or '—'}）：微調前後比較",
         "date": time.strftime("%Y-%m-%d"),
         "command": command,
         **environment(),
@@ -215,7 +215,7 @@ def verdict(report: dict) -> list[str]:
 
 def render_markdown(report: dict, compare: list[dict] | None = None) -> str:
     """The Markdown beside the JSON: everything a reader needs, from the JSON alone."""
-    from medgemma_lib.evaluate import METRIC_NAMES, decoding_rows, fmt_interval, language_rows, markdown_table
+    from medgemma_lib.evaluate import decoding_rows, fmt_interval, language_rows, markdown_table
 
     hw, tr = report["hardware"], report["training"]
     versions = "、".join(f"{k} {v}" for k, v in report["versions"].items() if v)
