@@ -80,7 +80,7 @@ def ship(run_dir: str | Path, report_json: str | Path, heldout: list[dict], dest
     run_dir, dest = Path(run_dir), Path(dest)
     adapter = run_dir / "adapter"
     report = json.loads(Path(report_json).read_text(encoding="utf-8"))
-    with atomic_folder(dest, what="參考轉接器") as tmp:
+    with atomic_folder(dest, what="參考轉接器", hint="請確認磁碟空間與寫入權限。") as tmp:
         # bf16 halves the file (3.8 M parameters: 7.6 MB); PEFT casts it back to float32 on load.
         tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(adapter / SHIPPED_FILES[0]).items()}
         save_file(tensors, tmp / SHIPPED_FILES[0], metadata={"format": "pt"})
@@ -96,6 +96,9 @@ def ship(run_dir: str | Path, report_json: str | Path, heldout: list[dict], dest
                 shutil.copy2(src, tmp / name)
         write_text(tmp / "README.md", model_card(report, len(heldout)))
         write_completion_marker(tmp)
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
     return dest
 
 
