@@ -51,6 +51,11 @@ class ModelSection:
     )
 
 
+_CONVERSIONS = [None, "s2t", "s2tw", "s2twp", "t2s", "tw2s"]
+_CONVERSION_HELP = "OpenCC 繁簡轉換，例如 s2twp（簡轉台灣正體）"
+MAX_MIX_FRACTION = 0.9  # data.mix fractions (each and their sum) stay below this: the main input keeps > 10%
+
+
 @dataclass
 class DataSection:
     input: str = _f("data/medquad_sample.csv", "輸入資料檔（CSV、JSONL 或 MedQuAD XML 資料夾）")
@@ -58,9 +63,7 @@ class DataSection:
     columns: dict = _f({}, "欄位對應，例如 {question: ask, answer: answer}", item_type=str)
     encoding: str | None = _f(None, "檔案編碼；不填則自動偵測")
     system_prompt: str | None = _f(None, "可選的系統指示，會放在第一個使用者回合之前")
-    chinese_conversion: str | None = _f(
-        None, "OpenCC 繁簡轉換，例如 s2twp（簡轉台灣正體）", choices=[None, "s2t", "s2tw", "s2twp", "t2s", "tw2s"]
-    )
+    chinese_conversion: str | None = _f(None, _CONVERSION_HELP, choices=_CONVERSIONS)
     max_answer_chars: int = _f(8000, "答案長度上限（字元）", min=1)
     long_answer_policy: str = _f(
         "truncate", "超長答案的處理：truncate（在句子邊界截斷）或 drop（捨棄）", choices=["truncate", "drop"]
@@ -73,6 +76,24 @@ class DataSection:
         "report", "個資處理：report（只回報）、mask（遮蔽）、refuse（發現即停止）", choices=["report", "mask", "refuse"]
     )
     seed: int = _f(42, "切分資料用的亂數種子")
+    mix: list = _f(
+        [],
+        "資料混合：其他來源的清單，每項 {input: 檔案, fraction: 佔最終訓練集的比例（0 以上、小於 0.9）, "
+        "chinese_conversion: s2twp, columns: {...}, encoding: ..., max_answer_chars: ...}；"
+        "每個來源的測試題另存為 test_mix（fraction 為 0 時只用來評估）",
+    )
+
+
+@dataclass
+class MixEntry:
+    """One entry of ``data.mix`` (validated field by field like a section; stored as a plain dict)."""
+
+    input: str = _f("", "混合來源的資料檔（CSV、JSONL 或 MedQuAD XML 資料夾），路徑規則與 data.input 相同")
+    fraction: float = _f(0.0, "這個來源佔最終訓練集的比例（0 以上、小於 0.9；0 表示不訓練，只保留測試題）", min=0.0)
+    chinese_conversion: str | None = _f(None, _CONVERSION_HELP, choices=_CONVERSIONS)
+    columns: dict = _f({}, "欄位對應，例如 {question: ask, answer: answer}", item_type=str)
+    encoding: str | None = _f(None, "檔案編碼；不填則自動偵測")
+    max_answer_chars: int | None = _f(None, "答案長度上限（字元）；不填則用 data.max_answer_chars", min=1)
 
 
 @dataclass
@@ -281,7 +302,72 @@ def config_from_dict(data: dict | None) -> RunConfig:
     return cfg
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def mix_source_name(path: str | os.PathLike) -> str:
+    """The name a mix source goes by (``mix_source`` of its records): the file name without its extensions."""
+    name = Path(path).name
+    for suffix in (".tar.gz", ".tgz"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem or name
+
+
+def check_mix(mix: Any) -> list[dict]:
+    """Validate ``data.mix`` and return it with every key filled in (defaults where an entry leaves one out)."""
+    example = (
+        "例如：\nmix:\n  - input: ../shared/data/cmb_clin/cmb_clin_qa.csv\n    fraction: 0.02\n"
+        "    chinese_conversion: s2twp"
+    )
+    if mix is None:
+        return []
+    if not isinstance(mix, list):
+        raise ConfigError(f"設定 data.mix 的值 {mix!r} 型別不對：應為清單（每一項是一個來源）。", hint=example)
+    fields = {f.name: f for f in dataclasses.fields(MixEntry)}
+    entries: list[dict] = []
+    for i, entry in enumerate(mix):
+        where = f"data.mix[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"設定 {where} 的值 {entry!r} 型別不對：應為對應表（input、fraction…）。", hint=example)
+        for key in entry:
+            if key not in fields:
+                raise _unknown_key(f"{where}.", str(key), list(fields))
+        if "input" not in entry:
+            raise ConfigError(f"設定 {where} 缺少 input（混合來源的資料檔）。", hint=example)
+        checked = {
+            name: _check_field(where, f, entry[name] if name in entry else _default(f)) for name, f in fields.items()
+        }
+        if not checked["input"].strip():
+            raise ConfigError(f"設定 {where}.input 不能是空白。", hint=example)
+        if checked["fraction"] >= MAX_MIX_FRACTION:
+            raise ConfigError(
+                f"設定 {where}.fraction 的值 {checked['fraction']} 太大（必須小於 {MAX_MIX_FRACTION}）。",
+                hint="fraction 是這個來源佔最終訓練集的比例，例如 0.1 表示 10%；0 表示只保留測試題、不訓練。",
+            )
+        checked["columns"] = dict(checked["columns"])
+        entries.append(checked)
+    total = sum(e["fraction"] for e in entries)
+    if total >= MAX_MIX_FRACTION:
+        shown = " + ".join(f"{e['fraction']:g}" for e in entries)
+        raise ConfigError(
+            f"data.mix 的 fraction 加起來是 {shown} = {total:g}，太大（必須小於 {MAX_MIX_FRACTION}），"
+            "主要資料會幾乎不剩。",
+            hint="請調低各來源的 fraction，例如 0.1 與 0.02。",
+        )
+    names = [mix_source_name(e["input"]) for e in entries]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(
+            f"data.mix 中有檔名相同的來源：{'、'.join(repeated)}（記錄以檔名標示 mix_source，必須能分辨）。",
+            hint="請把其中一個檔案改名，或合併成一個檔案。",
+        )
+    return entries
+
+
 def _cross_checks(cfg: RunConfig) -> None:
+    cfg.data.mix = check_mix(cfg.data.mix)
     if cfg.data.validation_fraction + cfg.data.test_fraction >= 0.9:
         raise ConfigError(
             "data.validation_fraction 與 data.test_fraction 加起來太大，訓練集幾乎沒有資料。",
@@ -366,6 +452,12 @@ def check_paths(cfg: RunConfig, root: str | os.PathLike | None = None) -> None:
                 f"找不到資料檔 data.input = {cfg.data.input}。",
                 hint="請確認路徑（相對於目前資料夾），例如 data/medquad_sample.csv。",
             )
+        for i, entry in enumerate(cfg.data.mix):
+            if not locate(entry["input"]).exists():
+                raise ConfigError(
+                    f"找不到資料檔 data.mix[{i}].input = {entry['input']}。",
+                    hint="請確認路徑（規則與 data.input 相同），或從 data.mix 移除這個來源。",
+                )
     else:
         prepared = locate(cfg.data.prepared_dir)
         if not prepared.is_dir():

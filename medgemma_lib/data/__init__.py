@@ -6,14 +6,24 @@ Public API::
     splits = load_prepared("prepared/medquad")
     example = label_mask_example(tok, splits["train"][0])   # what TRL trains on, token by token
 
-Modules: ``readers`` (CSV/JSONL/XML), ``encodings`` (strict decoding, detection), ``clean`` (validation, counted drops),
+``data.mix`` (other sources, e.g. Chinese QA converted with s2twp) joins train by fraction and adds ``test_mix``.
+
+Modules: ``readers`` (CSV/JSONL/XML), ``encodings`` (strict decoding, detection), ``clean`` (HTML cleanup, validation,
+counted drops),
 ``split`` (focus-area/question groups, stratified by source), ``formatting`` (records, OpenCC),
 ``lengths`` (token lengths, histogram, recommended max length), ``masking`` (trained vs masked
 tokens), ``storage`` (atomic save/load), ``report`` (Chinese summary), ``samples`` (shipped samples),
 the command line is ``medgemma_lib.cli`` (``python -m medgemma_lib data ...``).
 """
 
-from medgemma_lib.data.clean import DROP_REASONS, clean_rows, parse_column_mapping, truncate_at_sentence
+from medgemma_lib.data.clean import (
+    CLEAN_COUNTS,
+    DROP_REASONS,
+    clean_rows,
+    parse_column_mapping,
+    strip_html,
+    truncate_at_sentence,
+)
 from medgemma_lib.data.formatting import answer_of, chinese_converter, question_of, to_record
 from medgemma_lib.data.lengths import (
     length_report,
@@ -23,14 +33,16 @@ from medgemma_lib.data.lengths import (
     token_lengths,
 )
 from medgemma_lib.data.masking import decoded_labels, format_masking, label_mask_example, masking_table
-from medgemma_lib.data.pipeline import prepare_from_config, prepare_records, to_dataset_dict
+from medgemma_lib.data.pipeline import MIX_RULES, prepare_from_config, prepare_records, to_dataset_dict
 from medgemma_lib.data.readers import RawTable, read_table
 from medgemma_lib.data.report import counts_table, format_report, splits_table
 from medgemma_lib.data.split import crossing_keys, leakage_groups, split_by_focus_area
 from medgemma_lib.data.storage import REPORT_NAME, check_output_dir, load_prepared, load_report, save_prepared
 
 __all__ = [
+    "CLEAN_COUNTS",
     "DROP_REASONS",
+    "MIX_RULES",
     "REPORT_NAME",
     "RawTable",
     "answer_of",
@@ -59,6 +71,7 @@ __all__ = [
     "save_prepared",
     "split_by_focus_area",
     "splits_table",
+    "strip_html",
     "to_dataset_dict",
     "to_record",
     "token_lengths",

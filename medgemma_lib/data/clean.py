@@ -5,6 +5,7 @@ The invariant the report relies on: ``rows_in == kept + sum(dropped.values())``.
 
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -22,10 +23,46 @@ DROP_REASONS = {
     "duplicate": "完全重複（問題與答案都相同）",
     "answer_too_long": "答案超過長度上限（drop）",
 }
+# What the HTML cleanup counts, with the Chinese label shown to the learner.
+CLEAN_COUNTS = {
+    "html_tags": "移除的 HTML 標籤",
+    "html_entities": "解碼的 HTML 字元實體（例如 &amp;）",
+    "rows_with_html": "含 HTML 而被清理的列",
+    "emptied_by_html": "清理後答案或問題變成空的列（計入捨棄原因「空的」）",
+}
 # Literal Gemma control tokens in data would be parsed as real turn markers and break the masking.
 _CONTROL_TOKENS = re.compile(
     r"<(?:bos|eos|pad|start_of_turn|end_of_turn|start_of_image|end_of_image|image_soft_token)>"
 )
+# HTML cleanup: only these known tags are removed; "<140/90", "a < b", "<5 mm" or "<start_of_turn>" are text.
+# Attributes must be name=value (no bare words), so "if a <b and c> d" is text too.
+_HTML_LINE_TAGS = (
+    "br",
+    "p",
+    "div",
+    "ul",
+    "ol",
+    "tr",
+    "table",
+    "thead",
+    "tbody",
+    "hr",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+)
+_HTML_SPACE_TAGS = ("td", "th")
+_HTML_INLINE_TAGS = ("a", "b", "strong", "i", "em", "u", "span", "font", "small", "sup", "sub", "code", "abbr")
+_HTML_TAG = re.compile(
+    r"<(/?)(li|" + "|".join((*_HTML_LINE_TAGS, *_HTML_SPACE_TAGS, *_HTML_INLINE_TAGS)) + r")"
+    r"(?=[\s/>])(?:\s+[a-z_:][-a-z0-9_:.]*\s*=\s*(?:\"[^\"]*\"|'[^']*'|[^\s\"'=<>`]+))*\s*/?>",
+    re.IGNORECASE,
+)
+# Real entity patterns only (a bare "&" or "AT&T" stays as it is).
+_HTML_ENTITY = re.compile(r"&(?:[a-z][a-z0-9]{1,31}|#[0-9]{1,7}|#x[0-9a-f]{1,6});", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？；;])\s|(?<=[。！？；])|\n")
 
 
@@ -36,6 +73,9 @@ class CleanResult:
     dropped: dict[str, int]
     truncated_answers: int = 0
     examples: dict[str, list[str]] = field(default_factory=dict)  # a few locations per reason
+    # HTML cleanup over every row read (before the drop decisions): tags removed, entities decoded, rows changed.
+    cleaned: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CLEAN_COUNTS, 0))
+    cleaned_examples: list[str] = field(default_factory=list)  # a few locations of rows that carried HTML
 
     def check(self) -> None:
         total = len(self.rows) + sum(self.dropped.values())
@@ -107,6 +147,32 @@ def _guess_mapping(found: list[str]) -> str:
     return f"question={pick['question']},answer={pick['answer']}"
 
 
+def _tag_replacement(match: re.Match) -> str:
+    closing, name = match.group(1), match.group(2).lower()
+    if name == "li":
+        return "\n" if closing else "\n- "
+    if name in _HTML_LINE_TAGS:
+        return "\n"
+    return " " if name in _HTML_SPACE_TAGS else ""
+
+
+def _decode_entity(match: re.Match) -> str:
+    return html.unescape(match.group(0))
+
+
+def strip_html(text: str) -> tuple[str, int, int]:
+    """Remove known HTML tags (block tags become line breaks, ``<li>`` a "- " line), then decode entities.
+
+    Returns (text, tags removed, entities decoded). Tags go first, so ``&lt;p&gt;`` stays the literal text
+    ``<p>`` and an encoded ``&lt;start_of_turn&gt;`` becomes the control token the drop check then catches.
+    """
+    text, tags = _HTML_TAG.subn(_tag_replacement, text)
+    entities = sum(1 for m in _HTML_ENTITY.finditer(text) if html.unescape(m.group(0)) != m.group(0))
+    if entities:
+        text = _HTML_ENTITY.sub(_decode_entity, text)
+    return text, tags, entities
+
+
 def normalize_inline(text: str) -> str:
     """Collapse every whitespace run to one space (questions, focus areas)."""
     return " ".join(unicodedata.normalize("NFC", text).split())
@@ -139,18 +205,33 @@ def clean_rows(
     long_answers: str = "truncate",
     convert=None,
 ) -> CleanResult:
-    """Map columns, normalise whitespace, optionally convert script, drop bad rows with counted reasons."""
+    """Map columns, remove HTML, normalise whitespace, optionally convert script, drop bad rows (counted)."""
     dropped = dict.fromkeys(DROP_REASONS, 0)
     dropped["malformed"] = len(malformed)
     examples: dict[str, list[str]] = {"malformed": list(malformed[:20])}
     kept: list[dict[str, str]] = []
     seen: set[tuple[str, str]] = set()
     truncated = 0
+    cleaned = dict.fromkeys(CLEAN_COUNTS, 0)
+    cleaned_examples: list[str] = []
     mapped_sources = set(columns.values())
     for index, raw in enumerate(rows):
         row = {t: raw.get(c) or "" for t, c in columns.items()}
-        q = normalize_inline(row.get("question", ""))
-        a = normalize_answer(row.get("answer", ""))
+        q_raw, q_tags, q_entities = strip_html(row.get("question", ""))
+        a_raw, a_tags, a_entities = strip_html(row.get("answer", ""))
+        q = normalize_inline(q_raw)
+        a = normalize_answer(a_raw)
+        if q_tags + a_tags + q_entities + a_entities:
+            cleaned["html_tags"] += q_tags + a_tags
+            cleaned["html_entities"] += q_entities + a_entities
+            cleaned["rows_with_html"] += 1
+            # Text is never dropped silently: a row emptied by the cleanup is counted (and dropped) as empty.
+            if (not q and normalize_inline(row.get("question", ""))) or (
+                not a and normalize_answer(row.get("answer", ""))
+            ):
+                cleaned["emptied_by_html"] += 1
+            if len(cleaned_examples) < 5:
+                cleaned_examples.append(locations[index] if locations else f"第 {index + 1} 筆")
         extras = {
             k: ("" if v is None else str(v)) for k, v in raw.items() if k not in mapped_sources and k not in columns
         }
@@ -189,6 +270,8 @@ def clean_rows(
                 "qtype": normalize_inline(row.get("qtype", "")),
             }
         )
-    result = CleanResult(kept, rows_in, dropped, truncated, {k: v for k, v in examples.items() if v})
+    result = CleanResult(
+        kept, rows_in, dropped, truncated, {k: v for k, v in examples.items() if v}, cleaned, cleaned_examples
+    )
     result.check()
     return result

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 from datasets import Dataset, DatasetDict
 
+from medgemma_lib.config import check_mix, mix_source_name
 from medgemma_lib.data import clean as _clean
 from medgemma_lib.data import formatting, readers, split, storage
 from medgemma_lib.data.lengths import length_report
@@ -59,23 +61,20 @@ def _split_stats(records: list[dict]) -> dict:
     }
 
 
-def prepare_records(data_cfg, tokenizer=None, input_format: str | None = None) -> tuple[dict[str, list[dict]], dict]:
-    """Read, clean, de-identify, split and format ``data_cfg.input``; returns (records per split, report)."""
-    started = time.perf_counter()
-    path = resolve_path(data_cfg.input)
-    mapping = _clean.parse_column_mapping(data_cfg.columns)
-    table = readers.read_table(path, input_format, data_cfg.encoding)
-    columns = _clean.resolve_columns(table.columns, mapping, f"輸入檔 {path.name}")
-    convert = formatting.chinese_converter(data_cfg.chinese_conversion)
+def _load_source(path: Path, data_cfg, *, columns, encoding, conversion, max_answer_chars, input_format, label):
+    """Read, map columns, clean (HTML, whitespace, drops) and de-identify one input file."""
+    mapping = _clean.parse_column_mapping(columns)
+    table = readers.read_table(path, input_format, encoding)
+    resolved = _clean.resolve_columns(table.columns, mapping, f"{label} {path.name}")
     cleaned = _clean.clean_rows(
         table.rows,
-        columns,
+        resolved,
         rows_in=table.rows_in,
         malformed=table.malformed,
         locations=table.locations,
-        max_answer_chars=data_cfg.max_answer_chars,
+        max_answer_chars=max_answer_chars,
         long_answers=data_cfg.long_answer_policy,
-        convert=convert,
+        convert=formatting.chinese_converter(conversion),
     )
     if not cleaned.rows:
         reasons = "、".join(f"{_clean.DROP_REASONS[k]} {v} 筆" for k, v in cleaned.dropped.items() if v)
@@ -84,26 +83,180 @@ def prepare_records(data_cfg, tokenizer=None, input_format: str | None = None) -
             hint="請確認 --columns 對應到正確的問題與答案欄位，以及答案欄不是空的。",
         )
     rows, deid = _deidentify(cleaned.rows, data_cfg.deidentify)
+    return table, resolved, cleaned, rows, deid
+
+
+def _split_records(rows: list[dict], data_cfg, extra: dict | None = None) -> tuple[dict[str, list[dict]], dict]:
+    """Records per split (focus-area groups, the config's fractions and seed) and the leakage check."""
     parts = split.split_by_focus_area(rows, data_cfg.validation_fraction, data_cfg.test_fraction, data_cfg.seed)
     by_split = {
-        name: [formatting.to_record(rows[i], data_cfg.system_prompt) for i in idx] for name, idx in parts.items()
+        name: [{**formatting.to_record(rows[i], data_cfg.system_prompt), **(extra or {})} for i in idx]
+        for name, idx in parts.items()
     }
+    split_of_row = {i: name for name, idx in parts.items() for i in idx}
+    leakage = {
+        "focus_areas_in_two_splits": len(split.crossing_keys(rows, split_of_row, "focus_area")),
+        "questions_in_two_splits": len(split.crossing_keys(rows, split_of_row, "question")),
+    }
+    return by_split, leakage
+
+
+def _input_report(path: Path, table, columns: dict) -> dict:
+    return {
+        "path": display_path(path),
+        "format": table.format,
+        "encoding": table.encoding,
+        "encoding_detected": table.encoding_detected,
+        "sha256": file_sha256(path),
+        "columns_found": table.columns,
+        "columns_used": columns,
+    }
+
+
+def _sample(pool: list[dict], n: int, rng: random.Random) -> tuple[list[dict], int]:
+    """``n`` records of ``pool`` without replacement; beyond the pool, cycle through one seeded shuffle (repeats)."""
+    if n <= len(pool):
+        return rng.sample(pool, n), 0
+    order = rng.sample(pool, len(pool))
+    return [order[i % len(order)] for i in range(n)], n - len(pool)
+
+
+# How data.mix builds the splits (also written into the report, so a reader of prepare_report.json sees the rule).
+MIX_RULES = {
+    "train": "每個來源抽 n = round(fraction × N_total) 筆，N_total = N_main / (1 − Σfraction)，"
+    "N_main 為套用 max_train_examples 後的主要訓練筆數；不放回抽樣（種子固定），來源不夠時循環重複；"
+    "合併後以種子打亂",
+    "validation": "fraction > 0 的來源把它的驗證集加進來；有 max_eval_examples（M）時，"
+    "每個來源最多取 round(fraction × M) 筆，主要資料取其餘（M − 來源筆數）",
+    "test_mix": "所有來源（包括 fraction 為 0 的）的測試集；主要資料的 test 不變",
+}
+
+
+def _prepare_mix(data_cfg, entries: list[dict], n_main: int) -> dict:
+    """Each mix source read, cleaned, de-identified and split on its own (its split never depends on the mix)."""
+    total_fraction = sum(e["fraction"] for e in entries)
+    n_total = n_main / (1 - total_fraction)
+    sources = []
+    for i, entry in enumerate(entries):
+        path = resolve_path(entry["input"])
+        name = mix_source_name(path)
+        try:
+            table, columns, cleaned, rows, deid = _load_source(
+                path,
+                data_cfg,
+                columns=entry["columns"],
+                encoding=entry["encoding"],
+                conversion=entry["chinese_conversion"],
+                max_answer_chars=entry["max_answer_chars"] or data_cfg.max_answer_chars,
+                input_format=None,  # --format is about the main input; a source's format follows its extension
+                label=f"混合來源 data.mix[{i}]",
+            )
+            by_split, leakage = _split_records(rows, data_cfg, {"mix_source": name})
+        except DataError as err:
+            raise DataError(f"資料混合 data.mix[{i}]（{name}）：{err.message}", hint=err.hint) from None
+        n = round(entry["fraction"] * n_total)
+        sampled, repeats = _sample(by_split["train"], n, random.Random(f"{data_cfg.seed}-mix-{name}"))
+        limit = data_cfg.max_eval_examples
+        validation = by_split["validation"] if entry["fraction"] > 0 else []
+        if limit is not None:
+            validation = validation[: round(entry["fraction"] * limit)]
+        sources.append(
+            {
+                "name": name,
+                "entry": entry,
+                "input": _input_report(path, table, columns),
+                "counts": {
+                    "rows_in": cleaned.rows_in,
+                    "kept": len(cleaned.rows),
+                    "dropped": cleaned.dropped,
+                    "cleaned": cleaned.cleaned,
+                    "answers_truncated": cleaned.truncated_answers,
+                },
+                "drop_examples": cleaned.examples,
+                "cleaned_examples": cleaned.cleaned_examples,
+                "deidentification": {k: deid.get(k) for k in ("mode", "rows_affected", "counts_by_label")},
+                "by_split": by_split,
+                "leakage": leakage,
+                "sampled": sampled,
+                "repeats": repeats,
+                "validation": validation,
+            }
+        )
+    return {"n_total": n_total, "total_fraction": total_fraction, "sources": sources}
+
+
+def _mix_report(mix: dict, n_main: int, train_total: int) -> dict:
+    sources = []
+    for src in mix["sources"]:
+        stated = src["entry"]["fraction"]
+        sources.append(
+            {
+                "name": src["name"],
+                **src["input"],
+                "chinese_conversion": src["entry"]["chinese_conversion"],
+                **src["counts"],
+                "drop_examples": src["drop_examples"],
+                "cleaned_examples": src["cleaned_examples"],
+                "deidentification": src["deidentification"],
+                "splits": {name: len(recs) for name, recs in src["by_split"].items()},
+                "leakage": src["leakage"],
+                "sampled_into_train": len(src["sampled"]),
+                "repeats": src["repeats"],
+                "validation_used": len(src["validation"]),
+                "test_mix": len(src["by_split"]["test"]),
+                "fraction_stated": stated,
+                "fraction_actual": round(len(src["sampled"]) / train_total, 6) if train_total else 0.0,
+            }
+        )
+    return {
+        "main_train": n_main,
+        "total_fraction": mix["total_fraction"],
+        "n_total_target": round(mix["n_total"], 3),
+        "train_total": train_total,
+        "rules": MIX_RULES,
+        "sources": sources,
+    }
+
+
+def prepare_records(data_cfg, tokenizer=None, input_format: str | None = None) -> tuple[dict[str, list[dict]], dict]:
+    """Read, clean, de-identify, split and format ``data_cfg.input`` and ``data_cfg.mix``: (records per split, report).
+
+    Without ``data.mix`` the splits are ``train``, ``validation`` and ``test``; with it, mix records join train
+    and validation (see :data:`MIX_RULES`) and every source's test records form ``test_mix``. The main ``test``
+    split is the same with or without a mix.
+    """
+    started = time.perf_counter()
+    path = resolve_path(data_cfg.input)
+    table, columns, cleaned, rows, deid = _load_source(
+        path,
+        data_cfg,
+        columns=data_cfg.columns,
+        encoding=data_cfg.encoding,
+        conversion=data_cfg.chinese_conversion,
+        max_answer_chars=data_cfg.max_answer_chars,
+        input_format=input_format,
+        label="輸入檔",
+    )
+    by_split, leakage = _split_records(rows, data_cfg)
     before = {name: len(recs) for name, recs in by_split.items()}
     by_split["train"] = _limit(by_split["train"], data_cfg.max_train_examples)
-    by_split["validation"] = _limit(
-        by_split["validation"], data_cfg.max_eval_examples
-    )  # test: see eval.max_eval_examples
-    split_of_row = {i: name for name, idx in parts.items() for i in idx}
+    entries = check_mix(data_cfg.mix)
+    mix = _prepare_mix(data_cfg, entries, len(by_split["train"])) if entries else None
+    eval_limit = data_cfg.max_eval_examples  # test: see eval.max_eval_examples
+    if mix and eval_limit is not None:
+        eval_limit = max(0, eval_limit - sum(len(src["validation"]) for src in mix["sources"]))
+    by_split["validation"] = _limit(by_split["validation"], eval_limit)
+    final_main = {n: len(r) for n, r in by_split.items()}
+    n_main = final_main["train"]
+    if mix:
+        sampled = [r for src in mix["sources"] for r in src["sampled"]]
+        if sampled:
+            by_split["train"] = by_split["train"] + sampled
+            random.Random(f"{data_cfg.seed}-mix-train").shuffle(by_split["train"])
+        by_split["validation"] = by_split["validation"] + [r for src in mix["sources"] for r in src["validation"]]
+        by_split["test_mix"] = [r for src in mix["sources"] for r in src["by_split"]["test"]]
     report = {
-        "input": {
-            "path": display_path(path),
-            "format": table.format,
-            "encoding": table.encoding,
-            "encoding_detected": table.encoding_detected,
-            "sha256": file_sha256(path),
-            "columns_found": table.columns,
-            "columns_used": columns,
-        },
+        "input": _input_report(path, table, columns),
         "options": {
             **{f.name: getattr(data_cfg, f.name) for f in dataclasses.fields(data_cfg)},
             "input": display_path(path),
@@ -112,19 +265,21 @@ def prepare_records(data_cfg, tokenizer=None, input_format: str | None = None) -
             "rows_in": cleaned.rows_in,
             "kept": len(cleaned.rows),
             "dropped": cleaned.dropped,
+            "cleaned": cleaned.cleaned,
             "answers_truncated": cleaned.truncated_answers,
             "splits": before,
-            "removed_by_limits": {n: before[n] - len(by_split[n]) for n in before},
+            "removed_by_limits": {n: before[n] - final_main[n] for n in before},
             "final": {n: len(r) for n, r in by_split.items()},
         },
         "drop_examples": cleaned.examples,
-        "leakage": {
-            "focus_areas_in_two_splits": len(split.crossing_keys(rows, split_of_row, "focus_area")),
-            "questions_in_two_splits": len(split.crossing_keys(rows, split_of_row, "question")),
-        },
+        "cleaned_examples": cleaned.cleaned_examples,
+        "leakage": leakage,
         "splits": {n: _split_stats(r) for n, r in by_split.items()},
         "deidentification": deid,
     }
+    if mix:
+        report["options"]["mix"] = [{**e, "input": display_path(resolve_path(e["input"]))} for e in entries]
+        report["mix"] = _mix_report(mix, n_main, len(by_split["train"]))
     if tokenizer is not None:
         lengths = length_report(tokenizer, [r for recs in by_split.values() for r in recs])
         report["token_lengths"] = {k: v for k, v in lengths.items() if k != "lengths"}

@@ -4,13 +4,60 @@ from __future__ import annotations
 
 import pandas as pd
 
-from medgemma_lib.data.clean import DROP_REASONS
+from medgemma_lib.data.clean import CLEAN_COUNTS, DROP_REASONS
 
-_SPLIT_NAMES = {"train": "訓練集", "validation": "驗證集", "test": "測試集"}
+_SPLIT_NAMES = {"train": "訓練集", "validation": "驗證集", "test": "測試集", "test_mix": "混合來源測試集（test_mix）"}
+
+
+def _cleaned_line(cleaned: dict | None, where: list[str], indent: str = "") -> list[str]:
+    """The HTML cleanup in one line (nothing when there was none)."""
+    if not cleaned or not cleaned.get("rows_with_html"):
+        return []
+    shown = f"（例如 {'、'.join(where[:3])}）" if where else ""
+    emptied = cleaned.get("emptied_by_html", 0)
+    tail = f"；其中 {emptied:,} 列清理後變成空的，已計入上面「空的」" if emptied else ""
+    return [
+        f"{indent}HTML 清理：{cleaned['rows_with_html']:,} 列含 HTML{shown}，移除標籤 {cleaned['html_tags']:,} 個、"
+        f"解碼字元實體 {cleaned['html_entities']:,} 個{tail}"
+    ]
+
+
+def _mix_lines(mix: dict) -> list[str]:
+    lines = [
+        f"資料混合（data.mix）：主要訓練 {mix['main_train']:,} 筆，混合後訓練集 {mix['train_total']:,} 筆"
+        f"（每個來源抽 round(fraction × N_main / (1 − Σfraction)) 筆）"
+    ]
+    for src in mix["sources"]:
+        sp = src["splits"]
+        repeats = f"，其中重複 {src['repeats']:,} 筆（來源的訓練集只有 {sp['train']:,} 筆）" if src["repeats"] else ""
+        conv = f"，{src['chinese_conversion']} 轉換" if src.get("chinese_conversion") else ""
+        leak = src["leakage"]
+        lines += [
+            f"  - {src['name']}（{src['path']}，sha256 {src['sha256'][:12]}…{conv}）：讀入 {src['rows_in']:,} ＝ 保留 "
+            f"{src['kept']:,} ＋ 捨棄 {sum(src['dropped'].values()):,}；自己的切分 訓練 {sp['train']:,}／驗證 "
+            f"{sp['validation']:,}／測試 {sp['test']:,}，跨集合主題 {leak['focus_areas_in_two_splits']} 個",
+            f"    進訓練集 {src['sampled_into_train']:,} 筆{repeats}；比例 設定 {src['fraction_stated']:.2%}、實際 "
+            f"{src['fraction_actual']:.2%}；驗證集 {src['validation_used']:,} 筆；test_mix {src['test_mix']:,} 筆"
+            + ("（fraction 0：只用來評估，不訓練）" if src["fraction_stated"] == 0 else ""),
+        ]
+        lines += [f"    {d}" for d in _dropped_lines(src["dropped"], src.get("drop_examples", {}))]
+        lines += _cleaned_line(src.get("cleaned"), src.get("cleaned_examples", []), "    ")
+    lines.append("  驗證集規則：" + mix["rules"]["validation"])
+    return lines
+
+
+def _dropped_lines(dropped: dict, examples: dict) -> list[str]:
+    lines = []
+    for key, n in dropped.items():
+        if n:
+            where = examples.get(key, [])
+            shown = f"（例如 {'、'.join(where[:3])}）" if where else ""
+            lines.append(f"  - {DROP_REASONS.get(key, key)}：{n:,} 筆{shown}")
+    return lines
 
 
 def format_report(report: dict) -> str:
-    """A short Chinese summary: input, counts by reason (they add up), splits, leakage, lengths."""
+    """A short Chinese summary: input, counts by reason (they add up), HTML cleanup, splits, mix, leakage, lengths."""
     inp, counts = report["input"], report["counts"]
     enc = inp.get("encoding") or "—"
     enc_note = "（自動偵測）" if inp.get("encoding_detected") else ""
@@ -18,11 +65,8 @@ def format_report(report: dict) -> str:
         f"輸入：{inp['path']}（格式 {inp['format']}，編碼 {enc}{enc_note}，sha256 {inp['sha256'][:12]}…）",
         f"讀入 {counts['rows_in']:,} 筆 ＝ 保留 {counts['kept']:,} 筆 ＋ 捨棄 {sum(counts['dropped'].values()):,} 筆",
     ]
-    for key, n in counts["dropped"].items():
-        if n:
-            where = report.get("drop_examples", {}).get(key, [])
-            shown = f"（例如 {'、'.join(where[:3])}）" if where else ""
-            lines.append(f"  - {DROP_REASONS.get(key, key)}：{n:,} 筆{shown}")
+    lines += _dropped_lines(counts["dropped"], report.get("drop_examples", {}))
+    lines += _cleaned_line(counts.get("cleaned"), report.get("cleaned_examples", []), "  ")
     if counts.get("answers_truncated"):
         lines.append(f"  - 另有 {counts['answers_truncated']:,} 筆答案超過上限，已在句子邊界截斷（保留）")
     lines.append("切分（同一主題或同一問題只會出現在一個集合）：")
@@ -33,6 +77,8 @@ def format_report(report: dict) -> str:
             f"  - {_SPLIT_NAMES.get(name, name)}：{stats['rows']:,} 筆，{stats['focus_areas']:,} 個主題，"
             f"來源 {len(stats['sources'])} 個{extra}"
         )
+    if report.get("mix"):
+        lines += _mix_lines(report["mix"])
     leak = report.get("leakage", {})
     lines.append(
         f"洩漏檢查：跨集合的主題 {leak.get('focus_areas_in_two_splits', 0)} 個、"
@@ -57,12 +103,14 @@ def format_report(report: dict) -> str:
 
 
 def counts_table(report: dict):
-    """Rows in, kept and dropped by reason as a pandas table (for notebooks)."""
+    """Rows in, kept, dropped by reason and the HTML cleanup counts as a pandas table (for notebooks)."""
 
     counts = report["counts"]
     rows = [("讀入", counts["rows_in"])]
     rows += [(f"捨棄：{DROP_REASONS.get(k, k)}", v) for k, v in counts["dropped"].items()]
     rows += [("保留", counts["kept"])]
+    # HTML cleanup changes rows but drops none (an emptied row is in 捨棄：答案是空的), so it sits below 保留.
+    rows += [(f"清理：{CLEAN_COUNTS[k]}", v) for k, v in counts.get("cleaned", {}).items() if k in CLEAN_COUNTS]
     return pd.DataFrame(rows, columns=["項目", "筆數"]).set_index("項目")
 
 
