@@ -13,7 +13,7 @@ import yaml
 
 from medgemma_lib import cli
 from medgemma_lib.config import DataSection, config_from_dict
-from medgemma_lib.data import format_report, load_prepared, prepare_from_config, prepare_records
+from medgemma_lib.data import format_report, load_prepared, mix_table, prepare_from_config, prepare_records
 from medgemma_lib.errors import ConfigError
 
 ZH_COLUMNS = {"question": "ask", "answer": "reply", "focus_area": "department"}
@@ -92,6 +92,19 @@ def test_counts_follow_the_formula(files):
     assert "資料混合（data.mix）：主要訓練 160 筆，混合後訓練集 229 筆" in text
     assert "進訓練集 46 筆；比例 設定 20.00%、實際 20.09%；驗證集 9 筆；test_mix 9 筆" in text
     assert "混合來源測試集（test_mix）：11 筆" in text
+    table = mix_table(report)
+    assert table.loc["zh_simplified"].to_dict() == {
+        "讀入": 90,
+        "保留": 90,
+        "自己的訓練集": 72,
+        "抽進訓練": 46,
+        "其中重複": 0,
+        "設定比例": "20.00%",
+        "實際比例": "20.09%",
+        "加入驗證": 9,
+        "test_mix": 9,
+    }
+    assert list(table.index) == ["zh_simplified", "small_zh"]
 
 
 def test_small_pool_repeats_are_reported(files):

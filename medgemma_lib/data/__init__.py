@@ -35,7 +35,7 @@ from medgemma_lib.data.lengths import (
 from medgemma_lib.data.masking import decoded_labels, format_masking, label_mask_example, masking_table
 from medgemma_lib.data.pipeline import MIX_RULES, prepare_from_config, prepare_records, to_dataset_dict
 from medgemma_lib.data.readers import RawTable, read_table
-from medgemma_lib.data.report import counts_table, format_report, splits_table
+from medgemma_lib.data.report import counts_table, format_report, mix_table, splits_table
 from medgemma_lib.data.split import crossing_keys, leakage_groups, split_by_focus_area
 from medgemma_lib.data.storage import REPORT_NAME, check_output_dir, load_prepared, load_report, save_prepared
 
@@ -61,6 +61,7 @@ __all__ = [
     "load_prepared",
     "load_report",
     "masking_table",
+    "mix_table",
     "parse_column_mapping",
     "plot_token_lengths",
     "prepare_from_config",

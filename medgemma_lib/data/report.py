@@ -123,3 +123,22 @@ def splits_table(report: dict):
         col.update({f"來源：{s or '（無）'}": n for s, n in stats["sources"].items()})
         data[_SPLIT_NAMES.get(name, name)] = col
     return pd.DataFrame(data).fillna(0).astype(int)
+
+
+def mix_table(report: dict):
+    """One row per data.mix source: rows, its own split, sampled into train (repeats), fractions, test_mix."""
+
+    rows = {}
+    for src in report.get("mix", {}).get("sources", []):
+        rows[src["name"]] = {
+            "讀入": src["rows_in"],
+            "保留": src["kept"],
+            "自己的訓練集": src["splits"]["train"],
+            "抽進訓練": src["sampled_into_train"],
+            "其中重複": src["repeats"],
+            "設定比例": f"{src['fraction_stated']:.2%}",
+            "實際比例": f"{src['fraction_actual']:.2%}",
+            "加入驗證": src["validation_used"],
+            "test_mix": src["test_mix"],
+        }
+    return pd.DataFrame(rows).T.rename_axis("來源")
