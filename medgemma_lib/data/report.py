@@ -42,6 +42,10 @@ def _mix_lines(mix: dict) -> list[str]:
         ]
         lines += [f"    {d}" for d in _dropped_lines(src["dropped"], src.get("drop_examples", {}))]
         lines += _cleaned_line(src.get("cleaned"), src.get("cleaned_examples", []), "    ")
+        deid = src.get("deidentification") or {}
+        if deid.get("rows_affected"):
+            found = "、".join(f"{k} {v}" for k, v in (deid.get("counts_by_label") or {}).items())
+            lines.append(f"    個資掃描（{deid.get('mode')}）：{deid['rows_affected']} 筆含疑似個資（{found}）")
     lines.append("  驗證集規則：" + mix["rules"]["validation"])
     return lines
 
@@ -80,8 +84,9 @@ def format_report(report: dict) -> str:
     if report.get("mix"):
         lines += _mix_lines(report["mix"])
     leak = report.get("leakage", {})
+    which = "（主要資料）" if report.get("mix") else ""
     lines.append(
-        f"洩漏檢查：跨集合的主題 {leak.get('focus_areas_in_two_splits', 0)} 個、"
+        f"洩漏檢查{which}：跨集合的主題 {leak.get('focus_areas_in_two_splits', 0)} 個、"
         f"跨集合的相同問題 {leak.get('questions_in_two_splits', 0)} 個"
     )
     deid = report.get("deidentification")
