@@ -480,7 +480,7 @@ def _run_evaluate(args) -> int:
 def _add_quality(sub) -> None:
     p = sub.add_parser(
         "quality",
-        help="參考品質報告：完整訓練＋評估（含 95% 信賴區間、語言一致率），寫到 docs/quality/<名稱>.json 與 .md",
+        help="參考品質報告：完整訓練＋評估（含 95%% 信賴區間、語言一致率），寫到 docs/quality/<名稱>.json 與 .md",
     )
     p.add_argument("--config", "-c", required=True, help="設定檔，例如 configs/medquad-full.yaml")
     p.add_argument("--report", required=True, help="報告路徑（不含副檔名），例如 docs/quality/medquad-full-gemma3-270m")

@@ -25,8 +25,20 @@ from pathlib import Path
 
 from medgemma_lib import MEDICAL_DISCLAIMER
 from medgemma_lib.atomic import write_json, write_text
+from medgemma_lib.config import load_config
+from medgemma_lib.data import prepare_from_config
 from medgemma_lib.errors import ConfigError, DataError, OutputError
+from medgemma_lib.evaluate import (
+    METRIC_NAMES,
+    decoding_rows,
+    fmt_interval,
+    language_rows,
+    markdown_table,
+    run_evaluation,
+)
 from medgemma_lib.paths import display_path, resolve_path
+from medgemma_lib.train import run_training
+from medgemma_lib.trainer import free_memory
 
 METRICS = ("loss", "perplexity", "rougeL", "bleu", "chrf", "length")
 PACKAGES = (
@@ -215,7 +227,6 @@ def verdict(report: dict) -> list[str]:
 
 def render_markdown(report: dict, compare: list[dict] | None = None) -> str:
     """The Markdown beside the JSON: everything a reader needs, from the JSON alone."""
-    from medgemma_lib.evaluate import decoding_rows, fmt_interval, language_rows, markdown_table
 
     hw, tr = report["hardware"], report["training"]
     versions = "、".join(f"{k} {v}" for k, v in report["versions"].items() if v)
@@ -262,7 +273,6 @@ def render_markdown(report: dict, compare: list[dict] | None = None) -> str:
 
 
 def _rows(part: dict, fmt_interval) -> list[dict]:
-    from medgemma_lib.evaluate import METRIC_NAMES
 
     rows = []
     for key in METRICS:
@@ -347,11 +357,6 @@ def run_quality(
     config: str | Path, overrides: list[str] | None, report: str | Path, compare: list[str] | None = None
 ) -> dict:
     """Check everything, train, evaluate, write the report; returns the report dict."""
-    from medgemma_lib.config import load_config
-    from medgemma_lib.data import prepare_from_config
-    from medgemma_lib.evaluate import run_evaluation
-    from medgemma_lib.train import run_training
-    from medgemma_lib.trainer import free_memory
 
     cfg = load_config(resolve_path(config), overrides)
     check_inputs(cfg, report)

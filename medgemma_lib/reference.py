@@ -22,10 +22,23 @@ import shutil
 import time
 from pathlib import Path
 
-from medgemma_lib import MEDICAL_DISCLAIMER
+from medgemma_lib import MEDICAL_DISCLAIMER, models
 from medgemma_lib.atomic import atomic_folder, write_json, write_text
+from medgemma_lib.checkpoints import verify_adapter, write_completion_marker
+from medgemma_lib.data import answer_of, question_of
 from medgemma_lib.errors import ModelError, OutputError
+from medgemma_lib.evaluate import (
+    METRIC_NAMES,
+    answer_losses,
+    fmt_interval,
+    markdown_table,
+    paired_intervals,
+    summarize_losses,
+    text_metrics,
+)
+from medgemma_lib.generation import generate_answers
 from medgemma_lib.paths import REPO_ROOT, display_path
+from medgemma_lib.quality import _rows
 
 REFERENCE_NAME = "medquad-full-gemma3-270m"
 REFERENCE_DIR = REPO_ROOT / "adapters" / REFERENCE_NAME
@@ -75,8 +88,6 @@ def ship(run_dir: str | Path, report_json: str | Path, heldout: list[dict], dest
     import torch
     from safetensors.torch import load_file, save_file
 
-    from medgemma_lib.checkpoints import write_completion_marker
-
     run_dir, dest = Path(run_dir), Path(dest)
     adapter = run_dir / "adapter"
     report = json.loads(Path(report_json).read_text(encoding="utf-8"))
@@ -114,8 +125,6 @@ def _gemma_notice(name: str) -> Path | None:
 
 def model_card(report: dict, n_heldout: int) -> str:
     """README.md of the reference folder: what it is, how it was made, its numbers, licences, disclaimer."""
-    from medgemma_lib.evaluate import fmt_interval, markdown_table
-    from medgemma_lib.quality import _rows
 
     hw, tr = report["hardware"], report["training"]
     return "\n".join(
@@ -162,12 +171,6 @@ def compare_adapters(
 ) -> dict:
     """Base model and each adapter on the same ``records``: loss, ROUGE-L, BLEU, chrF, length, intervals."""
     from peft import PeftModel
-
-    from medgemma_lib import models
-    from medgemma_lib.checkpoints import verify_adapter
-    from medgemma_lib.data import answer_of, question_of
-    from medgemma_lib.evaluate import answer_losses, paired_intervals, summarize_losses, text_metrics
-    from medgemma_lib.generation import generate_answers
 
     started = time.time()
     names = list(adapters)
@@ -234,8 +237,6 @@ def compare_adapters(
 def comparison_frame(result: dict, labels: dict[str, str]):
     """Metrics as rows, models as columns (labels: model name -> column title), plus each adapter's interval."""
     import pandas as pd
-
-    from medgemma_lib.evaluate import METRIC_NAMES, fmt_interval
 
     rows = []
     for key in ("loss", "rougeL", "bleu", "chrf", "length"):

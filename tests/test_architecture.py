@@ -19,14 +19,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medgemma_lib"
 # Lowest first. Keep in step with the picture in docs/DEVELOPING.md.
 LAYERS: list[set[str]] = [
     {"medgemma_lib", "errors", "paths", "profiles"},  # base: constants, errors, paths, the model registry
-    {"atomic", "plots", "attention", "privacy", "safety"},  # helpers
+    {"atomic", "plots", "attention", "privacy", "safety", "stats"},  # helpers (stats: bootstrap, language)
     {"config", "memory", "auth", "data"},  # configuration, estimates, Hub access, data preparation
     {"models", "checkpoints", "generation", "monitor"},  # loading, checkpoint format, generation, monitoring
     {"runs", "env"},  # the run folder; the environment report
     {"trainer"},  # the trainer's parts
     {"train"},  # the training recipe
     {"evaluate", "chat", "export", "bench"},  # what reads a finished run; the benchmark
-    {"demo"},  # the whole course in one command
+    {"demo", "quality", "reference"},  # the whole course in one command; the quality report; the shipped adapter
     {"gradcheck"},  # the gradient reference check (uses the demo's config)
     {"cli", "__main__"},  # the command line, above everything
 ]
