@@ -272,6 +272,11 @@ def render_markdown(report: dict, compare: list[dict] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def metric_rows(part: dict) -> list[dict]:
+    """Rows ``指標 / 基礎模型 / 微調後 / 差異 / 95% 信賴區間`` of a report (or its ``chinese`` part)."""
+    return _rows(part, fmt_interval)
+
+
 def _rows(part: dict, fmt_interval) -> list[dict]:
 
     rows = []

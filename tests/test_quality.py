@@ -181,3 +181,15 @@ def test_bilingual_mix_keeps_english_and_answers_chinese_in_chinese():
     assert fid["mixed"] >= fid["plain"]
     assert mixed["chinese"]["tuned"]["loss"] < plain["chinese"]["tuned"]["loss"]
     assert np.isfinite(mixed["chinese"]["tuned"]["chrf"])
+
+
+def test_readme_numbers_are_the_reports():
+    """The README's reference table is the JSON's numbers, formatted, not numbers typed by hand."""
+    readme = (REPO / "README_中文.md").read_text(encoding="utf-8")
+    plain, mixed = _shipped("medquad-full-gemma3-270m"), _shipped("medquad-bilingual-gemma3-270m")
+    for key, digits in (("loss", 3), ("rougeL", 2), ("chrf", 2), ("bleu", 2)):
+        low, high = plain["diff_ci95"][key]
+        values = f"| {plain['base'][key]:.{digits}f} | {plain['tuned'][key]:.{digits}f} |"
+        assert f"{values} [{low:+.{digits}f}, {high:+.{digits}f}]" in readme
+        assert f"| {mixed['tuned'][key]:.{digits}f} |" in readme
+    assert plain["hardware"]["gpu"] in readme and plain["date"] in readme
