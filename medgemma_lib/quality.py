@@ -27,6 +27,7 @@ from medgemma_lib import MEDICAL_DISCLAIMER
 from medgemma_lib.atomic import write_json, write_text
 from medgemma_lib.config import load_config
 from medgemma_lib.data import prepare_from_config
+from medgemma_lib.env import KEY_PACKAGES
 from medgemma_lib.errors import ConfigError, DataError, OutputError
 from medgemma_lib.evaluate import (
     METRIC_NAMES,
@@ -41,19 +42,7 @@ from medgemma_lib.train import run_training
 from medgemma_lib.trainer import free_memory
 
 METRICS = ("loss", "perplexity", "rougeL", "bleu", "chrf", "length")
-PACKAGES = (
-    "torch",
-    "transformers",
-    "peft",
-    "trl",
-    "bitsandbytes",
-    "accelerate",
-    "datasets",
-    "liger-kernel",
-    "sacrebleu",
-    "rouge-score",
-    "opencc",
-)
+PACKAGES = (*KEY_PACKAGES, *(p for p in ("liger-kernel", "rouge-score") if p not in KEY_PACKAGES))
 VERDICT_METRICS = {"loss": "測試集 loss", "rougeL": "ROUGE-L", "chrf": "chrF", "bleu": "BLEU"}
 
 
