@@ -22,6 +22,7 @@ from huggingface_hub import HfApi, constants, login
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
+from medgemma_lib import display
 from medgemma_lib.errors import AuthError
 from medgemma_lib.profiles import PROFILES, WRONG_IDS
 
@@ -357,4 +358,7 @@ def token_widget(model_id: str = "google/medgemma-4b-it", *, check: bool = True)
                 print(check_access(model_id).format())
 
     button.on_click(_on_click)
-    return widgets.VBox([widgets.HBox([box, button]), save, out])
+    return display.with_fallback(
+        widgets.VBox([widgets.HBox([box, button]), save, out]),
+        "（權杖輸入框：在 JupyterLab 執行這一格即可顯示；輸入的權杖只顯示圓點，只存在這個 Python 核心的記憶體中。）",
+    )

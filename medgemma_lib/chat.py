@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from medgemma_lib import MEDICAL_DISCLAIMER, models, runs
+from medgemma_lib import MEDICAL_DISCLAIMER, display, models, runs
 from medgemma_lib.errors import ConfigError
 from medgemma_lib.generation import stream_answer
 from medgemma_lib.safety import guard_question
@@ -165,4 +165,6 @@ def question_box(model, tokenizer, max_new_tokens: int = 192, do_sample: bool = 
         [w.HBox([question, button]), adapter, w.HBox([w.VBox([answer], layout=w.Layout(width="66%")), disclaimer])]
     )
     box.ask = ask
-    return box
+    return display.with_fallback(
+        box, "（提問框：在 JupyterLab 執行這一格即可顯示；輸入問題、按「提問」，答案會逐字出現，旁邊附醫療免責聲明。）"
+    )

@@ -40,9 +40,8 @@ import sacrebleu
 import torch
 import torch.nn.functional as F
 from rouge_score import rouge_scorer
-from tqdm.auto import tqdm
 
-from medgemma_lib import MEDICAL_DISCLAIMER, plots, stats
+from medgemma_lib import MEDICAL_DISCLAIMER, display, plots, stats
 from medgemma_lib.atomic import atomic_file, write_json, write_text
 from medgemma_lib.config import load_config
 from medgemma_lib.data import (
@@ -186,7 +185,7 @@ def answer_losses(
 
     device = model.device
     rows = []
-    iterator = _progress(records, "loss", progress)
+    iterator = _progress(records, "計算測試集 loss", progress)
     for rec in iterator:
         ex = label_mask_example(tokenizer, rec, max_length=max_length)
         ids = ex["input_ids"]
@@ -354,12 +353,8 @@ def _loss_examples(loss_rows: dict[str, list[dict]]) -> list[dict]:
 
 
 def _progress(items, desc: str, enabled: bool):
-    if not enabled:
-        return items
-    try:
-        return tqdm(items, desc=desc, leave=False)
-    except ImportError:
-        return items
+    """A Chinese status line in a notebook (stored as its final line), a tqdm bar in a terminal."""
+    return display.progress(items, desc, enabled=enabled) if enabled else items
 
 
 def _breakdown(loss_rows: dict[str, list[dict]], gen_rows: list[dict], key: str) -> dict:
@@ -818,8 +813,8 @@ def before_after_section(result: dict, results_dir: str | Path | None = None) ->
 
 
 def _clip(text: str, limit: int = 600) -> str:
-    text = " ".join((text or "").split())
-    return text if len(text) <= limit else text[:limit] + "…"
+    """Model or reference text inside Markdown: repeats collapsed, whitespace joined, clipped, escaped."""
+    return display.md_escape(display.clip(text, limit))
 
 
 def render_markdown(result: dict) -> str:

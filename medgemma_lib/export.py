@@ -32,7 +32,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from medgemma_lib import MEDICAL_DISCLAIMER
+from medgemma_lib import MEDICAL_DISCLAIMER, display
 from medgemma_lib.atomic import atomic_folder
 from medgemma_lib.auth import TOKENS_PAGE, classify_hub_error, find_token, mask_token
 from medgemma_lib.errors import AuthError, ConfigError, ModelError, OutputError
@@ -100,6 +100,15 @@ def merge_adapter(
         size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 1e9
         print(f"已匯出合併後的模型：{out}（{size:.2f} GB，{time.time() - started:.0f} 秒）", flush=True)
     return out
+
+
+def files_table(folder: str | Path):
+    """The files of an exported folder with readable sizes (notebook 07): 「536.2 MB」, 「4.2 KB」, not 「0.00 MB」."""
+    import pandas as pd
+
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file())
+    rows = [{"檔案": p.name, "大小": display.human_size(p.stat().st_size), "位元組": p.stat().st_size} for p in files]
+    return pd.DataFrame(rows).set_index("檔案")
 
 
 def _check_merged(model) -> None:
@@ -207,6 +216,7 @@ def verify_export(
     )
     dtype = manifest.get("dtype", "bfloat16")
     questions = questions or VERIFY_QUESTIONS
+    display.quiet_progress_bars()  # in a notebook only
     tok = AutoTokenizer.from_pretrained(str(export_dir))
     exported = AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=getattr(torch, dtype), use_safetensors=True)
     exported.eval()

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import TextIteratorStreamer
 
-from medgemma_lib import MEDICAL_DISCLAIMER
+from medgemma_lib import MEDICAL_DISCLAIMER, display
 from medgemma_lib.atomic import write_json
 from medgemma_lib.errors import OutputError
 from medgemma_lib.profiles import END_OF_TURN_ID, EOS_ID, PAD_ID
@@ -229,13 +229,19 @@ class ThoughtFilteringStreamer(TextIteratorStreamer):
 # "Before fine-tuning" answers
 
 
-def show_answers(questions: list[str], answers: list[str]) -> str:
-    """Questions and answers as text, each through the safety helper (disclaimer always shown)."""
+def show_answers(questions: list[str], answers: list[str], note: str | None = None) -> str:
+    """Questions and answers as one block of text under one medical disclaimer.
+
+    Each answer goes through the safety helper (an emergency message first when the question describes one)
+    and :func:`medgemma_lib.display.collapse_repeats` (a degenerate answer shows 「BOTTOMS……（重複 14 次）」
+    instead of a wall of text). ``note`` is shown under the disclaimer, e.g. that a small model errs.
+    """
     blocks = []
     for q, a in zip(questions, answers):
-        shown = present_answer(q, a)  # the emergency check, the answer, the disclaimer
-        blocks.append(f"問：{q}\n答：{shown}")
-    return "\n\n" + ("\n\n" + "─" * 40 + "\n\n").join(blocks)
+        shown = present_answer(q, display.collapse_repeats((a or "").strip()), disclaimer=False)
+        blocks.append(f"問：{q}\n答：{shown or '（空白）'}")
+    head = MEDICAL_DISCLAIMER + (f"\n{note}" if note else "")
+    return head + "\n\n" + ("\n\n" + "─" * 40 + "\n\n").join(blocks)
 
 
 def default_results_dir() -> Path:

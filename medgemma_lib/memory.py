@@ -96,6 +96,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from medgemma_lib import display
 from medgemma_lib.errors import ConfigError
 from medgemma_lib.profiles import BENCH_ARCHITECTURES, LORA_LINEAR_LAYERS, PROFILES, Architecture
 
@@ -508,6 +509,30 @@ def advice_table(
     return pd.DataFrame(rows).set_index("GPU 記憶體")
 
 
+def advice_markdown(
+    profile: str | list[str] = ("medgemma-4b-it", "medgemma-27b-text-it"), gpu_sizes=(8, 12, 16, 24, 40, 80, 141)
+):
+    """:func:`advice_table` as a Markdown list, one entry per card size (notebook 04): long advice reads as
+    left-aligned sentences instead of right-aligned table cells."""
+    table = advice_table(profile, gpu_sizes)
+    lines = []
+    for size, row in table.iterrows():
+        lines.append(f"- **{size}**")
+        lines += [f"  - `{name}`：{display.md_escape(str(advice))}" for name, advice in row.items()]
+    return display.Markdown("\n".join(lines))
+
+
+def breakdown_markdown(setups: list[TrainingSetup]):
+    """:func:`breakdown_table` for people (notebook 04): settings numbered under the table, one column each."""
+    table = breakdown_table(setups)
+    names = [f"設定 {i}" for i in range(1, len(setups) + 1)]
+    rows = []
+    for col in table.columns[1:]:
+        rows.append({"GiB": col, **{n: f"{v:.2f}" for n, v in zip(names, table[col])}})
+    legend = "\n".join(f"- 設定 {i}：{label}" for i, label in enumerate(table["設定"], 1))
+    return display.Markdown(display.markdown_table(rows, ["GiB", *names]).data + "\n\n" + legend)
+
+
 def usable_gib(nominal_gb: float) -> float:
     """What the driver reports for a card sold as ``nominal_gb`` (80 GB → 79.2, 24 GB → 23.6)."""
     return nominal_gb * 0.985
@@ -522,7 +547,7 @@ def breakdown_table(setups: list[TrainingSetup]):
                 "設定": s.label(),
                 "權重": e.weights_gib,
                 "LoRA＋AdamW": e.lora_gib,
-                "激活值": e.activations_gib,
+                "啟動值": e.activations_gib,
                 "logits＋loss": e.logits_gib,
                 "其他": e.overhead_gib,
                 "峰值（allocated）": e.peak_allocated_gib,
@@ -539,7 +564,7 @@ def format_estimate(e: MemoryEstimate, gpu_gib: float | None = None) -> str:
         f"設定：{s.label()}",
         f"  量化後權重          {e.weights_gib:7.2f} GiB",
         f"  LoRA 參數＋AdamW    {e.lora_gib:7.2f} GiB（{e.lora_params / 1e6:.1f} M 個可訓練參數）",
-        f"  激活值              {e.activations_gib:7.2f} GiB",
+        f"  啟動值              {e.activations_gib:7.2f} GiB",
         f"  logits＋loss        {e.logits_gib:7.2f} GiB{'（Liger 分塊計算，不需保存）' if s.liger else ''}",
         f"  其他                {e.overhead_gib:7.2f} GiB",
         f"  峰值（allocated）   {e.peak_allocated_gib:7.2f} GiB",

@@ -29,6 +29,7 @@ import transformers  # Auto* classes through the module: tests swap them to feed
 from transformers import BitsAndBytesConfig, Gemma3ForCausalLM, GenerationConfig
 from transformers.utils import logging as hf_logging
 
+from medgemma_lib import display
 from medgemma_lib.atomic import TMP_TAG, atomic_folder, write_json
 from medgemma_lib.errors import ModelError, ResourceError
 from medgemma_lib.paths import CACHE_ENV, cache_dir
@@ -406,7 +407,7 @@ def compute_dtype(device: str | None = None):
 def check_dtype_allowed(dtype_name: str) -> None:
     if dtype_name in ("float16", "fp16", "half"):
         raise ResourceError(
-            "Gemma 3 不能以 float16（fp16）訓練或推論：其激活值超出 fp16 範圍，會產生 nan 或亂碼。",
+            "Gemma 3 不能以 float16（fp16）訓練或推論：其啟動值超出 fp16 範圍，會產生 nan 或亂碼。",
             hint="請使用 bfloat16（需 Ampere 以後的 GPU）或 float32。",
         )
 
@@ -454,6 +455,7 @@ def device_map_for(device: str) -> dict | str:
 
 def load_tokenizer(profile_or_path: str = "demo"):
     """The Gemma 3 tokenizer with the turn template and right padding for training."""
+    display.quiet_progress_bars()  # in a notebook only: stored notebooks would show their bars frozen at 0 %
     profile, source = resolve_profile(profile_or_path)
     try:
         tok = transformers.AutoTokenizer.from_pretrained(source)
@@ -482,6 +484,7 @@ def load_model(
     kept in bf16 and frozen (text-only use).
     """
 
+    display.quiet_progress_bars()  # in a notebook only
     if dtype is not None:
         check_dtype_allowed(dtype)
     profile, source = resolve_profile(profile_or_path)
@@ -604,3 +607,27 @@ def profile_table() -> list[dict]:
         "description",
     )
     return [{k: getattr(p, k) for k in shown} for p in PROFILES.values()]
+
+
+PROFILE_COLUMNS = {
+    "name": "設定檔",
+    "hub_id": "Hub 名稱",
+    "model_class": "transformers 類別",
+    "has_vision_tower": "影像編碼器",
+    "params_billion": "參數量（十億）",
+    "gated": "需要授權",
+    "description": "說明",
+}
+
+
+def profile_frame():
+    """The profiles as a table for people (notebook 01): Chinese headers, 是／否, ``—`` where a value is missing
+    (the demo has no Hub id: it comes with the course)."""
+    rows = []
+    for row in profile_table():
+        row = dict(row)
+        row["hub_id"] = row["hub_id"] or "（隨課程離線提供）"
+        row["has_vision_tower"] = "有（凍結，不加 LoRA）" if row["has_vision_tower"] else "無"
+        row["gated"] = "是" if row["gated"] else "否"
+        rows.append(row)
+    return display.frame(rows, PROFILE_COLUMNS, digits=2, index="設定檔")

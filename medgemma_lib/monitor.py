@@ -22,6 +22,7 @@ import psutil
 import torch
 from transformers import TrainerCallback
 
+from medgemma_lib import display
 from medgemma_lib.atomic import atomic_file
 from medgemma_lib.plots import label, setup_cjk_font
 
@@ -106,6 +107,29 @@ def read_log(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+LOG_COLUMNS = {
+    "step": "步數",
+    "loss": "訓練 loss",
+    "learning_rate": "學習率",
+    "eval_loss": "驗證 loss",
+    "cpu_rss_gib": "CPU 記憶體（GiB）",
+    "gpu_peak_allocated_gib": "GPU 峰值 allocated（GiB）",
+    "gpu_peak_reserved_gib": "GPU 峰值 reserved（GiB）",
+}
+
+
+def log_frame(records: list[dict], digits: int = 4):
+    """The training log as a table for people (notebook 05): Chinese headers, ``—`` where a record has no value
+    (an evaluation record has no training loss), learning rates in scientific notation."""
+    rows = []
+    for r in records:
+        row = {k: r.get(k) for k in LOG_COLUMNS if any(k in x for x in records)}
+        if row.get("learning_rate") is not None:
+            row["learning_rate"] = f"{float(row['learning_rate']):.2e}"
+        rows.append(row)
+    return display.frame(rows, LOG_COLUMNS, digits=digits, index="步數")
 
 
 def loss_series(records: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:

@@ -1,11 +1,16 @@
-"""Plot helpers shared by the steps: CJK font selection with an honest English fallback.
+"""Plot helpers shared by the steps: a CJK font that comes with the requirements, so plot labels are Chinese.
 
-Chinese labels need a CJK font. :func:`setup_cjk_font` picks one when the system has it (Noto
-Sans CJK, Source Han, Microsoft JhengHei, PingFang, ...). When none is installed it returns
-False and :func:`label` returns the English text instead, so a plot never shows empty boxes.
+Chinese labels need a CJK font, and a fresh machine often has none. The pinned requirements include the PyPI
+package ``noto-cjk-sans-otc`` (Google's Noto Sans CJK, SIL Open Font License 1.1): :func:`setup_cjk_font`
+registers its font file with matplotlib and selects the Traditional Chinese face, "Noto Sans CJK TC". A CJK
+font the system has (Noto Sans CJK, Source Han, Microsoft JhengHei, PingFang, ...) is used when that
+package is missing. Only when neither exists does :func:`label` return the English text instead, so a plot
+never shows empty boxes.
 """
 
 from __future__ import annotations
+
+import os
 
 import matplotlib
 from matplotlib import font_manager, rcParams
@@ -28,13 +33,26 @@ _CJK_FONT_NAMES = [
 _state: dict[str, str | None] = {}
 
 
+def cjk_font_file() -> str | None:
+    """The Noto Sans CJK file of the ``noto-cjk-sans-otc`` package, or None when it is not installed."""
+    try:
+        import noto_cjk_sans_otc
+    except ImportError:
+        return None
+    path = str(noto_cjk_sans_otc.FONT_PATH)
+    return path if os.path.isfile(path) else None
+
+
 def setup_cjk_font() -> str | None:
-    """Configure matplotlib to use an installed CJK font; return its name or None."""
+    """Configure matplotlib to use a CJK font (the bundled Noto Sans CJK TC first); return its name or None."""
     if "font" in _state:
         return _state["font"]
 
     matplotlib.use("Agg") if not _in_notebook() else None
 
+    bundled = cjk_font_file()
+    if bundled and not any(f.fname == bundled for f in font_manager.fontManager.ttflist):
+        font_manager.fontManager.addfont(bundled)  # all faces of the collection (JP, KR, SC, TC, HK)
     installed = {f.name for f in font_manager.fontManager.ttflist}
     chosen = next((name for name in _CJK_FONT_NAMES if name in installed), None)
     if chosen:

@@ -23,7 +23,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from medgemma_lib import MEDICAL_DISCLAIMER
+from medgemma_lib import MEDICAL_DISCLAIMER, display
 from medgemma_lib.atomic import write_json, write_text
 from medgemma_lib.config import load_config
 from medgemma_lib.data import prepare_from_config
@@ -328,8 +328,8 @@ def _num(value, digits: int = 0) -> str:
 
 
 def _clip(text: str, limit: int = 400) -> str:
-    text = " ".join((text or "").split())
-    return text if len(text) <= limit else text[:limit] + "…"
+    """Model or reference text inside Markdown: repeats collapsed, whitespace joined, clipped, escaped."""
+    return display.md_escape(display.clip(text, limit))
 
 
 def write_report(report: dict, report_path: str | Path, compare: list[dict] | None = None) -> tuple[Path, Path]:

@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from medgemma_lib import MEDICAL_DISCLAIMER, models
+from medgemma_lib import MEDICAL_DISCLAIMER, display, models
 from medgemma_lib.atomic import atomic_folder, write_json, write_text
 from medgemma_lib.checkpoints import verify_adapter, write_completion_marker
 from medgemma_lib.data import answer_of, question_of
@@ -263,8 +263,8 @@ def side_by_side(result: dict, labels: dict[str, str], n: int | None = None, cli
 
 
 def _clip(text: str, limit: int) -> str:
-    text = " ".join((text or "").split())
-    return text if len(text) <= limit else text[:limit] + "…"
+    """Model or reference text inside Markdown: repeats collapsed, whitespace joined, clipped, escaped."""
+    return display.md_escape(display.clip(text, limit))
 
 
 def load_report(folder: str | Path = REFERENCE_DIR) -> dict:

@@ -454,11 +454,12 @@ def guard_question(question: str) -> str | None:
     return alert.message if alert else None
 
 
-def present_answer(question: str, answer: str) -> str:
+def present_answer(question: str, answer: str, disclaimer: bool = True) -> str:
     """What every UI shows: emergency message (if any), then the answer, then the disclaimer.
 
     Safe to call on an answer that already carries the alert or the disclaimer: neither is
-    repeated.
+    repeated. ``disclaimer=False`` for an answer inside a block of answers that shows the disclaimer
+    once for all of them (:func:`medgemma_lib.generation.show_answers`).
     """
     body = (answer or "").strip()
     parts: list[str] = []
@@ -467,6 +468,6 @@ def present_answer(question: str, answer: str) -> str:
         parts.append(alert.message)
     if body:
         parts.append(body)
-    if MEDICAL_DISCLAIMER not in body:
+    if disclaimer and MEDICAL_DISCLAIMER not in body:
         parts.append(MEDICAL_DISCLAIMER)
     return "\n\n".join(parts)

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from medgemma_lib import checkpoints, models, monitor
+from medgemma_lib import checkpoints, display, models, monitor
 from medgemma_lib.atomic import write_json
 from medgemma_lib.config import RunConfig, save_config
 from medgemma_lib.data import prepare_from_config
@@ -160,8 +160,11 @@ def run_training(
     ``datasets``: a prepared ``DatasetDict`` (train/validation[/test]); when None the data is prepared
     from ``cfg.data``. ``model``/``tokenizer``: already loaded ones (e.g. a notebook that loaded them
     earlier); when None they are loaded from ``cfg.model``. ``resume``: continue from the newest
-    complete checkpoint of ``results/<run_name>/``. ``notebook``: draw the loss curve live.
+    complete checkpoint of ``results/<run_name>/``. ``notebook``: draw the loss curve live, show Chinese
+    status lines instead of the progress bars of TRL, datasets and transformers.
     """
+    if notebook:
+        display.quiet_progress_bars()
     if resume and not cfg.train.run_name:
         raise ConfigError(
             "--resume 需要知道要接續哪一次執行。",
@@ -243,9 +246,17 @@ def run_training(
             cbs.append(
                 checkpoints.CompletionMarkerCallback()
             )  # last: marks a checkpoint complete after everything else
+            n_examples = len(train_ds) + (len(eval_ds) if eval_ds is not None else 0)
+            prep = display.Progress(
+                "準備訓練與驗證資料（套用對話模板、分詞、標出答案、打包）",
+                total=n_examples,
+                enabled=notebook and verbose and is_main_process(),
+            )
             trainer = build_trainer(
                 cfg, run_dir, device, model, tokenizer, train_ds, eval_ds, cbs, micro_batch, grad_accum
             )
+            prep.update(n_examples)
+            prep.close(note=f"訓練集打包成 {len(trainer.train_dataset):,} 列")
             use_chinese_progress(trainer)
             try:
                 if evaluate_before and eval_ds is not None and initial_eval is None:

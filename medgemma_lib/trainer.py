@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 
-from medgemma_lib import checkpoints, memory, models
+from medgemma_lib import checkpoints, display, memory, models
 from medgemma_lib.attention import register_varlen_attention, varlen_support
 from medgemma_lib.config import RunConfig
 from medgemma_lib.errors import OutputError, ResourceError, TrainingError
@@ -432,12 +433,95 @@ class ChineseProgressCallback(ProgressCallback):
         pass  # no second bar under the training bar
 
 
-def use_chinese_progress(trainer) -> None:
-    """In a terminal, replace the Trainer's progress callback by :class:`ChineseProgressCallback`.
+class NotebookChineseProgress(TrainerCallback):
+    """In a notebook: one Chinese status line updated in place, instead of the Trainer's English HTML table.
 
-    Notebooks keep their own progress display (and notebook 05 draws the loss curve live).
+    While training: 「訓練中：第 12／20 步（60%）｜訓練 loss 2.2753｜驗證 loss 2.0740｜已用 52 秒，預估還要 35 秒」;
+    at the end the stored line says 「訓練結束：第 20／20 步 ✓…（112 秒）」. The loss curve is drawn live by
+    :class:`medgemma_lib.monitor.LiveLossPlotCallback`.
     """
-    if not any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
+
+    def __init__(self, interval: float = 1.0):
+        self.interval = interval
+        self.handle = None
+        self.started = None
+        self.start_step = 0
+        self.last_update = 0.0
+        self.train_loss = None
+        self.eval_loss = None
+
+    def line(self, state, final: bool = False, evaluating: bool = False) -> str:
+        step, total = state.global_step, state.max_steps or 0
+        share = f"（{step / total:.0%}）" if total else ""
+        parts = [f"{'訓練結束' if final else '訓練中'}：第 {step}／{total} 步{' ✓' if final else share}"]
+        if self.train_loss is not None:
+            parts.append(f"訓練 loss {self.train_loss:.4f}")
+        if self.eval_loss is not None:
+            parts.append(f"驗證 loss {self.eval_loss:.4f}")
+        elapsed = time.time() - (self.started or time.time())
+        if final:
+            parts.append(f"共 {display.format_seconds(elapsed)}")
+        else:
+            done = step - self.start_step
+            timing = f"已用 {display.format_seconds(elapsed)}"
+            if done > 0 and total > step:
+                timing += f"，預估還要 {display.format_seconds(elapsed / done * (total - step))}"
+            parts.append(timing)
+            if evaluating:
+                parts.append("正在計算驗證 loss…")
+        return "｜".join(parts)
+
+    def _show(self, text: str) -> None:
+        from IPython.display import display as ipy_display
+
+        if self.handle is None:
+            self.handle = ipy_display(display.Text(text), display_id=True)
+        else:
+            self.handle.update(display.Text(text))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.started, self.start_step = time.time(), state.global_step
+            self._show(self.line(state))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.time()
+        if state.is_world_process_zero and now - self.last_update >= self.interval:
+            self.last_update = now
+            self._show(self.line(state))
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.is_world_process_zero and metrics and "eval_loss" in metrics:
+            self.eval_loss = float(metrics["eval_loss"])
+            self._show(self.line(state))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            if "loss" in logs:
+                self.train_loss = float(logs["loss"])
+            if "eval_loss" in logs:
+                self.eval_loss = float(logs["eval_loss"])
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.started is not None:
+            self._show(self.line(state, final=True))
+
+
+def use_chinese_progress(trainer) -> None:
+    """Replace the Trainer's English progress display by a Chinese one.
+
+    In a terminal: :class:`ChineseProgressCallback` (the tqdm bar with Chinese log lines). In a notebook:
+    :class:`NotebookChineseProgress` instead of transformers' ``NotebookProgressCallback`` HTML table
+    ("Training Loss", "No log", "Epoch 0/1"), which a stored notebook would show in English.
+    """
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    callbacks = trainer.callback_handler.callbacks
+    if any(type(cb) is NotebookProgressCallback for cb in callbacks):
+        trainer.remove_callback(NotebookProgressCallback)
+        trainer.add_callback(NotebookChineseProgress())
+        return
+    if not any(type(cb) is ProgressCallback for cb in callbacks):
         return
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ChineseProgressCallback())

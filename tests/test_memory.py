@@ -204,7 +204,7 @@ def _cli(*args):
 def test_cli_prints_breakdown_and_advice():
     run = _cli("--profile", "medgemma-27b-text-it", "--gpu-gib", "24", "--batch", "4", "--seq", "512")
     assert run.returncode == 0, run.stderr
-    for word in ("量化後權重", "LoRA", "激活值", "logits", "峰值", "放不下", "建議"):
+    for word in ("量化後權重", "LoRA", "啟動值", "logits", "峰值", "放不下", "建議"):
         assert word in run.stdout
     liger = _cli("--profile", "medgemma-27b-text-it", "--gpu-gib", "24", "--liger")
     assert "放得下" in liger.stdout

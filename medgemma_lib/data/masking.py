@@ -13,6 +13,8 @@ from __future__ import annotations
 import pandas as pd
 from trl.data_utils import _tokenize, common_prefix_length
 
+from medgemma_lib import display
+
 IGNORE_INDEX = -100
 
 
@@ -53,17 +55,15 @@ def _show(token: str) -> str:
     return token.replace("\n", "\\n").replace("▁", " ")
 
 
-def format_masking(tokenizer, record: dict, max_length: int | None = None, width: int = 100) -> str:
-    """A plain-text view: masked tokens in ⟦…⟧ (no loss), trained tokens in «…» (loss), with counts."""
+def format_masking(tokenizer, record: dict, max_length: int | None = None, width: int = 72) -> str:
+    """A plain-text view: masked tokens in ⟦…⟧ (no loss), trained tokens in «…» (loss), with counts.
+
+    Lines hold at most ``width`` display columns (a CJK character counts two; brackets may be drawn
+    full-width), which fits a notebook's output area without running off its right edge.
+    """
     ex = label_mask_example(tokenizer, record, max_length)
-    lines, current = [], ""
-    for token, trained in zip(ex["tokens"], ex["trained"]):
-        piece = f"«{_show(token)}»" if trained else f"⟦{_show(token)}⟧"
-        if len(current) + len(piece) > width:
-            lines.append(current)
-            current = ""
-        current += piece
-    lines.append(current)
+    pieces = [f"«{_show(t)}»" if trained else f"⟦{_show(t)}⟧" for t, trained in zip(ex["tokens"], ex["trained"])]
+    lines = display.wrap_display(pieces, width=width)
     n_trained = sum(ex["trained"])
     bos = ex["input_ids"].count(tokenizer.bos_token_id)
     legend = (
