@@ -315,8 +315,8 @@ def collapse_repeats(text: str, min_repeats: int = 3, min_span: int = 12, max_un
     """Runs of the same word, phrase or line (``min_repeats`` or more times in a row, together at least
     ``min_span`` characters) shown once, followed by 「……（重複 N 次）」.
 
-    Only consecutive repeats are collapsed, and only when the unit holds two or more non-space characters,
-    so numbers such as 1000 and ordinary text are left alone.
+    Only consecutive repeats are collapsed, and only when the unit holds two or more non-space characters (or
+    one symbol between spaces, ``( ( ( (``), so numbers such as 1000 and ordinary text are left alone.
     """
     if not text:
         return text
@@ -331,7 +331,9 @@ def collapse_repeats(text: str, min_repeats: int = 3, min_span: int = 12, max_un
             break
         unit = m.group(1)
         count = len(m.group(0)) // len(unit)
-        if len(unit.strip()) < 2 or len(m.group(0)) < min_span:
+        core = unit.strip()
+        spaced_symbol = len(core) == 1 and unit != core and not core.isdigit()  # "( ( ( (" but not "0 0 0"
+        if (len(core) < 2 and not spaced_symbol) or len(m.group(0)) < min_span:
             out.append(text[pos : m.start() + 1])
             pos = m.start() + 1
             continue
