@@ -196,8 +196,7 @@ def frame(data, columns: Mapping[str, str] | None = None, digits: int | None = N
 
 def _number(value, digits):
     if isinstance(value, float) and digits is not None:
-        text = f"{value:.{digits}f}"
-        return text.rstrip("0").rstrip(".") if "." in text else text
+        return f"{value:.{digits}f}"  # the same decimals in a whole column
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value

@@ -121,13 +121,20 @@ LOG_COLUMNS = {
 
 
 def log_frame(records: list[dict], digits: int = 4):
-    """The training log as a table for people (notebook 05): Chinese headers, ``—`` where a record has no value
-    (an evaluation record has no training loss), learning rates in scientific notation."""
-    rows = []
+    """The training log as a table for people (notebook 05): one row per step (the Trainer logs the training
+    loss, the validation loss and the final summary of a step as separate records), Chinese headers, ``—``
+    where a step has no value, learning rates in scientific notation."""
+    keys = [k for k in LOG_COLUMNS if any(k in r for r in records)]
+    by_step: dict[int, dict] = {}
     for r in records:
-        row = {k: r.get(k) for k in LOG_COLUMNS if any(k in x for x in records)}
+        if "step" not in r:
+            continue
+        row = by_step.setdefault(r["step"], {k: None for k in keys})
+        row.update({k: r[k] for k in keys if r.get(k) is not None})
+    rows = []
+    for row in by_step.values():
         if row.get("learning_rate") is not None:
-            row["learning_rate"] = f"{float(row['learning_rate']):.2e}"
+            row = {**row, "learning_rate": f"{float(row['learning_rate']):.2e}"}
         rows.append(row)
     return display.frame(rows, LOG_COLUMNS, digits=digits, index="步數")
 

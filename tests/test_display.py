@@ -88,9 +88,13 @@ def test_log_frame_and_profile_frame_have_chinese_headers_and_no_nan():
         {"step": 0, "eval_loss": 2.8769, "cpu_rss_gib": 2.0},
         {"step": 2, "loss": 3.4958, "learning_rate": 0.0005, "cpu_rss_gib": 2.7},
     ]
+    records += [{"step": 4, "loss": 2.1, "cpu_rss_gib": 2.7}, {"step": 4, "eval_loss": 2.0, "cpu_rss_gib": 2.8}]
+    records += [{"step": 4, "train_runtime": 112.0, "cpu_rss_gib": 2.9}]  # the Trainer's summary at the last step
     log = monitor.log_frame(records)
     assert list(log.columns) == ["訓練 loss", "學習率", "驗證 loss", "CPU 記憶體（GiB）"]
+    assert list(log.index) == [0, 2, 4]  # one row per step
     assert log.loc[2, "學習率"] == "5.00e-04" and log.loc[0, "訓練 loss"] == "—"
+    assert log.loc[4, "訓練 loss"] == "2.1000" and log.loc[4, "驗證 loss"] == "2.0000" and log.loc[4, "學習率"] == "—"
     profiles = models.profile_frame()
     assert profiles.index.name == "設定檔" and "NaN" not in profiles.to_html()
     assert profiles.loc["demo", "Hub 名稱"] == "（隨課程離線提供）"

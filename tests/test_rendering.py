@@ -86,6 +86,27 @@ def test_widgets_are_stored_and_have_a_chinese_fallback(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name[:2])
+def test_no_stale_widget_state(path):
+    """nbclient keeps the old widget state when a run creates no widgets: every stored model belongs to a view
+    that the notebook displays (directly or as a child, layout or style)."""
+    nb = _nb(path)
+    state = nb["metadata"].get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    reachable, todo = (
+        set(),
+        [out["data"][WIDGET_VIEW]["model_id"] for _, out in _outputs(nb) if WIDGET_VIEW in out.get("data", {})],
+    )
+    while todo:
+        model = todo.pop()
+        if model in reachable or model not in state:
+            continue
+        reachable.add(model)
+        text = json.dumps(state[model].get("state", {}))
+        todo += [other for other in state if f"IPY_MODEL_{other}" in text]
+    stale = set(state) - reachable
+    assert not stale, f"{path.name}: {len(stale)} stored widget models that nothing displays (remove them)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name[:2])
 def test_no_frozen_bars_nan_or_python_reprs(path, rendered):
     nb = _nb(path)
     for index, out in _outputs(nb):
