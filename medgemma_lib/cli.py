@@ -661,6 +661,15 @@ def _add_export(sub) -> None:
     p.add_argument("--verify", action="store_true", help="匯出後比對匯出模型與「基礎模型＋轉接器」的貪婪答案")
     p.add_argument("--push-to-hub", metavar="使用者/名稱", default=None, help="匯出後上傳到 Hugging Face Hub 的儲存庫")
     p.add_argument("--public", action="store_true", help="上傳為公開儲存庫（預設為私人）")
+    p.add_argument(
+        "--merge",
+        choices=["auto", "stream", "memory"],
+        default="auto",
+        help="合併方式：auto（預設：記憶體放不下整個模型時逐檔合併）、stream（逐檔）、memory（整個模型載入）",
+    )
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="cpu", help="在哪裡計算合併：cpu（預設）、cuda、auto"
+    )
     p.set_defaults(func=_run_export)
 
 
@@ -669,7 +678,9 @@ def _run_export(args) -> int:
 
     if args.push_to_hub is not None:
         export.check_repo_id(args.push_to_hub)  # fail before the minutes of merging
-    out = export.merge_adapter(args.run, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    out = export.merge_adapter(
+        args.run, args.output, dtype=args.dtype, overwrite=args.overwrite, device=args.device, method=args.merge
+    )
     if args.verify:
         result = export.verify_export(out, args.run)
         if result["merge_error_ratio"] >= 0.5 or (args.dtype == "float32" and not result["same"]):
