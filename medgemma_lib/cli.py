@@ -737,10 +737,29 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=_run_bench)
 
 
+def _check_unsloth_inputs(tokenizer_xz: str) -> None:
+    """Refuse `bench --unsloth` before anything is built: the tokenizer file and the optional package."""
+    import importlib.util
+
+    from medgemma_lib.errors import DataError, ResourceError
+
+    if not os.path.isfile(tokenizer_xz):
+        raise DataError(
+            f"--unsloth 指定的 tokenizer 檔案不存在：{tokenizer_xz}。"
+            "請給 xz 壓縮的 Gemma 3 tokenizer.json 的路徑（例如 --unsloth tok.json.xz）。"
+        )
+    if importlib.util.find_spec("unsloth") is None:
+        raise ResourceError(
+            "找不到 Unsloth 套件：bench --unsloth 只用來在 GPU 上量測 Unsloth 作為對照。"
+            "請在另一個虛擬環境安裝 unsloth 後再執行（做法見 docs/benchmarks.md）。"
+        )
+
+
 def _run_bench(args) -> int:
     # Reserved memory close to allocated: expandable segments instead of fixed-size blocks (before torch loads).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.unsloth:
+        _check_unsloth_inputs(args.unsloth)
         import unsloth  # noqa: F401 - optional (GPU only); Unsloth must be imported before transformers to patch it
     from medgemma_lib import bench, models  # handler import: see the module docstring
     from medgemma_lib.profiles import BENCH_ALIASES
