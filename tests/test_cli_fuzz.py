@@ -33,8 +33,14 @@ from medgemma_lib.config import RunConfig
 ROOT = Path(__file__).resolve().parents[1]
 CJK = re.compile(r"[\u4e00-\u9fff]")
 SECTIONS = RunConfig().to_dict()
+# derandomize: CI explores the same cases on every machine (a red CI must be reproducible); FUZZ_EXAMPLES=500
+# explores more, locally.
 FUZZ = settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "25")),
+    deadline=None,
+    derandomize=not os.environ.get("FUZZ_EXAMPLES"),
+    database=None if not os.environ.get("FUZZ_EXAMPLES") else settings.default.database,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
 
