@@ -573,7 +573,7 @@ def stream_merge(
                 total += tensor.numel() * tensor.element_size()
         save_file(tensors, str(out_dir / shard.name), metadata=metadata or {"format": "pt"})
         del tensors
-    if len(shards) > 1:
+    if len(shards) > 1 or shards[0].name != "model.safetensors":  # one shard named like a sharded save needs its index
         (out_dir / _SAFETENSORS_INDEX).write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n",
             encoding="utf-8",

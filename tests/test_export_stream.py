@@ -116,3 +116,35 @@ def test_truncated_shard_is_refused_before_anything_is_written(sharded_run, tmp_
     assert "不完整" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (run2 / "merged").exists()
     assert not [p for p in run2.iterdir() if p.name.startswith(".")]
+
+
+def test_one_shard_with_an_index_keeps_its_index(sharded_run, tmp_path):
+    """A base saved as ``model-00001-of-00001.safetensors`` + index: the streamed copy must still load."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    run, sharded = sharded_run
+    base = tmp_path / "base1"
+    shutil.copytree(sharded, base)
+    state = _state(sharded)
+    for f in base.glob("*.safetensors"):
+        f.unlink()
+    save_file(state, str(base / "model-00001-of-00001.safetensors"), metadata={"format": "pt"})
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": dict.fromkeys(state, "model-00001-of-00001.safetensors")})
+    )
+    out = tmp_path / "merged"
+    out.mkdir()
+    info = ex.stream_merge(base, run / "adapter", out)
+    assert info["shards"] == 1 and info["merged_layers"] == 14
+    for f in base.iterdir():
+        if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, out / f.name)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16)
+    merged = load_file(str(out / "model-00001-of-00001.safetensors"))
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(reloaded.state_dict()[key], merged[key])
+    assert not torch.equal(merged[key], state[key].to(merged[key].dtype))  # the adapter really was added
