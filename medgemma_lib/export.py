@@ -34,7 +34,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from medgemma_lib import MEDICAL_DISCLAIMER, display
-from medgemma_lib.atomic import atomic_folder
+from medgemma_lib.atomic import atomic_folder, write_json
 from medgemma_lib.auth import TOKENS_PAGE, classify_hub_error, find_token, mask_token
 from medgemma_lib.errors import AuthError, ConfigError, ModelError, OutputError, ResourceError
 from medgemma_lib.generation import _generate_kwargs, build_prompt
@@ -574,9 +574,8 @@ def stream_merge(
         save_file(tensors, str(out_dir / shard.name), metadata=metadata or {"format": "pt"})
         del tensors
     if len(shards) > 1 or shards[0].name != "model.safetensors":  # one shard named like a sharded save needs its index
-        (out_dir / _SAFETENSORS_INDEX).write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n",
-            encoding="utf-8",
+        write_json(
+            out_dir / _SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2
         )
     return {"shards": len(shards), "merged_layers": len(where), "seconds": round(time.time() - started, 1)}
 
