@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import os
 import types
@@ -27,7 +26,7 @@ import yaml
 from medgemma_lib.atomic import write_text
 from medgemma_lib.errors import ConfigError, OutputError
 from medgemma_lib.paths import resolve_path
-from medgemma_lib.profiles import PROFILES, WRONG_IDS
+from medgemma_lib.profiles import model_source
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
@@ -517,36 +516,13 @@ def _check_output(cfg: RunConfig, base: Path) -> None:
 
 
 def check_model_source(profile: str) -> None:
-    """Refuse, in Chinese, a model profile that loading would refuse: unknown name, or a folder without config.json.
+    """Refuse, in Chinese, a model that loading would refuse: unknown name, a folder without a readable
+    ``config.json``, or with missing or truncated safetensors files.
 
-    The same rules as ``models.resolve_profile`` (which also loads), without loading anything.
+    The one check :func:`medgemma_lib.models.resolve_profile` runs before loading
+    (:func:`medgemma_lib.profiles.model_source`), here without loading or converting anything.
     """
-    if profile in PROFILES or any(p.hub_id == profile for p in PROFILES.values()):
-        return
-    path = Path(profile).expanduser()
-    if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise ConfigError(
-                f"model.profile = {profile} 是資料夾，但不是 Hugging Face 模型資料夾（找不到 config.json）。",
-                hint="請指向含有 config.json 與 *.safetensors 的資料夾，或使用設定檔名稱，例如 demo。",
-            )
-        try:
-            content = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(
-                f"無法讀取模型設定 {cfg_file}：{str(exc).splitlines()[0][:120]}",
-                hint="檔案可能損毀，請重新下載或重新匯出模型。",
-            ) from None
-        if not isinstance(content, dict):
-            raise ConfigError(f"模型設定 {cfg_file} 不是 JSON 物件。", hint="檔案可能損毀，請重新下載或重新匯出模型。")
-        return
-    if profile in WRONG_IDS:
-        raise ConfigError(f"模型 {profile} 在 Hugging Face Hub 上不存在。", hint=f"請改用 {WRONG_IDS[profile]}。")
-    raise ConfigError(
-        f"設定 model.profile 的值 {profile!r} 不認識：它不是設定檔名稱，也不是存在的資料夾。",
-        hint=f"可用的設定檔：{'、'.join(PROFILES)}；或提供本機模型資料夾路徑（含 config.json）。",
-    )
+    model_source(profile)
 
 
 def validate_run(cfg: RunConfig, *, check_data: bool = True, check_model: bool = True) -> None:

@@ -49,6 +49,7 @@ from medgemma_lib.models import (
     resolve_profile,
 )
 from medgemma_lib.runs import attach_adapter, open_run
+from medgemma_lib.weightfiles import SAFETENSORS_INDEX, model_shards
 
 MERGED_DIR = "merged"
 EXPORT_MANIFEST = "medgemma_export.json"
@@ -424,58 +425,12 @@ def push_to_hub(
 # ----------------------------------------------------------------------------------------------
 # Streaming merge: one safetensors shard at a time (peak RAM about one shard plus the adapter)
 
-_SAFETENSORS_INDEX = "model.safetensors.index.json"
 _PEFT_PREFIX = "base_model.model."
 # Gemma 3 multimodal: transformers 5 names modules model.language_model.*, original checkpoints language_model.model.*
 _PREFIX_ALIASES = (
     ("model.language_model.", "language_model.model."),
     ("language_model.model.", "model.language_model."),
 )
-
-
-def base_shards(base_dir: str | Path) -> list[Path]:
-    """The base model's safetensors files (from the index, or the single file), each checked whole."""
-    base_dir = Path(base_dir)
-    index = base_dir / _SAFETENSORS_INDEX
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ModelError(
-                f"無法讀取 {index.name}：{str(exc)[:120]}", hint="檔案可能損毀，請重新下載或重新匯出基礎模型。"
-            ) from None
-    elif (base_dir / "model.safetensors").is_file():
-        names = ["model.safetensors"]
-    else:
-        raise ModelError(
-            f"基礎模型資料夾 {base_dir.name} 裡沒有 safetensors 權重。", hint="請確認資料夾含有 *.safetensors。"
-        )
-    shards = [base_dir / n for n in names]
-    for shard in shards:
-        check_safetensors_file(shard)
-    return shards
-
-
-def check_safetensors_file(path: Path) -> None:
-    """Refuse a missing, truncated or corrupt safetensors file from its header and size alone (nothing loaded)."""
-    hint = "檔案可能在下載或複製中途被截斷；請重新下載或重新複製整個模型資料夾。"
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n <= 0 or n > min(size - 8, 100_000_000):
-                raise ValueError("檔頭長度不正確")
-            header = json.loads(handle.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except FileNotFoundError:
-        raise ModelError(f"找不到權重檔 {path.name}。", hint=hint) from None
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise ModelError(f"權重檔 {path.name} 已損毀或不完整（{str(exc)[:80]}）。", hint=hint) from None
-    if 8 + n + end != size:
-        raise ModelError(
-            f"權重檔 {path.name} 不完整：檔頭說應有 {8 + n + end:,} 位元組，實際只有 {size:,}。", hint=hint
-        )
 
 
 def _lora_pairs(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, bool]:
@@ -527,7 +482,7 @@ def stream_merge(
 
     started = time.time()
     base_dir, out_dir, target = Path(base_dir), Path(out_dir), getattr(torch, dtype)
-    shards = base_shards(base_dir)
+    shards = model_shards(base_dir)
     pairs, scale, fan_in_fan_out = _lora_pairs(Path(adapter_dir))
     where: dict[str, tuple[Path, str]] = {}
     for shard in shards:
@@ -574,9 +529,7 @@ def stream_merge(
         save_file(tensors, str(out_dir / shard.name), metadata=metadata or {"format": "pt"})
         del tensors
     if len(shards) > 1 or shards[0].name != "model.safetensors":  # one shard named like a sharded save needs its index
-        write_json(
-            out_dir / _SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2
-        )
+        write_json(out_dir / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     return {"shards": len(shards), "merged_layers": len(where), "seconds": round(time.time() - started, 1)}
 
 
@@ -597,7 +550,7 @@ def choose_merge_method(base_dir: str | Path, dtype: str, method: str = "auto") 
     """``("stream" | "memory", Chinese reason)``: stream when the whole model would not fit in RAM (or asked)."""
     if method not in ("auto", "stream", "memory"):
         raise ConfigError(f"不認識的合併方式 {method!r}。", hint="請用 auto（預設）、stream 或 memory。")
-    shards = base_shards(base_dir)
+    shards = model_shards(base_dir)
     on_disk = sum(s.stat().st_size for s in shards)
     need = on_disk * (2 if dtype == "float32" else 1) * 1.3  # fp32 from a bf16 base doubles; 30% for copies
     free = available_ram_bytes()

@@ -101,8 +101,9 @@ import sys, time, torch
 from pathlib import Path
 path, base, adapter, out = sys.argv[1:5]
 t0 = time.time()
-import resource
-print("IMPORTS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # torch, transformers, peft alone
+def hwm():  # this process's own peak RSS (VmHWM starts afresh at exec; ru_maxrss would keep the parent's)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print("IMPORTS_KIB", hwm())  # the interpreter and torch alone
 if path.startswith("stream"):
     from medgemma_lib.export import stream_merge
     out_p = Path(out); out_p.mkdir(parents=True)
@@ -113,7 +114,7 @@ else:  # the in-memory path of `export --merge memory`: PEFT merge_and_unload on
     model = Gemma3ForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map="cpu")
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.save_pretrained(out, max_shard_size="5GB")
-print("PEAK_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "SECONDS", time.time() - t0)
+print("PEAK_KIB", hwm(), "SECONDS", time.time() - t0)
 """
 
 
@@ -161,6 +162,7 @@ def main() -> int:
     ap.add_argument("--paths", default="stream-cpu,stream-cuda,memory")
     ap.add_argument("--merged-root", default=None, help="where merged copies go (default: --work)")
     ap.add_argument("--shard-gib", type=float, default=4.6)  # the real checkpoints' ~5 GB shards
+    ap.add_argument("--keep-base", action="store_true", help="reuse a base already in --work, and leave it there")
     args = ap.parse_args()
     out_dir, work = Path(args.out), Path(args.work)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -170,8 +172,14 @@ def main() -> int:
         merged = Path(args.merged_root or work) / f"{arch}-merged"
         device = "cuda" if torch.cuda.is_available() else "cpu"
         t0 = time.time()
-        info = write_base(arch, base, args.shard_gib, device)
-        layers = write_adapter(arch, adapter)
+        if args.keep_base and (base / "model.safetensors.index.json").is_file() and adapter.is_dir():
+            index = json.loads((base / "model.safetensors.index.json").read_text())
+            info = {"shards": len(set(index["weight_map"].values())), "bytes": index["metadata"]["total_size"]}
+            with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+                layers = sum(k.endswith("lora_A.weight") for k in f.keys())
+        else:
+            info = write_base(arch, base, args.shard_gib, device)
+            layers = write_adapter(arch, adapter)
         info.update({"arch": arch, "write_s": round(time.time() - t0, 1), "lora_layers": layers})
         print(json.dumps(info), flush=True)
         for path in args.paths.split(","):
@@ -182,9 +190,10 @@ def main() -> int:
                 row["max_abs_diff_q_proj_layer0"] = check_one(base, adapter, merged)
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
-            (out_dir / "export_merge.json").write_text(json.dumps(results, indent=2))
+            (out_dir / "export_merge.json").write_text(json.dumps(results, indent=2))  # not atomic: a bench log
             shutil.rmtree(merged, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep_base:
+            shutil.rmtree(work, ignore_errors=True)
     print("| arch | path | base GB | shards | merge s | peak RSS GiB | of which imports | max diff |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results["rows"]:
