@@ -19,6 +19,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from medgemma_lib.errors import ModelError
+from medgemma_lib.weightfiles import model_shards
+
 END_OF_TURN_ID = 106  # <end_of_turn>
 EOS_ID = 1  # <eos>
 PAD_ID = 0  # <pad>
@@ -239,9 +242,6 @@ def local_profile(folder: Path) -> ModelProfile:
     ``Gemma3ForConditionalGeneration`` means the multimodal model); the safetensors weights must be
     present and whole (:func:`medgemma_lib.weightfiles.model_shards`: headers and sizes only).
     """
-    from medgemma_lib.errors import ModelError
-    from medgemma_lib.weightfiles import model_shards
-
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise ModelError(
@@ -282,8 +282,6 @@ def model_source(name_or_path: str) -> tuple[ModelProfile, str | None]:
     Accepts a profile name, the Hub id of a known profile, or a local folder (checked by :func:`local_profile`).
     Anything else is refused with a :class:`~medgemma_lib.errors.ModelError` saying what would work.
     """
-    from medgemma_lib.errors import ModelError
-
     if name_or_path in PROFILES:
         profile = PROFILES[name_or_path]
         return profile, (None if profile.is_demo else profile.hub_id)
