@@ -545,17 +545,6 @@ def freeze_vision_tower(model) -> int:
 
 
 def _load_error(profile_or_path: str, exc: Exception) -> ModelError:
-    folder = Path(profile_or_path).expanduser()
-    if (
-        folder.is_dir()
-        and not any(folder.glob("*.safetensors"))
-        and (any(folder.glob("*.bin")) or any(folder.glob("*.pt")))
-    ):
-        return ModelError(
-            f"模型資料夾 {profile_or_path} 只有 .bin／.pt（pickle）權重："
-            "本課程只載入 safetensors，因為 pickle 檔在載入時可以執行任意程式碼。",
-            hint="請用 safetensors 格式的模型（Hub 上的 MedGemma 都是），或在信任來源的前提下自行轉換成 safetensors。",
-        )
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     hint = (
         "demo 設定檔可完全離線使用。"

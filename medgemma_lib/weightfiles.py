@@ -83,12 +83,16 @@ def model_shards(folder: str | os.PathLike) -> list[Path]:
     elif (folder / "model.safetensors").is_file():
         names = ["model.safetensors"]
     else:
-        pickled = sorted(p.name for p in folder.glob("*.bin"))
+        pickled = sorted(p.name for p in [*folder.glob("*.bin"), *folder.glob("*.pt")])
+        if pickled:
+            raise ModelError(
+                f"模型資料夾 {folder.name} 只有 .bin／.pt（pickle）權重（例如 {pickled[0]}）："
+                "本課程只載入 safetensors，因為 pickle 檔在載入時可以執行任意程式碼。",
+                hint="請用 safetensors 格式的模型（Hub 上的 MedGemma 都是），或在信任來源的前提下轉換成 safetensors。",
+            )
         raise ModelError(
-            f"模型資料夾 {folder.name} 裡沒有 safetensors 權重（model.safetensors 或 {SAFETENSORS_INDEX}）"
-            + (f"，只有 {pickled[0]} 這類 pickle 檔（載入時可能執行程式碼，本課程不使用）" if pickled else "")
-            + "。",
-            hint="請下載或匯出 safetensors 格式的模型（Hugging Face 上的 MedGemma 就是）。",
+            f"模型資料夾 {folder.name} 裡沒有權重檔（找不到 model.safetensors 或 {SAFETENSORS_INDEX}）。",
+            hint="資料夾可能沒有下載或複製完整；請重新下載或重新匯出模型。",
         )
     shards = [folder / n for n in names]
     for shard in shards:
