@@ -63,7 +63,7 @@ def _run_doctor(args) -> int:
         print(json.dumps({"report": report.to_dict(), "recommendation": asdict(rec)}, ensure_ascii=False, indent=2))
     else:
         print(env.format_report(report, rec))
-    return 0
+    return EXIT_USER_ERROR if env.refuses_training(report) else 0
 
 
 def _add_config(sub) -> None:
@@ -292,6 +292,9 @@ def _run_models(args) -> int:
     print(f"{'設定檔':<22}{'Hub id':<30}{'模型類別':<34}說明")
     for p in PROFILES.values():
         print(f"{p.name:<24}{(p.hub_id or '（離線套件）'):<32}{p.model_class:<36}{p.description}")
+        print(
+            f"{'':<24}預設：{'、'.join(p.presets) or '（無；請自行寫設定檔）'}" + ("　★ 建議" if p.recommended else "")
+        )
     print(
         f"\n示範模型是否已快取：{'是' if models.demo_model_cached() else '否'}"
         f"（{display_path(models.demo_model_dir())}）"
@@ -304,7 +307,7 @@ def _add_memory(sub) -> None:
     p.add_argument(
         "--profile",
         default="medgemma-27b-text-it",
-        help="模型設定檔：medgemma-4b-it、medgemma-27b-text-it、medgemma-27b-it、demo",
+        help="模型設定檔：medgemma-1.5-4b-it、medgemma-4b-it、medgemma-27b-text-it、medgemma-27b-it、demo",
     )
     p.add_argument("--gpu-gib", type=float, default=None, help="GPU 記憶體大小（GiB），例如 24")
     p.add_argument("--quantization", default="nf4", choices=QUANTIZATIONS)

@@ -39,7 +39,8 @@ def _f(default: Any, help: str, **checks: Any) -> Any:
 @dataclass
 class ModelSection:
     profile: str = _f(
-        "demo", "模型設定檔：demo、medgemma-4b-it、medgemma-27b-text-it、medgemma-27b-it，或本機模型資料夾路徑"
+        "demo",
+        "模型設定檔：demo、medgemma-1.5-4b-it、medgemma-4b-it、medgemma-27b-text-it、medgemma-27b-it，或本機模型資料夾路徑",
     )
     quantization: str = _f(
         "nf4", "權重量化方式：nf4（4 位元，預設）、int8 或 none（不量化）", choices=["nf4", "int8", "none"]
