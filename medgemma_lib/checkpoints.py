@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from medgemma_lib.atomic import is_temporary, write_json
 from medgemma_lib.errors import ModelError
 from medgemma_lib.paths import display_path
+from medgemma_lib.weightfiles import safetensors_problem
 
 MARKER = "medgemma_complete.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -36,7 +37,6 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors refuses headers over 100 MB too
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -70,34 +70,6 @@ def write_completion_marker(folder: str | os.PathLike) -> Path:
         if p.is_file() and p.name != MARKER and not is_temporary(p.name)
     }
     return write_json(folder / MARKER, {"step": checkpoint_step(folder), "files": files}, durable=True)
-
-
-def safetensors_problem(path: str | os.PathLike) -> str | None:
-    """Why a ``.safetensors`` file is not whole (header unreadable, size not what the header says), or None."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                return f"{path.name} 只有 {size} 位元組（檔案被截斷）"
-            n = int.from_bytes(head, "little")
-            if n > min(size - 8, _MAX_HEADER):
-                return f"{path.name} 的標頭長度不合理（檔案損壞或被截斷）"
-            header = json.loads(handle.read(n))
-    except OSError as exc:
-        return f"無法讀取 {path.name}：{exc.strerror or exc}"
-    except (ValueError, UnicodeDecodeError):
-        return f"{path.name} 的標頭不是有效的 JSON（檔案損壞）"
-    if not isinstance(header, dict):
-        return f"{path.name} 的標頭格式不對（檔案損壞）"
-    try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (KeyError, TypeError, ValueError, IndexError):
-        return f"{path.name} 的標頭格式不對（檔案損壞）"
-    if 8 + n + end != size:
-        return f"{path.name} 應有 {8 + n + end:,} 位元組，實際 {size:,} 位元組（檔案被截斷或損壞）"
-    return None
 
 
 def _marker_problem(folder: Path, required: tuple[str, ...]) -> str | None:

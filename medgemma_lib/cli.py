@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 import time
 
@@ -27,9 +29,34 @@ class ChineseArgumentParser(argparse.ArgumentParser):
     """argparse with Traditional Chinese usage errors (still exit code 2)."""
 
     def error(self, message: str) -> None:  # pragma: no cover - exercised through subprocess tests
+        message = re.sub(r"^argument ", "選項 ", message)
         self.print_usage(sys.stderr)
         sys.stderr.write(f"參數錯誤：{message}\n請執行 `{self.prog} --help` 查看用法。\n")
         raise SystemExit(EXIT_USER_ERROR)
+
+
+def number(kind: type, *, low: float | None = None, high: float | None = None, low_open: bool = False, example: str):
+    """An argparse ``type=`` for a number in a range: a wrong type, sign or size is a Chinese usage error (exit 2)."""
+    word = "整數" if kind is int else "數字"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} 不是{word}。請改成{word}，例如 {example}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} 不是有限的數字。請改成一般的數字，例如 {example}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            lower = f"大於 {low:g}" if low_open else f"至少 {low:g}" if low is not None else ""
+            upper = f"最多 {high:g}" if high is not None else ""
+            raise argparse.ArgumentTypeError(
+                f"{text} 超出範圍：必須{'、'.join(x for x in (lower, upper) if x)}。請改成例如 {example}"
+            )
+        return value
+
+    parse.__name__ = word  # argparse names the type in its own messages
+    return parse
 
 
 def _print_help_of(parser: argparse.ArgumentParser):
@@ -85,7 +112,7 @@ def _run_config(args) -> int:
     from medgemma_lib import config  # handler import: see the module docstring
 
     cfg = config.load_config(args.config, args.overrides)
-    config.check_paths(cfg)
+    config.validate_run(cfg)  # exactly what `train` checks before it creates anything
     if args.action == "show":
         print(yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False))
     print("設定檢查通過 ✓")
@@ -99,7 +126,12 @@ def _add_auth(sub) -> None:
     c.add_argument(
         "--model", default="google/medgemma-4b-it", help="模型 id 或設定檔名稱（預設 google/medgemma-4b-it）"
     )
-    c.add_argument("--timeout", type=float, default=None, help="等待 Hub 回應的秒數（預設 15）")
+    c.add_argument(
+        "--timeout",
+        type=number(float, low=0, high=3600, low_open=True, example="--timeout 15"),
+        default=None,
+        help="等待 Hub 回應的秒數（預設 15）",
+    )
     c.set_defaults(func=_run_auth_check)
     w = asub.add_parser("whoami", help="顯示權杖屬於哪個帳號（權杖只以遮蔽形式顯示）")
     w.set_defaults(func=_run_auth_whoami)
@@ -168,18 +200,36 @@ def _add_data(sub) -> None:
         help="OpenCC 繁簡轉換，例如 s2twp（簡體轉台灣正體）",
     )
     p.add_argument("--system-prompt", help="可選的系統指示")
-    p.add_argument("--max-answer-chars", type=int, help="答案長度上限（字元）")
+    p.add_argument(
+        "--max-answer-chars", type=number(int, low=1, example="--max-answer-chars 8000"), help="答案長度上限（字元）"
+    )
     p.add_argument(
         "--long-answers", choices=["truncate", "drop"], help="超長答案：truncate（句子邊界截斷）或 drop（捨棄）"
     )
-    p.add_argument("--val-fraction", type=float, help="驗證集比例（預設 0.1）")
-    p.add_argument("--test-fraction", type=float, help="測試集比例（預設 0.1）")
-    p.add_argument("--seed", type=int, help="切分用的亂數種子（預設 42）")
+    p.add_argument(
+        "--val-fraction",
+        type=number(float, low=0, high=0.9, example="--val-fraction 0.1"),
+        help="驗證集比例（預設 0.1）",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=number(float, low=0, high=0.9, example="--test-fraction 0.1"),
+        help="測試集比例（預設 0.1）",
+    )
+    p.add_argument(
+        "--seed", type=number(int, low=0, high=2**32 - 1, example="--seed 42"), help="切分用的亂數種子（預設 42）"
+    )
     p.add_argument(
         "--deidentify", choices=["report", "mask", "refuse"], help="個資處理：report、mask 或 refuse（預設 report）"
     )
-    p.add_argument("--max-train-examples", type=int, help="最多保留幾筆訓練資料")
-    p.add_argument("--max-eval-examples", type=int, help="驗證集最多保留幾筆（測試集不受影響，評估時另有上限）")
+    p.add_argument(
+        "--max-train-examples", type=number(int, low=1, example="--max-train-examples 400"), help="最多保留幾筆訓練資料"
+    )
+    p.add_argument(
+        "--max-eval-examples",
+        type=number(int, low=1, example="--max-eval-examples 50"),
+        help="驗證集最多保留幾筆（測試集不受影響，評估時另有上限）",
+    )
     p.add_argument("--config", help="YAML 設定檔（讀取其中的 data: 區段；命令列參數優先）")
     p.add_argument(
         "--tokenizer",
@@ -309,16 +359,36 @@ def _add_memory(sub) -> None:
         default="medgemma-27b-text-it",
         help="模型設定檔：medgemma-1.5-4b-it、medgemma-4b-it、medgemma-27b-text-it、medgemma-27b-it、demo",
     )
-    p.add_argument("--gpu-gib", type=float, default=None, help="GPU 記憶體大小（GiB），例如 24")
+    p.add_argument(
+        "--gpu-gib",
+        type=number(float, low=0, high=4096, low_open=True, example="--gpu-gib 24"),
+        default=None,
+        help="GPU 記憶體大小（GiB），例如 24",
+    )
     p.add_argument("--quantization", default="nf4", choices=QUANTIZATIONS)
-    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-r", type=number(int, low=1, high=1024, example="--lora-r 16"), default=16)
     p.add_argument("--lora-targets", default="all-linear", help="all-linear 或以逗號分隔的層名，例如 q_proj,v_proj")
-    p.add_argument("--batch", type=int, default=4, help="每步的樣本數（micro-batch）")
-    p.add_argument("--seq", type=int, default=512, help="序列長度（packing 時為每列長度）")
+    p.add_argument(
+        "--batch",
+        type=number(int, low=1, high=4096, example="--batch 4"),
+        default=4,
+        help="每步的樣本數（micro-batch）",
+    )
+    p.add_argument(
+        "--seq",
+        type=number(int, low=8, high=131072, example="--seq 512"),
+        default=512,
+        help="序列長度（packing 時為每列長度）",
+    )
     p.add_argument("--no-grad-ckpt", action="store_true", help="不使用梯度檢查點")
     p.add_argument("--liger", action="store_true", help="使用 Liger 核心")
     p.add_argument("--packing", action="store_true", help="把樣本接成長列（packing）")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout（0 可省下每層一份輸入副本與遮罩）")
+    p.add_argument(
+        "--lora-dropout",
+        type=number(float, low=0, high=0.9, example="--lora-dropout 0.05"),
+        default=0.05,
+        help="LoRA dropout（0 可省下每層一份輸入副本與遮罩）",
+    )
     p.add_argument(
         "--attn", default="sdpa", choices=["sdpa", "varlen", "flash_attention_2", "eager"], help="注意力實作"
     )
@@ -428,29 +498,46 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--run", required=True, help="執行資料夾，例如 results/demo-20261129-101500")
     p.add_argument(
         "--max-loss-examples",
-        type=int,
+        type=number(int, low=1, example="--max-loss-examples 100"),
         default=None,
         help="計算 loss 的測試資料筆數上限（預設：設定檔 eval.max_eval_examples，未設定則全部）",
     )
     p.add_argument(
-        "--num-generate", type=int, default=None, help="產生答案並計分的英文測試題數（預設：eval.num_generate）"
+        "--num-generate",
+        type=number(int, low=0, high=10**6, example="--num-generate 16"),
+        default=None,
+        help="產生答案並計分的英文測試題數（預設：eval.num_generate）",
     )
     p.add_argument(
-        "--max-new-tokens", type=int, default=None, help="每題最多產生幾個 token（預設：eval.max_new_tokens）"
+        "--max-new-tokens",
+        type=number(int, low=1, high=8192, example="--max-new-tokens 128"),
+        default=None,
+        help="每題最多產生幾個 token（預設：eval.max_new_tokens）",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="產生答案的批次大小（預設：eval.batch_size）")
     p.add_argument(
-        "--chinese-samples", type=int, default=4, help="從隨附中文樣本取幾題（另有原始指南的三題）；0 表示只用三題"
+        "--batch-size",
+        type=number(int, low=1, high=4096, example="--batch-size 8"),
+        default=None,
+        help="產生答案的批次大小（預設：eval.batch_size）",
+    )
+    p.add_argument(
+        "--chinese-samples",
+        type=number(int, low=0, high=10**6, example="--chinese-samples 4"),
+        default=4,
+        help="從隨附中文樣本取幾題（另有原始指南的三題）；0 表示只用三題",
     )
     p.add_argument("--no-chinese", action="store_true", help="略過中文題")
     p.add_argument(
         "--num-generate-chinese",
-        type=int,
+        type=number(int, low=0, high=10**6, example="--num-generate-chinese 10"),
         default=None,
         help="從 data.mix 保留的中文測試題取幾題（預設：eval.num_generate_chinese；0 表示用原始指南的題目）",
     )
     p.add_argument(
-        "--bootstrap", type=int, default=None, help="配對 bootstrap 重抽次數，算差異的 95%% 信賴區間（預設：設定檔）"
+        "--bootstrap",
+        type=number(int, low=0, high=10**6, example="--bootstrap 1000"),
+        default=None,
+        help="配對 bootstrap 重抽次數，算差異的 95%% 信賴區間（預設：設定檔）",
     )
     p.add_argument("--quantization", choices=QUANTIZATIONS, default=None, help="基礎模型的量化方式（預設：與訓練相同）")
     p.set_defaults(func=_run_evaluate)
@@ -507,9 +594,24 @@ def _add_chat(sub) -> None:
     src.add_argument("--model", help="export 匯出的獨立模型資料夾")
     p.add_argument("--base", action="store_true", help="關閉 LoRA 轉接器，用基礎模型回答（比較用）")
     p.add_argument("--greedy", action="store_true", help="貪婪解碼（每次答案相同，與評估一致）；預設為取樣")
-    p.add_argument("--temperature", type=float, default=0.7, help="取樣溫度（預設 0.7）")
-    p.add_argument("--top-p", type=float, default=0.95, help="top-p 取樣（預設 0.95）")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="每個答案最多幾個 token（預設 256）")
+    p.add_argument(
+        "--temperature",
+        type=number(float, low=0, high=5, low_open=True, example="--temperature 0.7"),
+        default=0.7,
+        help="取樣溫度（預設 0.7）",
+    )
+    p.add_argument(
+        "--top-p",
+        type=number(float, low=0, high=1, low_open=True, example="--top-p 0.95"),
+        default=0.95,
+        help="top-p 取樣（預設 0.95）",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=number(int, low=1, high=8192, example="--max-new-tokens 256"),
+        default=256,
+        help="每個答案最多幾個 token（預設 256）",
+    )
     p.add_argument(
         "--quantization",
         choices=QUANTIZATIONS,
@@ -562,6 +664,15 @@ def _add_export(sub) -> None:
     p.add_argument("--verify", action="store_true", help="匯出後比對匯出模型與「基礎模型＋轉接器」的貪婪答案")
     p.add_argument("--push-to-hub", metavar="使用者/名稱", default=None, help="匯出後上傳到 Hugging Face Hub 的儲存庫")
     p.add_argument("--public", action="store_true", help="上傳為公開儲存庫（預設為私人）")
+    p.add_argument(
+        "--merge",
+        choices=["auto", "stream", "memory"],
+        default="auto",
+        help="合併方式：auto（預設：記憶體放不下整個模型時逐檔合併）、stream（逐檔）、memory（整個模型載入）",
+    )
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="cpu", help="在哪裡計算合併：cpu（預設）、cuda、auto"
+    )
     p.set_defaults(func=_run_export)
 
 
@@ -570,7 +681,9 @@ def _run_export(args) -> int:
 
     if args.push_to_hub is not None:
         export.check_repo_id(args.push_to_hub)  # fail before the minutes of merging
-    out = export.merge_adapter(args.run, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    out = export.merge_adapter(
+        args.run, args.output, dtype=args.dtype, overwrite=args.overwrite, device=args.device, method=args.merge
+    )
     if args.verify:
         result = export.verify_export(out, args.run)
         if result["merge_error_ratio"] >= 0.5 or (args.dtype == "float32" and not result["same"]):
@@ -603,10 +716,20 @@ def _add_bench(sub) -> None:
     p.add_argument(
         "--lengths", default=None, help="長度來源：MedQuAD CSV 或長度 JSON；預設用套件內附的完整 MedQuAD 長度"
     )
-    p.add_argument("--steps", type=int, default=None, help="覆寫每個變體的量測步數")
-    p.add_argument("--warmup", type=int, default=None, help="覆寫每個變體的暖身步數（不計入）")
+    p.add_argument(
+        "--steps",
+        type=number(int, low=1, high=100000, example="--steps 10"),
+        default=None,
+        help="覆寫每個變體的量測步數",
+    )
+    p.add_argument(
+        "--warmup",
+        type=number(int, low=0, high=100000, example="--warmup 2"),
+        default=None,
+        help="覆寫每個變體的暖身步數（不計入）",
+    )
     p.add_argument("--out", default="results/bench", help="輸出資料夾（bench.json、bench.md）")
-    p.add_argument("--seed", type=int, default=0, help="亂數種子")
+    p.add_argument("--seed", type=number(int, low=0, high=2**32 - 1, example="--seed 0"), default=0, help="亂數種子")
     p.add_argument("--check-packing", action="store_true", help="先檢查：打包後每筆的 logits 與單獨執行相同")
     p.add_argument(
         "--unsloth",
@@ -617,10 +740,29 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=_run_bench)
 
 
+def _check_unsloth_inputs(tokenizer_xz: str) -> None:
+    """Refuse `bench --unsloth` before anything is built: the tokenizer file and the optional package."""
+    import importlib.util
+
+    from medgemma_lib.errors import DataError, ResourceError
+
+    if not os.path.isfile(tokenizer_xz):
+        raise DataError(
+            f"--unsloth 指定的 tokenizer 檔案不存在：{tokenizer_xz}。"
+            "請給 xz 壓縮的 Gemma 3 tokenizer.json 的路徑（例如 --unsloth tok.json.xz）。"
+        )
+    if importlib.util.find_spec("unsloth") is None:
+        raise ResourceError(
+            "找不到 Unsloth 套件：bench --unsloth 只用來在 GPU 上量測 Unsloth 作為對照。"
+            "請在另一個虛擬環境安裝 unsloth 後再執行（做法見 docs/benchmarks.md）。"
+        )
+
+
 def _run_bench(args) -> int:
     # Reserved memory close to allocated: expandable segments instead of fixed-size blocks (before torch loads).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.unsloth:
+        _check_unsloth_inputs(args.unsloth)
         import unsloth  # noqa: F401 - optional (GPU only); Unsloth must be imported before transformers to patch it
     from medgemma_lib import bench, models  # handler import: see the module docstring
     from medgemma_lib.profiles import BENCH_ALIASES

@@ -26,6 +26,7 @@ import yaml
 from medgemma_lib.atomic import write_text
 from medgemma_lib.errors import ConfigError, OutputError
 from medgemma_lib.paths import resolve_path
+from medgemma_lib.profiles import model_source
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
@@ -374,6 +375,16 @@ def check_mix(mix: Any) -> list[dict]:
 
 def _cross_checks(cfg: RunConfig) -> None:
     cfg.data.mix = check_mix(cfg.data.mix)
+    name = cfg.train.run_name
+    if name is not None and (not name.strip() or Path(name).name != name or name in (".", "..") or "\\" in name):
+        raise ConfigError(
+            f"設定 train.run_name 的值 {name!r} 不是單一資料夾名稱（不能空白，也不能含 / 或 \\ 或是 . 與 ..）。",
+            hint="執行資料夾會建立在 train.output_dir 底下；請用簡單的名稱，例如 train.run_name=my-run。",
+        )
+    if not cfg.model.profile.strip():
+        raise ConfigError("設定 model.profile 不能是空白。", hint="例如 model.profile=demo。")
+    if not cfg.data.input.strip() and cfg.data.prepared_dir is None:
+        raise ConfigError("設定 data.input 不能是空白。", hint="例如 data.input=data/medquad_sample.csv。")
     if cfg.data.validation_fraction + cfg.data.test_fraction >= 0.9:
         raise ConfigError(
             "data.validation_fraction 與 data.test_fraction 加起來太大，訓練集幾乎沒有資料。",
@@ -411,7 +422,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
 
-    data: dict = {}
+    data: Any = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -430,8 +441,27 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(
                 f"設定檔 {p} 的 YAML 格式錯誤（{where}）。", hint="檢查縮排（只能用空格）與冒號後的空格。"
             ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"設定檔 {p} 的最上層必須是對應表（model:、data:、lora:、train:、eval:），"
+                f"卻是{_SHAPE_NAMES.get(type(data).__name__, type(data).__name__)}。",
+                hint="請參考 configs/demo.yaml 的格式：每個區段名稱後接冒號，底下縮排寫「鍵: 值」。",
+            )
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data)
+
+
+_SHAPE_NAMES = {
+    "list": "清單",
+    "str": "一段文字",
+    "int": "整數",
+    "float": "數字",
+    "bool": "true/false",
+    "date": "日期",
+    "datetime": "日期時間",
+    "bytes": "二進位資料",
+    "set": "集合",
+}
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
@@ -453,6 +483,10 @@ def check_paths(cfg: RunConfig, root: str | os.PathLike | None = None) -> None:
 
     if cfg.data.prepared_dir is None:
         src = locate(cfg.data.input)
+        if src.exists() and not os.access(src, os.R_OK):
+            raise ConfigError(
+                f"資料檔 data.input = {cfg.data.input} 無法讀取（沒有讀取權限）。", hint="請檢查檔案權限。"
+            )
         if not src.exists():
             raise ConfigError(
                 f"找不到資料檔 data.input = {cfg.data.input}。",
@@ -471,6 +505,10 @@ def check_paths(cfg: RunConfig, root: str | os.PathLike | None = None) -> None:
                 f"找不到已準備的資料夾 data.prepared_dir = {cfg.data.prepared_dir}。",
                 hint="請先執行 python -m medgemma_lib data prepare，或把 data.prepared_dir 留空。",
             )
+    _check_output(cfg, base)
+
+
+def _check_output(cfg: RunConfig, base: Path) -> None:
     out = Path(cfg.train.output_dir)
     out = out if out.is_absolute() else base / out
     probe = out
@@ -481,6 +519,41 @@ def check_paths(cfg: RunConfig, root: str | os.PathLike | None = None) -> None:
             f"無法寫入輸出資料夾 train.output_dir = {cfg.train.output_dir}（{probe} 不是可寫入的資料夾）。",
             hint="請改用可寫入的路徑，例如 results。",
         )
+
+
+def check_model_source(profile: str) -> None:
+    """Refuse, in Chinese, a model that loading would refuse: unknown name, a folder without a readable
+    ``config.json``, or with missing or truncated safetensors files.
+
+    The one check :func:`medgemma_lib.models.resolve_profile` runs before loading
+    (:func:`medgemma_lib.profiles.model_source`), here without loading or converting anything.
+    """
+    model_source(profile)
+
+
+def validate_run(cfg: RunConfig, *, check_data: bool = True, check_model: bool = True) -> None:
+    """The one validation of a training run, before anything is created: ``config check`` and ``train`` call it.
+
+    The config itself was validated when it was built (:func:`config_from_dict`); this adds what
+    lies outside it: the model (known profile, or a folder with a readable ``config.json``), the
+    input files (``check_data``; off when the caller passes prepared datasets) and a writable
+    output location (including the run folder when ``train.run_name`` is set).
+    """
+    if check_model:
+        check_model_source(cfg.model.profile)
+    if check_data:
+        check_paths(cfg)
+    else:
+        _check_output(cfg, Path.cwd())
+    if cfg.train.run_name:
+        run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
+        if run_dir.exists() and not run_dir.is_dir():
+            raise OutputError(
+                f"執行資料夾 {run_dir} 已存在，但它是檔案而不是資料夾。",
+                hint="請換一個 train.run_name，或移走這個檔案。",
+            )
+        if run_dir.is_dir() and not os.access(run_dir, os.W_OK | os.X_OK):
+            raise OutputError(f"執行資料夾 {run_dir} 無法寫入。", hint="請換一個 train.run_name 或檢查權限。")
 
 
 def field_help(section: str, key: str) -> str:

@@ -25,6 +25,7 @@ import os
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub
 import peft
@@ -33,12 +34,22 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from medgemma_lib import MEDICAL_DISCLAIMER, display
-from medgemma_lib.atomic import atomic_folder
+from medgemma_lib.atomic import atomic_folder, write_json
 from medgemma_lib.auth import TOKENS_PAGE, classify_hub_error, find_token, mask_token
-from medgemma_lib.errors import AuthError, ConfigError, ModelError, OutputError
+from medgemma_lib.errors import AuthError, ConfigError, ModelError, OutputError, ResourceError
 from medgemma_lib.generation import _generate_kwargs, build_prompt
-from medgemma_lib.models import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID, check_dtype_allowed, load_model, load_tokenizer
+from medgemma_lib.models import (
+    BOS_ID,
+    END_OF_TURN_ID,
+    EOS_ID,
+    PAD_ID,
+    check_dtype_allowed,
+    load_model,
+    load_tokenizer,
+    resolve_profile,
+)
 from medgemma_lib.runs import attach_adapter, open_run
+from medgemma_lib.weightfiles import SAFETENSORS_INDEX, model_shards
 
 MERGED_DIR = "merged"
 EXPORT_MANIFEST = "medgemma_export.json"
@@ -73,33 +84,98 @@ def merge_adapter(
     device: str = "cpu",
     overwrite: bool = False,
     verbose: bool = True,
+    method: str = "auto",
 ) -> Path:
     """Merge the run's adapter into an unquantised copy of the base and save a standalone folder.
 
-    The folder is written to a temporary sibling and renamed into place only when complete.
-    Returns the output folder.
+    ``method``: ``memory`` (PEFT ``merge_and_unload`` on the whole model), ``stream`` (:func:`stream_merge`,
+    one shard at a time) or ``auto`` (stream when the whole model would not fit in the available RAM).
+    ``device``: ``cpu``, ``cuda`` or ``auto`` (CUDA when present). The path taken is printed and
+    recorded in the manifest. The folder is written to a temporary sibling and renamed into place
+    only when complete. Returns the output folder.
     """
     started = time.time()
     out = Path(output_dir) if output_dir else default_output_dir(run_dir, dtype)
     if out.exists() and not overwrite:
         raise OutputError(f"匯出資料夾 {out} 已經存在。", hint="請換一個 --output，或加上 --overwrite 覆蓋。")
-    if verbose:
-        print(f"載入未量化的基礎模型（{dtype}，{device}）並掛上轉接器…", flush=True)
-    model, tokenizer, run = load_merge_pair(run_dir, dtype, device)
-    merged = model.merge_and_unload()
-    _check_merged(merged)
-    with atomic_folder(out, what="匯出資料夾", hint="請確認磁碟空間（約為模型大小）與寫入權限；") as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
-        tokenizer.save_pretrained(tmp)
-        _write_generation_config(merged, tmp)
-        (tmp / "README.md").write_text(model_card(run, dtype), encoding="utf-8")
-        (tmp / EXPORT_MANIFEST).write_text(
-            json.dumps(_manifest(run, dtype, started), ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    if dtype not in DTYPES:
+        check_dtype_allowed(dtype)
+        raise ConfigError(
+            f"不支援的匯出精度 {dtype!r}。", hint="請用 bfloat16（預設）或 float32（只在 CPU 上需要完全精確時）。"
         )
+    device = merge_device(device)
+    run = open_run(run_dir)
+    base_dir = base_folder(run.config.model.profile)
+    chosen, reason = choose_merge_method(base_dir, dtype, method)
+    if verbose:
+        print(f"合併方式：{reason}", flush=True)
+    hint = "請確認磁碟空間（約為模型大小）與寫入權限；"
+    if chosen == "memory":
+        if verbose:
+            print(f"載入未量化的基礎模型（{dtype}，{device}）並掛上轉接器…", flush=True)
+        model, tokenizer, run = load_merge_pair(run_dir, dtype, device)
+        merged = model.merge_and_unload()
+        _check_merged(merged)
+        with atomic_folder(out, what="匯出資料夾", hint=hint) as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+            _write_folder_files(tmp, tokenizer, merged, run, dtype, started, chosen, device)
+    else:
+        tokenizer = load_tokenizer(run.config.model.profile)
+        with atomic_folder(out, what="匯出資料夾", hint=hint) as tmp:
+            stream_merge(base_dir, run.adapter_dir, tmp, dtype, device)
+            config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))  # JSON only, no pickle
+            config["dtype"] = dtype
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            gen_file = base_dir / "generation_config.json"
+            gc = (
+                GenerationConfig.from_dict(json.loads(gen_file.read_text(encoding="utf-8")))
+                if gen_file.is_file()
+                else GenerationConfig()
+            )
+            _write_folder_files(
+                tmp, tokenizer, SimpleNamespace(generation_config=gc), run, dtype, started, chosen, device
+            )
     if verbose:
         size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 1e9
         print(f"已匯出合併後的模型：{out}（{size:.2f} GB，{time.time() - started:.0f} 秒）", flush=True)
     return out
+
+
+def _write_folder_files(tmp: Path, tokenizer, model, run, dtype, started, method, device) -> None:
+    tokenizer.save_pretrained(tmp)
+    _write_generation_config(model, tmp)
+    (tmp / "README.md").write_text(model_card(run, dtype), encoding="utf-8")
+    manifest = {**_manifest(run, dtype, started), "merge_method": method, "merge_device": device}
+    (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def merge_device(device: str) -> str:
+    """``cpu``, ``cuda`` (refused in Chinese without a GPU) or ``auto`` (CUDA when present)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ResourceError(
+            "指定了 --device cuda，但這台電腦沒有可用的 CUDA GPU。", hint="請改用 --device cpu 或 auto。"
+        )
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"不認識的合併裝置 {device!r}。", hint="請用 cpu、cuda 或 auto。")
+    return device
+
+
+def base_folder(profile_name: str) -> Path:
+    """The local folder of the base model's files (the Hub cache for a Hub id)."""
+    _, source = resolve_profile(profile_name)
+    if Path(source).is_dir():
+        return Path(source)
+    try:
+        return Path(
+            huggingface_hub.snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja"])
+        )
+    except Exception as exc:  # offline without a cached copy, no access
+        raise ModelError(
+            f"無法取得基礎模型 {source} 的檔案：{str(exc).splitlines()[0][:160]}",
+            hint="請確認網路與存取權（python -m medgemma_lib auth check），或先下載到本機資料夾。",
+        ) from None
 
 
 def files_table(folder: str | Path):
@@ -344,3 +420,146 @@ def push_to_hub(
             hint="請檢查網路連線後重試；已上傳的檔案不會重複上傳。",
         ) from None
     return str(url)
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming merge: one safetensors shard at a time (peak RAM about one shard plus the adapter)
+
+_PEFT_PREFIX = "base_model.model."
+# Gemma 3 multimodal: transformers 5 names modules model.language_model.*, original checkpoints language_model.model.*
+_PREFIX_ALIASES = (
+    ("model.language_model.", "language_model.model."),
+    ("language_model.model.", "model.language_model."),
+)
+
+
+def _lora_pairs(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, bool]:
+    """``{module path: (A, B)}``, the scale and fan_in_fan_out, read with PEFT's own config reader."""
+    from safetensors.torch import load_file
+
+    config = peft.PeftConfig.from_peft_type(**peft.PeftConfig.from_json_file(str(adapter_dir / "adapter_config.json")))
+    if not isinstance(config, peft.LoraConfig) or config.use_dora or config.modules_to_save:
+        raise ModelError(
+            "這個轉接器不是一般的 LoRA（DoRA、modules_to_save 或其他方法），無法逐檔合併。",
+            hint="請改用 --merge memory（整個模型載入記憶體合併）。",
+        )
+    if config.rank_pattern or config.alpha_pattern:
+        raise ModelError("逐檔合併不支援 rank_pattern／alpha_pattern。", hint="請改用 --merge memory。")
+    scale = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    pairs: dict[str, list] = {}
+    for key, value in tensors.items():
+        for part, slot in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+            if key.endswith(part):
+                module = key[: -len(part)].removeprefix(_PEFT_PREFIX)
+                pairs.setdefault(module, [None, None])[slot] = value
+    broken = [m for m, (a, b) in pairs.items() if a is None or b is None]
+    if broken or not pairs:
+        raise ModelError(f"轉接器權重不完整（例如 {broken[:1] or '沒有 LoRA 權重'}）。", hint="請重新訓練。")
+    return {m: (a, b) for m, (a, b) in pairs.items()}, scale, bool(config.fan_in_fan_out)
+
+
+def _base_key(module: str, keys: set[str]) -> str | None:
+    if f"{module}.weight" in keys:
+        return f"{module}.weight"
+    for ours, theirs in _PREFIX_ALIASES:
+        if module.startswith(ours) and f"{theirs}{module[len(ours) :]}.weight" in keys:
+            return f"{theirs}{module[len(ours) :]}.weight"
+    return None
+
+
+def stream_merge(
+    base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16", device: str = "cpu"
+) -> dict:
+    """Add ``scale · B·A`` into the base weights shard by shard and write the shards into ``out_dir``.
+
+    Everything is checked before the first shard is written: every shard whole, every LoRA layer found in
+    one with matching shapes. ``out_dir`` should be a temporary folder (see :func:`merge_adapter`).
+    Returns ``{"shards": n, "merged_layers": n, "seconds": s}``.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    started = time.time()
+    base_dir, out_dir, target = Path(base_dir), Path(out_dir), getattr(torch, dtype)
+    shards = model_shards(base_dir)
+    pairs, scale, fan_in_fan_out = _lora_pairs(Path(adapter_dir))
+    where: dict[str, tuple[Path, str]] = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as handle:
+            keys = set(handle.keys())
+            for module, (a, b) in pairs.items():
+                key = _base_key(module, keys)
+                if key is None:
+                    continue
+                shape = tuple(handle.get_slice(key).get_shape())
+                want = (b.shape[0], a.shape[1]) if not fan_in_fan_out else (a.shape[1], b.shape[0])
+                if shape != want:
+                    raise ModelError(
+                        f"轉接器的 {module} 形狀 {want} 與基礎模型的 {shape} 不同：轉接器不是用這個基礎模型訓練的。",
+                        hint="請確認 config.yaml 的 model.profile 與訓練時相同。",
+                    )
+                where[module] = (shard, key)
+    missing = sorted(set(pairs) - set(where))
+    if missing:
+        raise ModelError(
+            f"基礎模型中找不到轉接器的層 {missing[0]}（共 {len(missing)} 層）：轉接器不是用這個基礎模型訓練的。",
+            hint="請確認 config.yaml 的 model.profile 與訓練時相同。",
+        )
+    by_shard: dict[Path, dict[str, str]] = {}
+    for module, (shard, key) in where.items():
+        by_shard.setdefault(shard, {})[key] = module
+    weight_map, total = {}, 0
+    for shard in shards:
+        tensors = {}
+        with safe_open(str(shard), framework="pt") as handle:
+            metadata = handle.metadata()
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                if key in by_shard.get(shard, {}):
+                    a, b = pairs[by_shard[shard][key]]
+                    delta = b.to(device, torch.float32) @ a.to(device, torch.float32)
+                    delta = delta.T if fan_in_fan_out else delta
+                    tensor = (tensor.to(device, torch.float32) + scale * delta).to(target).cpu()
+                elif tensor.is_floating_point():
+                    tensor = tensor.to(target)
+                tensors[key] = tensor.contiguous()
+                weight_map[key] = shard.name
+                total += tensor.numel() * tensor.element_size()
+        save_file(tensors, str(out_dir / shard.name), metadata=metadata or {"format": "pt"})
+        del tensors
+    if len(shards) > 1 or shards[0].name != "model.safetensors":  # one shard named like a sharded save needs its index
+        write_json(out_dir / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    return {"shards": len(shards), "merged_layers": len(where), "seconds": round(time.time() - started, 1)}
+
+
+def available_ram_bytes() -> int:
+    """Memory available to a new allocation now (psutil; /proc/meminfo as a fallback)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil is a dependency of accelerate
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+
+def choose_merge_method(base_dir: str | Path, dtype: str, method: str = "auto") -> tuple[str, str]:
+    """``("stream" | "memory", Chinese reason)``: stream when the whole model would not fit in RAM (or asked)."""
+    if method not in ("auto", "stream", "memory"):
+        raise ConfigError(f"不認識的合併方式 {method!r}。", hint="請用 auto（預設）、stream 或 memory。")
+    shards = model_shards(base_dir)
+    on_disk = sum(s.stat().st_size for s in shards)
+    need = on_disk * (2 if dtype == "float32" else 1) * 1.3  # fp32 from a bf16 base doubles; 30% for copies
+    free = available_ram_bytes()
+    if method == "stream":
+        return "stream", "逐檔合併（依指定）：一次只讀一個權重檔，記憶體約為最大的權重檔加上轉接器。"
+    if method == "memory":
+        return "memory", "整個模型載入記憶體合併（依指定，PEFT merge_and_unload）。"
+    if need > free:
+        return "stream", (
+            f"逐檔合併：整個模型約需 {need / 1e9:.1f} GB 記憶體，目前可用 {free / 1e9:.1f} GB，所以一次只讀一個權重檔。"
+        )
+    return "memory", f"整個模型載入記憶體合併（約需 {need / 1e9:.1f} GB，目前可用 {free / 1e9:.1f} GB）。"

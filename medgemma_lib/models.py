@@ -36,12 +36,14 @@ from medgemma_lib.errors import ModelError, ResourceError
 from medgemma_lib.paths import CACHE_ENV, cache_dir
 from medgemma_lib.profiles import (
     BOS_ID,
+    DEMO_FOLDER_NAME,
     END_OF_TURN_ID,
     EOS_ID,
     PAD_ID,
     PROFILES,
     WRONG_IDS,
     ModelProfile,
+    model_source,
     multimodal_transformers_problem,
 )
 
@@ -60,7 +62,6 @@ __all__ = [
 # old names, so loading, training and export printed FutureWarnings (with the library's install path) nobody can act on.
 warnings.filterwarnings("ignore", message=r"`\w*gradient_checkpointing\w*` is deprecated", category=FutureWarning)
 
-DEMO_FOLDER_NAME = "gemma3-270m-demo"
 DEMO_TMP_GLOB = f".{DEMO_FOLDER_NAME}{TMP_TAG}*"  # temporary folders of conversions in progress (or killed)
 _MANIFEST = "medgemma_manifest.json"
 _CONVERSION_VERSION = 2  # bump when the conversion recipe changes; old caches are rebuilt (2: known-answer check)
@@ -78,49 +79,12 @@ def resolve_profile(name_or_path: str) -> tuple[ModelProfile, str]:
     """Return the profile and the path or Hub id to load for ``name_or_path``.
 
     Accepts a profile name, a Hub id of a known profile, or a local folder (whose ``config.json``
-    decides the model class).
+    decides the model class, and whose safetensors files must be whole): the checks of
+    :func:`medgemma_lib.profiles.model_source`, which ``config check`` runs too. The demo is
+    converted on first use.
     """
-    if name_or_path in PROFILES:
-        profile = PROFILES[name_or_path]
-        return profile, (str(ensure_demo_model()) if profile.is_demo else profile.hub_id)
-    known_id = next((p for p in PROFILES.values() if p.hub_id == name_or_path), None)
-    if known_id is not None:
-        return known_id, name_or_path
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise ModelError(
-                f"資料夾 {path} 不是 Hugging Face 模型資料夾（找不到 config.json）。",
-                hint="請指向含有 config.json 與 *.safetensors 的資料夾，或使用設定檔名稱，例如 demo。",
-            )
-        try:
-            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelError(f"無法讀取 {cfg_file}：{exc}", hint="檔案可能損毀，請重新下載或重新匯出模型。") from None
-        arch = (cfg.get("architectures") or ["Gemma3ForCausalLM"])[0]
-        vision = arch == "Gemma3ForConditionalGeneration" or "vision_config" in cfg
-        local = ModelProfile(
-            f"local:{path.name}",
-            None,
-            "Gemma3ForConditionalGeneration" if vision else "Gemma3ForCausalLM",
-            vision,
-            "bfloat16",
-            "sdpa",
-            0.0,
-            False,
-            f"本機模型資料夾 {path.name}",
-        )
-        return local, str(path)
-    if name_or_path in WRONG_IDS:
-        raise ModelError(
-            f"模型 {name_or_path} 在 Hugging Face Hub 上不存在。", hint=f"請改用 {WRONG_IDS[name_or_path]}。"
-        )
-    known = "、".join(PROFILES)
-    raise ModelError(
-        f"不認識的模型 {name_or_path!r}：它不是設定檔名稱，也不是存在的資料夾。",
-        hint=f"可用的設定檔：{known}；或提供本機模型資料夾路徑。",
-    )
+    profile, source = model_source(name_or_path)
+    return profile, (str(ensure_demo_model()) if profile.is_demo else source)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,10 @@ ones the issue and the report give, and ``tests/test_models_loading.py`` builds 
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 END_OF_TURN_ID = 106  # <end_of_turn>
@@ -290,3 +293,134 @@ def architecture(name: str) -> Architecture | None:
 
 def profile_for_hub_id(hub_id: str) -> ModelProfile | None:
     return next((p for p in PROFILES.values() if p.hub_id == hub_id), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a model comes from: one check, used by `config check`, `train` (before anything is created)
+# and by loading (``models.resolve_profile``), so that "check passed" means loading will find the model.
+
+DEMO_FOLDER_NAME = "gemma3-270m-demo"  # the demo's converted folder in the cache (``models.demo_model_dir``)
+
+
+def local_profile(folder: Path) -> ModelProfile:
+    """The profile of a local Hugging Face model folder, after checking it can be loaded as it is.
+
+    ``config.json`` must exist and be a JSON object (it decides the class: a ``vision_config`` or
+    ``Gemma3ForConditionalGeneration`` means the multimodal model); the safetensors weights must be
+    present and whole (:func:`medgemma_lib.weightfiles.model_shards`: headers and sizes only).
+    """
+    from medgemma_lib.errors import ModelError
+    from medgemma_lib.weightfiles import model_shards
+
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError(
+            f"資料夾 {folder} 不是 Hugging Face 模型資料夾（找不到 config.json）。",
+            hint="請指向含有 config.json 與 *.safetensors 的資料夾，或使用設定檔名稱，例如 demo。",
+        )
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(
+            f"無法讀取模型設定 {cfg_file}：{str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}",
+            hint="檔案可能損毀，請重新下載或重新匯出模型。",
+        ) from None
+    if not isinstance(cfg, dict):
+        raise ModelError(
+            f"無法讀取模型設定 {cfg_file}：它不是 JSON 物件。", hint="檔案可能損毀，請重新下載或重新匯出模型。"
+        )
+    model_shards(folder)
+    archs = cfg.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs else "Gemma3ForCausalLM"
+    vision = arch == "Gemma3ForConditionalGeneration" or "vision_config" in cfg
+    return ModelProfile(
+        f"local:{folder.name}",
+        None,
+        "Gemma3ForConditionalGeneration" if vision else "Gemma3ForCausalLM",
+        vision,
+        "bfloat16",
+        "sdpa",
+        0.0,
+        False,
+        f"本機模型資料夾 {folder.name}",
+    )
+
+
+def model_source(name_or_path: str) -> tuple[ModelProfile, str | None]:
+    """The profile and what to load (a Hub id or a folder; None for the demo, converted on first use), loading nothing.
+
+    Accepts a profile name, the Hub id of a known profile, or a local folder (checked by :func:`local_profile`).
+    Anything else is refused with a :class:`~medgemma_lib.errors.ModelError` saying what would work.
+    """
+    from medgemma_lib.errors import ModelError
+
+    if name_or_path in PROFILES:
+        profile = PROFILES[name_or_path]
+        return profile, (None if profile.is_demo else profile.hub_id)
+    known_id = profile_for_hub_id(name_or_path)
+    if known_id is not None:
+        return known_id, name_or_path
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return local_profile(path), str(path)
+    if name_or_path in WRONG_IDS:
+        raise ModelError(
+            f"模型 {name_or_path} 在 Hugging Face Hub 上不存在。", hint=f"請改用 {WRONG_IDS[name_or_path]}。"
+        )
+    raise ModelError(
+        f"不認識的模型 {name_or_path!r}：它不是設定檔名稱，也不是存在的資料夾。",
+        hint=f"可用的設定檔：{'、'.join(PROFILES)}；或提供本機模型資料夾路徑（含 config.json 與 *.safetensors）。",
+    )
+
+
+_HUB_CACHE_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
+
+
+def base_identity(name_or_path: str) -> str | None:
+    """Which model ``name_or_path`` means, as a comparable name, or None when that cannot be told from the text.
+
+    A profile name, a known Hub id, the demo's cache folder (on any machine), and a Hugging Face cache
+    snapshot path all map to the profile name (or to the Hub id of a model the course does not know);
+    any other Hub-id-shaped text is itself. A local folder elsewhere cannot be named: None.
+    """
+    text = str(name_or_path).strip().rstrip("/")
+    if text in PROFILES:
+        return text
+    known = profile_for_hub_id(text)
+    if known is not None:
+        return known.name
+    if Path(text).name == DEMO_FOLDER_NAME:
+        return "demo"
+    snapshot = _HUB_CACHE_SNAPSHOT.search(text + "/")
+    if snapshot:
+        hub_id = f"{snapshot.group(1)}/{snapshot.group(2)}"
+        known = profile_for_hub_id(hub_id)
+        return known.name if known else hub_id
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not Path(text).exists():
+        return text  # an id on the Hub
+    return None
+
+
+def folder_shape(folder: Path) -> tuple | None:
+    """(hidden, layers, intermediate, heads, KV heads, head_dim) of a local model folder's language model, or None."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        text = cfg.get("text_config") or cfg
+        return tuple(
+            int(text[k])
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "intermediate_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+            )
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def architecture_shape(arch: Architecture) -> tuple:
+    """The numbers of :func:`folder_shape`, for a known architecture."""
+    return (arch.hidden, arch.layers, arch.intermediate, arch.heads, arch.kv_heads, arch.head_dim)

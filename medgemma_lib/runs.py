@@ -36,6 +36,8 @@ from medgemma_lib.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, verify_ada
 from medgemma_lib.config import RunConfig, load_config
 from medgemma_lib.errors import ConfigError, ModelError, OutputError
 from medgemma_lib.paths import display_path
+from medgemma_lib.profiles import architecture, architecture_shape, base_identity, folder_shape, model_source
+from medgemma_lib.weightfiles import folder_fingerprint
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
@@ -187,14 +189,52 @@ def open_run(run_dir: str | Path) -> Run:
         )
     check_adapter_file(adapter_dir, path)
     cfg_file = path / CONFIG_FILE
+    recorded = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
     if cfg_file.is_file():
         config = load_config(cfg_file)
     else:  # a bare adapter folder: fall back to the base model named in the adapter config
         config = RunConfig()
-        base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if base:
-            config.model.profile = base
+        if recorded:
+            config.model.profile = recorded
+    model_source(config.model.profile)  # known, or a local folder whose files are whole: before anything loads
+    if isinstance(recorded, str) and recorded:
+        check_adapter_base(config.model.profile, recorded, path)
     return Run(path=path, adapter_dir=adapter_dir, config=config)
+
+
+def check_adapter_base(profile: str, recorded: str, run_dir: Path) -> None:
+    """Refuse a base model other than the one the adapter was trained on (``base_model_name_or_path``).
+
+    PEFT attaches an adapter to any base whose layer shapes match, so MedGemma 1.0's adapter on 1.5, or a
+    folder with other weights, would load without complaint and give wrong answers. Names are compared
+    through :func:`medgemma_lib.profiles.base_identity` (profile, Hub id, demo cache folder on any machine,
+    Hub cache snapshot); two local folders through their weights (:func:`~medgemma_lib.weightfiles.folder_fingerprint`);
+    a local folder and a named model through the layer shapes in ``config.json``. When the recorded base cannot
+    be identified on this machine (a folder elsewhere, an unknown Hub id), nothing is refused.
+    """
+    ours, theirs = base_identity(profile), base_identity(recorded)
+    here, there = Path(profile).expanduser(), Path(recorded).expanduser()
+    if ours is not None and theirs is not None:
+        same = ours == theirs
+    elif here.is_dir() and there.is_dir():
+        try:
+            same = here.resolve() == there.resolve() or folder_fingerprint(here) == folder_fingerprint(there)
+        except ModelError:
+            return  # the recorded folder is damaged: it cannot be compared, ours was checked already
+    else:  # a local folder against a named model: a folder of another shape is surely another model
+        folder, name = (here, theirs) if here.is_dir() else (there, ours) if there.is_dir() else (None, None)
+        arch = architecture(name) if name else None
+        if folder is None or arch is None or folder_shape(folder) is None:
+            return  # nothing to compare on this machine
+        same = folder_shape(folder) == architecture_shape(arch)
+    if same:
+        return
+    where = display_path(run_dir / CONFIG_FILE)
+    raise ModelError(
+        f"LoRA 轉接器是在基礎模型 {display_path(recorded)} 上訓練的，但 {where} 的 model.profile 是 "
+        f"{display_path(profile)}：兩者不是同一個模型。層的形狀相同時轉接器也掛得上去，但結果會是錯的。",
+        hint=f"請把 {where} 的 model.profile 改回 {theirs or display_path(recorded)}，或用這個基礎模型重新訓練。",
+    )
 
 
 def attach_adapter(base, adapter_dir: str | Path):

@@ -21,7 +21,7 @@ import torch
 
 from medgemma_lib import checkpoints, display, models, monitor
 from medgemma_lib.atomic import write_json
-from medgemma_lib.config import RunConfig, save_config
+from medgemma_lib.config import RunConfig, save_config, validate_run
 from medgemma_lib.data import prepare_from_config
 from medgemma_lib.errors import ConfigError, TrainingError, TrainingInterrupted
 from medgemma_lib.paths import display_path
@@ -165,6 +165,8 @@ def run_training(
     """
     if notebook:
         display.quiet_progress_bars()
+    # Everything `config check` checks, before anything is created (no run folder for a refused config).
+    validate_run(cfg, check_data=datasets is None)
     if resume and not cfg.train.run_name:
         raise ConfigError(
             "--resume 需要知道要接續哪一次執行。",
@@ -188,7 +190,6 @@ def run_training(
             )
         if verbose:
             print(f"從檢查點 {display_path(resume_from)} 接續訓練。", flush=True)
-    prepare_run_dir(run_dir, resume)
 
     device = models.default_device()
     threads = set_cpu_threads(cfg, device)
@@ -205,6 +206,7 @@ def run_training(
     )
     if len(train_ds) == 0:
         raise TrainingError("訓練集是空的，無法訓練。", hint="請檢查 data.input 與 data.max_train_examples。")
+    prepare_run_dir(run_dir, resume)  # only now: data and tokenizer were accepted
     if is_main_process():
         save_config(cfg, run_dir / CONFIG_FILE)
 
