@@ -618,6 +618,13 @@ def _add_chat(sub) -> None:
         default=None,
         help="基礎模型量化方式（預設：--run 與訓練相同；--model 不量化）",
     )
+    p.add_argument(
+        "--thinking",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="加上思考系統指示 SYSTEM INSTRUCTION: think silently if needed.（預設：--run 依 config.yaml 的 "
+        "eval.thinking，--model 不加）；思考過程不會混進答案，只在答案後以一行摺疊提示",
+    )
     p.set_defaults(func=_run_chat)
 
 
@@ -637,6 +644,11 @@ def _run_chat(args) -> int:
         )
     from medgemma_lib import chat  # handler import: see the module docstring
 
+    thinking = args.thinking
+    if thinking is None:
+        from medgemma_lib import runs
+
+        thinking = bool(runs.open_run(args.run).config.eval.thinking) if args.run else False
     model, tokenizer = chat.load_chat_model(
         args.run, args.model, quantization=args.quantization, verbose=sys.stdin.isatty()
     )
@@ -648,6 +660,7 @@ def _run_chat(args) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         use_adapter=not args.base,
+        thinking=thinking,
     )
     print(f"\n共回答 {n} 個問題。")
     return 0

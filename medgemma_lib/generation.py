@@ -144,6 +144,19 @@ def fold_thought_markdown(answer: str, thought: str | None) -> str:
     return f"<details><summary>{THOUGHT_SUMMARY}</summary>\n\n{body}\n\n</details>\n\n{answer}"
 
 
+def fold_thought_html(thought: str | None) -> str:
+    """HTML for a widget: the thought folded in a ``<details>`` (closed), escaped, clipped; empty without one."""
+    import html
+
+    if not thought:
+        return ""
+    body = html.escape(display.clip(thought, 4000))
+    return (
+        f"<details><summary>{THOUGHT_SUMMARY}</summary>"
+        f"<div style='white-space:pre-wrap;color:#555'>{body}</div></details>"
+    )
+
+
 def fold_thought_text(thought: str | None, width: int = 40) -> str:
     """The terminal's fallback: one line saying there was a thought, its size and how it starts."""
     if not thought:
