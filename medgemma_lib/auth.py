@@ -167,7 +167,8 @@ def _result(model_id: str, status: str, source: str, token: str | None, suggesti
         hint = (
             f"正確的名稱應該是 {suggestion}。"
             if suggestion
-            else "請確認拼字；本課程可用：google/medgemma-4b-it、google/medgemma-27b-text-it、google/medgemma-27b-it。"
+            else "請確認拼字；本課程可用：google/medgemma-1.5-4b-it、google/medgemma-4b-it、"
+            "google/medgemma-27b-text-it、google/medgemma-27b-it。"
         )
     elif status == FORBIDDEN:
         msg = f"權杖沒有讀取 {shown_id} 的權限（403）。"

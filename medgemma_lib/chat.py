@@ -20,7 +20,7 @@ from typing import TextIO
 
 from medgemma_lib import MEDICAL_DISCLAIMER, display, models, runs
 from medgemma_lib.errors import ConfigError
-from medgemma_lib.generation import stream_answer
+from medgemma_lib.generation import fold_thought_html, fold_thought_text, stream_answer, system_prompt_for
 from medgemma_lib.safety import guard_question
 
 EXIT_WORDS = {"exit", "quit", ":q", "離開", "結束", "退出"}
@@ -61,10 +61,16 @@ def answer_pieces(
     top_p: float = 0.95,
     system_prompt: str | None = None,
     use_adapter: bool = True,
+    thinking: bool = False,
+    thought_sink: list | None = None,
+    fold_thought: bool = True,
 ) -> Iterator[str]:
-    """Everything a UI shows for one question, in order: alert (if any), answer pieces, disclaimer.
+    """Everything a UI shows for one question, in order: alert (if any), answer pieces, folded thought, disclaimer.
 
-    The concatenation equals :func:`medgemma_lib.safety.present_answer` for the same answer.
+    Without a thought the concatenation equals :func:`medgemma_lib.safety.present_answer` for the same answer.
+    ``thinking`` puts :data:`~medgemma_lib.generation.THINKING_SYSTEM_PROMPT` before ``system_prompt``. A thought
+    (``<unused94>…<unused95>``) is never streamed as the answer: ``thought_sink`` receives it (or None), and
+    ``fold_thought`` adds one line saying it was there (:func:`~medgemma_lib.generation.fold_thought_text`).
     """
 
     alert = guard_question(question)
@@ -73,6 +79,7 @@ def answer_pieces(
     ctx = (
         model.disable_adapter() if (not use_adapter and hasattr(model, "disable_adapter")) else contextlib.nullcontext()
     )
+    sink: list = []
     with ctx:
         answered = False
         for piece in stream_answer(
@@ -81,12 +88,19 @@ def answer_pieces(
             question,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
-            system_prompt=system_prompt,
+            system_prompt=system_prompt_for(system_prompt, thinking),
             temperature=temperature,
             top_p=top_p,
+            thought_sink=sink,
         ):
             answered = True
             yield piece
+    thought = sink[0] if sink else None
+    if thought_sink is not None:
+        thought_sink.append(thought)
+    if thought and fold_thought:
+        yield ("\n" if answered else "") + fold_thought_text(thought)
+        answered = True
     yield ("\n\n" if answered else "") + MEDICAL_DISCLAIMER
 
 
@@ -132,6 +146,7 @@ def question_box(model, tokenizer, max_new_tokens: int = 192, do_sample: bool = 
     button = w.Button(description="提問", button_style="primary")
     adapter = w.ToggleButtons(options=[("微調後", True), ("基礎模型", False)], value=True, description="模型：")
     answer = w.Textarea(layout=w.Layout(width="100%", height="220px"), disabled=True)
+    thought_view = w.HTML("")  # the thought, folded (<details>), when the model wrote one
     disclaimer = w.HTML(
         "<div style='border:1px solid #e0a800;background:#fff8e1;padding:8px;border-radius:4px'>"
         f"{MEDICAL_DISCLAIMER}</div>",
@@ -145,6 +160,8 @@ def question_box(model, tokenizer, max_new_tokens: int = 192, do_sample: bool = 
         question.value = text
         button.disabled = True
         answer.value = ""
+        thought_view.value = ""
+        thoughts: list = []
         try:
             for piece in answer_pieces(
                 model,
@@ -153,16 +170,24 @@ def question_box(model, tokenizer, max_new_tokens: int = 192, do_sample: bool = 
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,
                 use_adapter=adapter.value,
+                thought_sink=thoughts,
+                fold_thought=False,
                 **gen_kwargs,
             ):
                 answer.value += piece
         finally:
             button.disabled = False
+        if thoughts and thoughts[0]:
+            thought_view.value = fold_thought_html(thoughts[0])
         return answer.value
 
     button.on_click(lambda _: ask())
     box = w.VBox(
-        [w.HBox([question, button]), adapter, w.HBox([w.VBox([answer], layout=w.Layout(width="66%")), disclaimer])]
+        [
+            w.HBox([question, button]),
+            adapter,
+            w.HBox([w.VBox([answer, thought_view], layout=w.Layout(width="66%")), disclaimer]),
+        ]
     )
     box.ask = ask
     return display.with_fallback(

@@ -90,7 +90,7 @@ def _run_doctor(args) -> int:
         print(json.dumps({"report": report.to_dict(), "recommendation": asdict(rec)}, ensure_ascii=False, indent=2))
     else:
         print(env.format_report(report, rec))
-    return 0
+    return EXIT_USER_ERROR if env.refuses_training(report) else 0
 
 
 def _add_config(sub) -> None:
@@ -342,6 +342,9 @@ def _run_models(args) -> int:
     print(f"{'設定檔':<22}{'Hub id':<30}{'模型類別':<34}說明")
     for p in PROFILES.values():
         print(f"{p.name:<24}{(p.hub_id or '（離線套件）'):<32}{p.model_class:<36}{p.description}")
+        print(
+            f"{'':<24}預設：{'、'.join(p.presets) or '（無；請自行寫設定檔）'}" + ("　★ 建議" if p.recommended else "")
+        )
     print(
         f"\n示範模型是否已快取：{'是' if models.demo_model_cached() else '否'}"
         f"（{display_path(models.demo_model_dir())}）"
@@ -354,7 +357,7 @@ def _add_memory(sub) -> None:
     p.add_argument(
         "--profile",
         default="medgemma-27b-text-it",
-        help="模型設定檔：medgemma-4b-it、medgemma-27b-text-it、medgemma-27b-it、demo",
+        help="模型設定檔：medgemma-1.5-4b-it、medgemma-4b-it、medgemma-27b-text-it、medgemma-27b-it、demo",
     )
     p.add_argument(
         "--gpu-gib",
@@ -615,6 +618,13 @@ def _add_chat(sub) -> None:
         default=None,
         help="基礎模型量化方式（預設：--run 與訓練相同；--model 不量化）",
     )
+    p.add_argument(
+        "--thinking",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="加上思考系統指示 SYSTEM INSTRUCTION: think silently if needed.（預設：--run 依 config.yaml 的 "
+        "eval.thinking，--model 不加）；思考過程不會混進答案，只在答案後以一行摺疊提示",
+    )
     p.set_defaults(func=_run_chat)
 
 
@@ -634,6 +644,11 @@ def _run_chat(args) -> int:
         )
     from medgemma_lib import chat  # handler import: see the module docstring
 
+    thinking = args.thinking
+    if thinking is None:
+        from medgemma_lib import runs
+
+        thinking = bool(runs.open_run(args.run).config.eval.thinking) if args.run else False
     model, tokenizer = chat.load_chat_model(
         args.run, args.model, quantization=args.quantization, verbose=sys.stdin.isatty()
     )
@@ -645,6 +660,7 @@ def _run_chat(args) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         use_adapter=not args.base,
+        thinking=thinking,
     )
     print(f"\n共回答 {n} 個問題。")
     return 0

@@ -40,7 +40,8 @@ def _f(default: Any, help: str, **checks: Any) -> Any:
 @dataclass
 class ModelSection:
     profile: str = _f(
-        "demo", "模型設定檔：demo、medgemma-4b-it、medgemma-27b-text-it、medgemma-27b-it，或本機模型資料夾路徑"
+        "demo",
+        "模型設定檔：demo、medgemma-1.5-4b-it、medgemma-4b-it、medgemma-27b-text-it、medgemma-27b-it，或本機模型資料夾路徑",
     )
     quantization: str = _f(
         "nf4", "權重量化方式：nf4（4 位元，預設）、int8 或 none（不量化）", choices=["nf4", "int8", "none"]
@@ -157,6 +158,11 @@ class EvalSection:
         0, "從資料混合（data.mix）保留的中文測試題取幾題產生答案；0 表示用原始指南的三題與隨附樣本", min=0
     )
     bootstrap_resamples: int = _f(0, "配對 bootstrap 重抽次數，用來算差異的 95% 信賴區間（0 表示不算）", min=0)
+    thinking: bool = _f(
+        False,
+        "評估與對話時是否加上思考系統指示 SYSTEM INSTRUCTION: think silently if needed.（預設 false：不加）；"
+        "思考過程 <unused94>…<unused95> 一律與答案分開，只為答案評分",
+    )
 
 
 @dataclass

@@ -14,6 +14,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 
 from medgemma_lib.paths import cache_dir, display_path
+from medgemma_lib.profiles import multimodal_transformers_problem
 
 KEY_PACKAGES = [
     "torch",
@@ -146,6 +147,9 @@ def recommend(report: EnvironmentReport) -> Recommendation:
         problems.append(
             f"transformers {tf} 太舊，無法載入 Gemma 3（需要 4.50 以上）：請執行 pip install -r requirements.txt。"
         )
+    multimodal_problem = multimodal_transformers_problem(tf) if tf is not None else None
+    if multimodal_problem and _parse_version(tf) >= MIN_TRANSFORMERS:
+        problems.append(multimodal_problem)
     if report.packages.get("bitsandbytes") is None:
         problems.append("未安裝 bitsandbytes：無法做 4 位元量化（QLoRA）。請執行 pip install -r requirements.txt。")
     if report.torch is None:
@@ -183,9 +187,10 @@ def recommend(report: EnvironmentReport) -> Recommendation:
         )
     elif best.total_gib >= 7.5:
         rec = Recommendation(
-            "medgemma-4b-it",
-            "configs/medgemma-4b-8gb.yaml",
-            f"{best.name}（{best.total_gib} GiB）適合以 4 位元 QLoRA 訓練 MedGemma 4B；27B 需要 24 GB 級 GPU。",
+            "medgemma-1.5-4b-it",
+            "configs/medgemma-1.5-4b-8gb.yaml",
+            f"{best.name}（{best.total_gib} GiB）適合以 4 位元 QLoRA 訓練 MedGemma 1.5 4B（目前的 4B，2026-01 發布；"
+            "架構與 1.0 相同，MedQA 約高 5%）；27B 需要 24 GB 級 GPU。",
         )
     else:
         rec = Recommendation(
@@ -194,6 +199,12 @@ def recommend(report: EnvironmentReport) -> Recommendation:
     rec.problems = problems
     rec.ok = not problems
     return rec
+
+
+def refuses_training(report: EnvironmentReport) -> bool:
+    """True when ``doctor`` must exit 2: transformers too old for the multimodal Gemma 3 (4B) that it may recommend."""
+    tf = report.packages.get("transformers")
+    return tf is None or multimodal_transformers_problem(tf) is not None
 
 
 def format_report(report: EnvironmentReport, rec: Recommendation) -> str:

@@ -53,7 +53,13 @@ from medgemma_lib.data import (
     read_table,
 )
 from medgemma_lib.errors import ConfigError, DataError, ModelError, OutputError
-from medgemma_lib.generation import generate_answers, load_before_answers
+from medgemma_lib.generation import (
+    THINKING_SYSTEM_PROMPT,
+    fold_thought_markdown,
+    generate_answers,
+    load_before_answers,
+    system_prompt_for,
+)
 from medgemma_lib.paths import REPO_ROOT, display_path, resolve_path
 from medgemma_lib.runs import EVAL_JSON, EVAL_MD, EVAL_PNG, Run, find_adapter_dir, load_for_inference, open_run
 from medgemma_lib.train import run_training
@@ -463,12 +469,14 @@ def run_evaluation(
 
     if model.device.type == "cpu":  # one batch: NF4 de-quantises every weight at each step, whatever the batch size
         batch_size = max(batch_size, len(questions))
-    system_prompt = run.config.data.system_prompt
+    thinking = bool(getattr(ev, "thinking", False))
+    system_prompt = system_prompt_for(run.config.data.system_prompt, thinking)
     max_length = run.config.train.max_length
     loss_rows: dict[str, list[dict]] = {}
     zh_loss_rows: dict[str, list[dict]] = {}
     answers: dict[str, list[str]] = {}
     lengths: dict[str, list[dict]] = {}
+    thoughts: dict[str, list[str | None]] = {}
     timings: dict[str, float] = {}
     for name in ("base", "tuned"):
         t0 = time.time()
@@ -478,6 +486,7 @@ def run_evaluation(
             zh_loss_rows[name] = answer_losses(model, tokenizer, zh_loss_set, max_length=max_length)
             t1 = time.time()
             lengths[name] = []
+            thoughts[name] = []
             answers[name] = (
                 generate_answers(
                     model,
@@ -488,6 +497,7 @@ def run_evaluation(
                     batch_size=batch_size,
                     system_prompt=system_prompt,
                     lengths=lengths[name],
+                    thoughts=thoughts[name],
                 )
                 if questions
                 else []
@@ -515,6 +525,7 @@ def run_evaluation(
             "question": q,
             "reference": ref,
             "answers": {},
+            "thoughts": {},
             "scores": {},
         }
         for r, q, ref in zip(gen_set, questions[:n_en], refs_en)
@@ -526,6 +537,7 @@ def run_evaluation(
             "question": z["question"],
             "reference": z["reference"],
             "answers": {},
+            "thoughts": {},
             "scores": {},
         }
         for z in zh_set
@@ -533,10 +545,10 @@ def run_evaluation(
     for name in ("base", "tuned"):
         en = text_metrics(answers[name][:n_en], refs_en, chinese=False)
         zh = text_metrics(answers[name][n_en:], [z["reference"] for z in zh_set], chinese=True)
-        for row, ans, per in zip(gen_rows, answers[name][:n_en], en["per_answer"]):
-            row["answers"][name], row["scores"][name] = ans, per
-        for row, ans, per in zip(zh_rows, answers[name][n_en:], zh["per_answer"]):
-            row["answers"][name], row["scores"][name] = ans, per
+        for row, ans, thought, per in zip(gen_rows, answers[name][:n_en], thoughts[name][:n_en], en["per_answer"]):
+            row["answers"][name], row["thoughts"][name], row["scores"][name] = ans, thought, per
+        for row, ans, thought, per in zip(zh_rows, answers[name][n_en:], thoughts[name][n_en:], zh["per_answer"]):
+            row["answers"][name], row["thoughts"][name], row["scores"][name] = ans, thought, per
         result_models[name] = {
             **summarize_losses(loss_rows[name]),
             **{k: v for k, v in en.items() if k != "per_answer"},
@@ -568,6 +580,10 @@ def run_evaluation(
             if zh_from_mix
             else "原始指南的三題＋隨附中文樣本",
             "bootstrap_resamples": resamples,
+            "thinking": thinking,
+            "thinking_system_prompt": THINKING_SYSTEM_PROMPT if thinking else None,
+            "answers_with_thought": {n: sum(1 for t in thoughts.get(n, []) if t) for n in ("base", "tuned")},
+            "scored_text": "只有答案：<unused94>…<unused95> 之間的思考過程不計分，另存於 answers[].thoughts",
             "decoding": "greedy",
             "batch_size": batch_size,
             "max_length": max_length,
@@ -781,9 +797,11 @@ def side_by_side_markdown(result: dict, n: int | None = None, chinese: bool = Fa
         parts.append(f"**參考答案**：{_clip(row['reference'])}\n")
         for name, label in (("base", "基礎模型"), ("tuned", "微調後")):
             s = row["scores"].get(name, {})
+            thought = (row.get("thoughts") or {}).get(name)
             parts.append(
                 f"**{label}**（ROUGE-L {_fmt(s.get('rougeL'))}，chrF {_fmt(s.get('chrf'))}）："
-                f"{_clip(row['answers'].get(name, '')) or '（空白）'}\n"
+                + (fold_thought_markdown("", thought) if thought else "")
+                + f"{_clip(row['answers'].get(name, '')) or '（空白）'}\n"
             )
     return "\n".join(parts)
 
@@ -817,6 +835,20 @@ def _clip(text: str, limit: int = 600) -> str:
     return display.md_escape(display.clip(text, limit))
 
 
+def _thinking_line(settings: dict) -> str:
+    """The report's sentence on thinking: the system prompt used, and that only the answer is scored."""
+    on = settings.get("thinking")
+    with_thought = settings.get("answers_with_thought") or {}
+    counts = (
+        f"（帶思考過程的答案：基礎模型 {with_thought.get('base', 0)} 題、微調後 {with_thought.get('tuned', 0)} 題）"
+    )
+    prompt = f"加上系統指示 `{THINKING_SYSTEM_PROMPT}`" if on else "未加思考系統指示（eval.thinking: false）"
+    return (
+        f"- 思考過程：{prompt}{counts}；ROUGE-L、BLEU、chrF 與答案長度只計算答案，"
+        "`<unused94>…<unused95>` 之間的思考過程不計分，另存於 eval.json 的 thoughts 欄位"
+    )
+
+
 def render_markdown(result: dict) -> str:
     s = result["settings"]
     lang_rule = (result.get("language") or {}).get("rule", "")
@@ -830,6 +862,7 @@ def render_markdown(result: dict) -> str:
         "- 基礎模型與微調後模型是同一份權重：基礎模型的數字是在 `model.disable_adapter()` 之內量的",
         f"- 斷詞方式：{result['tokenization']['english']}；{result['tokenization']['chinese']}",
         f"- loss：{result['tokenization']['loss']}",
+        _thinking_line(s),
         f"- 產生時間：{result['created']}，共 {result['seconds']:.0f} 秒\n",
         "## 基礎模型 vs 微調後（英文測試集）\n",
         markdown_table(comparison_rows(result)),

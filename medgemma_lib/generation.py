@@ -8,8 +8,14 @@
   ``SYSTEM INSTRUCTION: think silently if needed.``): the thought is emitted between
   ``<unused94>`` (id 100, followed by the word ``thought``) and ``<unused95>`` (id 101), as
   described on the google/medgemma-27b-text-it model card. These tokens are *unused* specials,
-  so ``skip_special_tokens`` would hide the markers but keep the thought text; we cut the span by
-  token id instead. A thought cut off by ``max_new_tokens`` (no closing marker) is dropped whole.
+  so ``skip_special_tokens`` would hide the markers but keep the thought text; we split by token id
+  instead (:func:`split_thinking`), for any tokenizer that has both tokens. The answer is what lies
+  outside the spans; the thought is kept apart (``thoughts=`` of :func:`generate_answers`, the
+  ``thought_sink`` of :func:`stream_answer`) so that chat and notebooks can show it folded away and
+  evaluation can store it without scoring it. A thought cut off by ``max_new_tokens`` (no closing
+  marker) leaves no answer; several spans are joined in order.
+* ``eval.thinking`` (default false) adds :data:`THINKING_SYSTEM_PROMPT` before the run's own system
+  prompt for evaluation and chat (:func:`system_prompt_for`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +38,10 @@ from medgemma_lib.safety import present_answer
 
 THOUGHT_START = "<unused94>"
 THOUGHT_END = "<unused95>"
+THOUGHT_WORD = "thought"  # the model writes <unused94>thought\n... : the word labels the span, it is not the thought
+# Google's evaluation notebooks for medgemma-27b-text-it use exactly this system instruction to let it think.
+THINKING_SYSTEM_PROMPT = "SYSTEM INSTRUCTION: think silently if needed."
+THOUGHT_SUMMARY = "模型的思考過程（已摺疊，點一下展開；評分只看下面的答案）"
 
 BEFORE_QUESTIONS = [
     "What are the symptoms of diabetes?",
@@ -48,26 +59,111 @@ def build_prompt(tokenizer, question: str, system_prompt: str | None = None) -> 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def system_prompt_for(system_prompt: str | None, thinking: bool) -> str | None:
+    """The system prompt for evaluation and chat: :data:`THINKING_SYSTEM_PROMPT` first when ``thinking`` is on."""
+    if not thinking:
+        return system_prompt
+    return THINKING_SYSTEM_PROMPT + (f"\n\n{system_prompt}" if system_prompt else "")
+
+
 def _thought_ids(tokenizer) -> tuple[int | None, int | None]:
     ids = tokenizer.convert_tokens_to_ids([THOUGHT_START, THOUGHT_END])
     unk = tokenizer.unk_token_id
-    return tuple(None if i == unk else i for i in ids)  # type: ignore[return-value]
+    start, end = (None if i == unk or i is None else i for i in ids)
+    if start is None or end is None:  # a tokenizer without both markers cannot think: nothing to split
+        return None, None
+    return start, end
+
+
+def has_thinking_tokens(tokenizer) -> bool:
+    """True when the tokenizer has both ``<unused94>`` and ``<unused95>`` (every Gemma 3 tokenizer does)."""
+    return _thought_ids(tokenizer)[0] is not None
+
+
+@dataclass
+class ThinkingSplit:
+    """Generated ids split into the answer (outside the spans) and the thought (inside), in order."""
+
+    answer_ids: list[int]
+    thought_ids: list[list[int]]  # one list per span
+    closed: bool  # False when the last span had no <unused95> (cut by max_new_tokens)
+
+    @property
+    def has_thought(self) -> bool:
+        return bool(self.thought_ids)
+
+
+def split_thinking(token_ids: list[int], tokenizer) -> ThinkingSplit:
+    """Split generated ids at ``<unused94>…<unused95>`` spans (several, or an unclosed trailing one)."""
+    start, end = _thought_ids(tokenizer)
+    answer: list[int] = []
+    spans: list[list[int]] = []
+    inside = False
+    for t in token_ids:
+        if start is not None and t == start:
+            inside = True
+            spans.append([])
+        elif t == end and inside:
+            inside = False
+        elif inside:
+            spans[-1].append(t)
+        else:
+            answer.append(t)
+    return ThinkingSplit(answer, spans, closed=not inside)
 
 
 def strip_thinking(token_ids: list[int], tokenizer) -> list[int]:
     """Remove ``<unused94>…<unused95>`` spans (and an unclosed trailing one) from generated ids."""
-    start, end = _thought_ids(tokenizer)
-    if start is None:
-        return list(token_ids)
-    out, inside = [], False
-    for t in token_ids:
-        if t == start:
-            inside = True
-        elif t == end and inside:
-            inside = False
-        elif not inside:
-            out.append(t)
-    return out
+    return split_thinking(token_ids, tokenizer).answer_ids
+
+
+def thought_text(split: ThinkingSplit, tokenizer) -> str | None:
+    """The thought as text (spans joined by a blank line, the leading word ``thought`` removed), or None."""
+    if not split.has_thought:
+        return None
+    parts = []
+    for ids in split.thought_ids:
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if text.startswith(THOUGHT_WORD):
+            text = text[len(THOUGHT_WORD) :].strip()
+        parts.append(text)
+    return "\n\n".join(parts)
+
+
+def decode_with_thought(tokenizer, ids: list[int]) -> tuple[str, str | None]:
+    """``(answer, thought)`` of generated ids: the answer is what is shown and scored; the thought is kept apart."""
+    split = split_thinking(ids, tokenizer)
+    return tokenizer.decode(split.answer_ids, skip_special_tokens=True).strip(), thought_text(split, tokenizer)
+
+
+def fold_thought_markdown(answer: str, thought: str | None) -> str:
+    """Markdown (HTML ``<details>``) that shows the thought folded away above the answer (notebooks, eval.md)."""
+    if not thought:
+        return answer
+    body = display.md_escape(display.clip(thought, 2000))
+    return f"<details><summary>{THOUGHT_SUMMARY}</summary>\n\n{body}\n\n</details>\n\n{answer}"
+
+
+def fold_thought_html(thought: str | None) -> str:
+    """HTML for a widget: the thought folded in a ``<details>`` (closed), escaped, clipped; empty without one."""
+    import html
+
+    if not thought:
+        return ""
+    body = html.escape(display.clip(thought, 4000))
+    return (
+        f"<details><summary>{THOUGHT_SUMMARY}</summary>"
+        f"<div style='white-space:pre-wrap;color:#555'>{body}</div></details>"
+    )
+
+
+def fold_thought_text(thought: str | None, width: int = 40) -> str:
+    """The terminal's fallback: one line saying there was a thought, its size and how it starts."""
+    if not thought:
+        return ""
+    flat = " ".join(thought.split())
+    head = flat[:width] + ("…" if len(flat) > width else "")
+    return f"〔思考過程已摺疊：{len(flat)} 個字元，開頭「{head}」；評分與答案都不含這段〕"
 
 
 def _stop_ids(model) -> list[int]:
@@ -96,8 +192,7 @@ def _generate_kwargs(model, tokenizer, max_new_tokens: int, do_sample: bool, tem
 
 
 def _decode(tokenizer, ids: list[int]) -> str:
-    ids = strip_thinking(ids, tokenizer)
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return decode_with_thought(tokenizer, ids)[0]
 
 
 def _length(ids: list[int], stop_ids) -> dict:
@@ -119,8 +214,11 @@ def generate_answers(
     temperature: float = 0.7,
     top_p: float = 0.95,
     lengths: list | None = None,
+    thoughts: list | None = None,
 ) -> list[str]:
-    """Answer each question (greedy by default); returns plain answers in the same order.
+    """Answer each question (greedy by default); returns plain answers (thoughts removed) in the same order.
+
+    ``thoughts``: a list that receives, per answer, its thought text (:func:`decode_with_thought`) or None.
 
     ``lengths``: a list that receives, per answer, ``{"tokens": n, "stopped": bool}``: the tokens
     generated up to and including the first stop token, and whether one came before the limit
@@ -145,7 +243,10 @@ def generate_answers(
             with torch.inference_mode():
                 out = model.generate(**enc, **kwargs)
             new = out[:, enc["input_ids"].shape[1] :]
-            answers += [_decode(tokenizer, row.tolist()) for row in new]
+            decoded = [decode_with_thought(tokenizer, row.tolist()) for row in new]
+            answers += [a for a, _ in decoded]
+            if thoughts is not None:
+                thoughts += [t for _, t in decoded]
             if lengths is not None:
                 lengths += [_length(row.tolist(), kwargs["eos_token_id"]) for row in new]
     finally:
@@ -164,10 +265,12 @@ def stream_answer(
     system_prompt: str | None = None,
     temperature: float = 0.7,
     top_p: float = 0.95,
+    thought_sink: list | None = None,
 ) -> Iterator[str]:
-    """Yield the answer in pieces as it is generated (for chat UIs); thinking spans are hidden.
+    """Yield the answer in pieces as it is generated (for chat UIs); thinking spans are held back.
 
-    The pieces joined equal :func:`generate_answers`' answer for the same greedy settings.
+    The pieces joined equal :func:`generate_answers`' answer for the same greedy settings. ``thought_sink``
+    receives the thought text (or None) once generation has finished.
     """
 
     device = model.device
@@ -200,6 +303,8 @@ def stream_answer(
     thread.join(timeout=60)
     if error:
         raise error[0]
+    if thought_sink is not None:
+        thought_sink.append(streamer.thought())
 
 
 class ThoughtFilteringStreamer(TextIteratorStreamer):
@@ -209,6 +314,11 @@ class ThoughtFilteringStreamer(TextIteratorStreamer):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
         self.start_id, self.end_id = _thought_ids(tokenizer)
         self.inside = False
+        self.thought_ids: list[list[int]] = []
+
+    def thought(self) -> str | None:
+        """The thought seen so far, as :func:`thought_text` gives it (None when there was none)."""
+        return thought_text(ThinkingSplit([], self.thought_ids, not self.inside), self.tokenizer)
 
     def put(self, value):
         if self.skip_prompt and self.next_tokens_are_prompt:
@@ -217,9 +327,12 @@ class ThoughtFilteringStreamer(TextIteratorStreamer):
         for t in value.reshape(-1).tolist():
             if self.start_id is not None and t == self.start_id:
                 self.inside = True
+                self.thought_ids.append([])
             elif self.end_id is not None and t == self.end_id and self.inside:
                 self.inside = False
-            elif not self.inside:
+            elif self.inside:
+                self.thought_ids[-1].append(t)
+            else:
                 keep.append(t)
         if keep:
             super().put(torch.tensor(keep))

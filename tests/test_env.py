@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from medgemma_lib.env import EnvironmentReport, GPUInfo, collect_environment, format_report, recommend
 
 GOOD_PACKAGES = {"transformers": "5.23.0", "bitsandbytes": "0.50.2", "torch": "2.13.0"}
@@ -54,7 +56,32 @@ def test_16gb_t4_cannot_train_gemma3_and_says_why():
 
 def test_12gb_bf16_card_gets_4b():
     rec = recommend(machine([GPUInfo("NVIDIA GeForce RTX 3060", 12.0, (8, 6), True)]))
-    assert rec.profile == "medgemma-4b-it" and rec.preset.endswith("4b-8gb.yaml")
+    assert rec.profile == "medgemma-1.5-4b-it" and rec.preset == "configs/medgemma-1.5-4b-8gb.yaml"
+
+
+def test_doctor_refuses_transformers_older_than_5_6_for_multimodal_gemma3():
+    """Known answers: 5.5.2 is refused with the Chinese reason (exit 2 from doctor), 5.6.0 and 5.23.0 pass."""
+    from medgemma_lib.env import refuses_training
+
+    old = machine([GPUInfo("NVIDIA GeForce RTX 3060", 12.0, (8, 6), True)])
+    old.packages["transformers"] = "5.5.2"
+    rec = recommend(old)
+    assert not rec.ok and any("5.6" in p and "token_type_ids" in p for p in rec.problems)
+    assert refuses_training(old)
+    for fine in ("5.6.0", "5.23.0"):
+        old.packages["transformers"] = fine
+        assert not refuses_training(old) and not any("token_type_ids" in p for p in recommend(old).problems)
+
+
+def test_model_loading_refuses_old_transformers_before_loading(monkeypatch):
+    from medgemma_lib import models
+    from medgemma_lib.errors import ModelError
+
+    monkeypatch.setattr(models.transformers, "__version__", "5.5.0")  # the module object that loading reads
+    with pytest.raises(ModelError) as err:
+        models.load_model("medgemma-1.5-4b-it", quantization="none", device="cpu")
+    assert "5.6" in err.value.message and "token_type_ids" in err.value.message
+    models.check_transformers_for(models.PROFILES["medgemma-27b-text-it"])  # text-only class: no limit
 
 
 def test_6gb_card_falls_back_to_demo():

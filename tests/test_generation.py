@@ -101,3 +101,66 @@ def test_save_before_answers(tiny, tmp_path):
 def test_show_answers_always_carries_disclaimer():
     text = generation.show_answers(["糖尿病的症狀是什麼?"], ["口渴、多尿。"])
     assert MEDICAL_DISCLAIMER in text and "口渴" in text
+
+
+def _fake_generate_output(tokenizer, text_after_prompt: str):
+    return tokenizer(text_after_prompt, add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize(
+    ("generated", "answer", "thought"),
+    [
+        (
+            "<unused94>thought\nCheck sugar.<unused95>Diabetes raises blood sugar.<end_of_turn>",
+            "Diabetes raises blood sugar.",
+            "Check sugar.",
+        ),
+        ("Plain answer.<end_of_turn>", "Plain answer.", None),
+        ("<unused94>thought\nStill thinking", "", "Still thinking"),
+        ("<unused94>thought\nA<unused95>One. <unused94>thought\nB<unused95>Two.", "One. Two.", "A\n\nB"),
+    ],
+)
+def test_thought_and_answer_are_split(demo_tokenizer, generated, answer, thought):
+    from medgemma_lib.generation import decode_with_thought, fold_thought_markdown, fold_thought_text
+
+    ids = _fake_generate_output(demo_tokenizer, generated)
+    got_answer, got_thought = decode_with_thought(demo_tokenizer, ids)
+    assert (got_answer, got_thought) == (answer, thought)
+    shown = fold_thought_markdown(got_answer, got_thought)
+    if thought:
+        assert shown.startswith("<details><summary>模型的思考過程") and shown.endswith(answer)
+        assert "<unused94>" not in shown and "思考過程已摺疊" in fold_thought_text(got_thought)
+    else:
+        assert shown == answer and fold_thought_text(got_thought) == ""
+
+
+def test_generate_answers_stores_thought_apart_and_scores_the_answer_only(demo_tokenizer):
+    """A fake model whose generate returns prompt + <unused94>thought…<unused95>answer, through the real pipeline."""
+    import torch
+
+    from medgemma_lib.evaluate import text_metrics
+    from medgemma_lib.generation import THINKING_SYSTEM_PROMPT, generate_answers, system_prompt_for
+
+    tail = _fake_generate_output(
+        demo_tokenizer, "<unused94>thought\nLong reasoning words.<unused95>High blood sugar.<end_of_turn>"
+    )
+
+    class FakeModel(torch.nn.Module):
+        device = torch.device("cpu")
+        generation_config = None
+
+        def generate(self, input_ids, attention_mask=None, **kw):
+            self.prompt = demo_tokenizer.decode(input_ids[0])
+            return torch.cat([input_ids, torch.tensor([tail] * input_ids.shape[0])], dim=1)
+
+    model, thoughts = FakeModel(), []
+    answers = generate_answers(
+        model, demo_tokenizer, ["What is diabetes?"], system_prompt=system_prompt_for(None, True), thoughts=thoughts
+    )
+    assert answers == ["High blood sugar."] and thoughts == ["Long reasoning words."]
+    assert THINKING_SYSTEM_PROMPT in model.prompt
+    assert system_prompt_for("Be short.", False) == "Be short."
+    ref = ["Diabetes means high blood sugar."]
+    scored = text_metrics(answers, ref)
+    assert scored["rougeL"] == text_metrics(["High blood sugar."], ref)["rougeL"]
+    assert scored["rougeL"] != text_metrics(["Long reasoning words. High blood sugar."], ref)["rougeL"]

@@ -15,10 +15,16 @@ from medgemma_lib.errors import ModelError
 
 
 def test_registry_knows_the_four_profiles():
-    assert set(models.PROFILES) == {"demo", "medgemma-4b-it", "medgemma-27b-text-it", "medgemma-27b-it"}
+    assert set(models.PROFILES) == {
+        "demo",
+        "medgemma-4b-it",
+        "medgemma-1.5-4b-it",
+        "medgemma-27b-text-it",
+        "medgemma-27b-it",
+    }
     assert models.PROFILES["medgemma-27b-text-it"].model_class == "Gemma3ForCausalLM"
     assert not models.PROFILES["medgemma-27b-text-it"].has_vision_tower
-    for name in ("medgemma-4b-it", "medgemma-27b-it"):
+    for name in ("medgemma-4b-it", "medgemma-1.5-4b-it", "medgemma-27b-it"):
         p = models.PROFILES[name]
         assert p.model_class == "Gemma3ForConditionalGeneration" and p.has_vision_tower and p.gated
         assert p.hub_id == f"google/{name}"
