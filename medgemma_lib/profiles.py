@@ -147,6 +147,21 @@ class ModelProfile:
         return r".*language_model.*\.(" + "|".join(names) + r")$"
 
 
+_MEDGEMMA_4B = ModelProfile(
+    "medgemma-4b-it",
+    "google/medgemma-4b-it",
+    "Gemma3ForConditionalGeneration",
+    True,
+    "bfloat16",
+    "sdpa",
+    4.3,
+    True,
+    "MedGemma 4B 指令微調版 1.0（含影像編碼器；本課程只用文字部分）；新版為 medgemma-1.5-4b-it",
+    replace(_LM_4B, vision_params=SIGLIP_VISION_PARAMS),
+    presets=("configs/medgemma-4b-8gb.yaml", "configs/medgemma-4b-24gb.yaml", "configs/medgemma-4b-141gb.yaml"),
+    released="2025-05-20",
+)
+
 PROFILES: dict[str, ModelProfile] = {
     p.name: p
     for p in [
@@ -163,31 +178,13 @@ PROFILES: dict[str, ModelProfile] = {
             Architecture("demo", 640, 18, 2048, 4, 1, 256, 262_144, sliding_window=512, max_position_embeddings=32_768),
             presets=("configs/demo.yaml",),
         ),
-        ModelProfile(
-            "medgemma-4b-it",
-            "google/medgemma-4b-it",
-            "Gemma3ForConditionalGeneration",
-            True,
-            "bfloat16",
-            "sdpa",
-            4.3,
-            True,
-            "MedGemma 4B 指令微調版 1.0（含影像編碼器；本課程只用文字部分）；新版為 medgemma-1.5-4b-it",
-            replace(_LM_4B, vision_params=SIGLIP_VISION_PARAMS),
-            presets=("configs/medgemma-4b-8gb.yaml", "configs/medgemma-4b-24gb.yaml", "configs/medgemma-4b-141gb.yaml"),
-            released="2025-05-20",
-        ),
-        ModelProfile(
-            "medgemma-1.5-4b-it",
-            "google/medgemma-1.5-4b-it",
-            "Gemma3ForConditionalGeneration",
-            True,
-            "bfloat16",
-            "sdpa",
-            4.3,
-            True,
-            "MedGemma 1.5 4B 指令微調版（2026-01 發布，目前建議的 4B；含影像編碼器，本課程只用文字部分）",
-            replace(_LM_4B, name="medgemma-1.5-4b-it", vision_params=SIGLIP_VISION_PARAMS),
+        _MEDGEMMA_4B,
+        replace(  # 1.5: the same class, language model and tower as 1.0; other training
+            _MEDGEMMA_4B,
+            name="medgemma-1.5-4b-it",
+            hub_id="google/medgemma-1.5-4b-it",
+            description="MedGemma 1.5 4B 指令微調版（2026-01 發布，目前建議的 4B；含影像編碼器，本課程只用文字部分）",
+            architecture=replace(_MEDGEMMA_4B.architecture, name="medgemma-1.5-4b-it"),
             presets=(
                 "configs/medgemma-1.5-4b-8gb.yaml",
                 "configs/medgemma-1.5-4b-24gb.yaml",

@@ -52,7 +52,7 @@ def demo_tokenizer(demo_model_dir):
 def build_tiny_gemma3(folder: Path, tokenizer, seed: int = 0) -> Path:
     """Save a tiny random Gemma3ForCausalLM (real vocabulary size) with the real tokenizer."""
     import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     from medgemma_lib.models import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
 
@@ -74,6 +74,15 @@ def build_tiny_gemma3(folder: Path, tokenizer, seed: int = 0) -> Path:
     )
     config.architectures = ["Gemma3ForCausalLM"]
     model = Gemma3ForCausalLM(config)
+    return save_tiny(model, folder, tokenizer)
+
+
+def save_tiny(model, folder: Path, tokenizer) -> Path:
+    """Save a tiny model with Gemma 3's stop tokens in its generation config, and the tokenizer beside it."""
+    from transformers import GenerationConfig
+
+    from medgemma_lib.models import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
+
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID], pad_token_id=PAD_ID, do_sample=False
     )
@@ -81,6 +90,38 @@ def build_tiny_gemma3(folder: Path, tokenizer, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_multimodal_config(vocab_size: int, **text):
+    """A tiny ``Gemma3Config``: a 2-layer language model (sliding + full attention) and a 2-layer SigLIP tower."""
+    from transformers import Gemma3Config
+
+    return Gemma3Config(
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+            **text,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+        },
+        mm_tokens_per_image=4,
+        image_token_index=vocab_size - 1,
+        boi_token_index=vocab_size - 3,
+        eoi_token_index=vocab_size - 2,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import shutil
 
 import pytest
 from _lora_runs import make_run
+from conftest import save_tiny, tiny_multimodal_config
 from train_helpers import ROOT, tiny_overrides
 
 from medgemma_lib import MEDICAL_DISCLAIMER, cli, models
@@ -31,51 +32,22 @@ REPLY = f"<unused94>thought\n{THOUGHT}<unused95>{ANSWER}<end_of_turn>"
 def build_tiny_medgemma15(folder, tokenizer, seed: int = 0):
     """A tiny random ``Gemma3ForConditionalGeneration`` with the 1.5 layout (sliding/full layers, vision tower)."""
     import torch
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GenerationConfig
+    from transformers import Gemma3ForConditionalGeneration
 
     from medgemma_lib.models import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
 
     torch.manual_seed(seed)
     arch = PROFILES["medgemma-1.5-4b-it"].architecture
-    cfg = Gemma3Config(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
-            "sliding_window": 16,
-            "layer_types": ["sliding_attention", "full_attention"],
-            "max_position_embeddings": 2048,
-            "bos_token_id": BOS_ID,
-            "eos_token_id": [EOS_ID, END_OF_TURN_ID],
-            "pad_token_id": PAD_ID,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 28,
-            "patch_size": 14,
-        },
-        mm_tokens_per_image=4,
-        image_token_index=len(tokenizer) - 1,
-        boi_token_index=len(tokenizer) - 3,
-        eoi_token_index=len(tokenizer) - 2,
+    assert arch.vision_params > 0 and arch.layers == 34  # the shape this stands in for
+    cfg = tiny_multimodal_config(
+        len(tokenizer),
+        max_position_embeddings=2048,
+        bos_token_id=BOS_ID,
+        eos_token_id=[EOS_ID, END_OF_TURN_ID],
+        pad_token_id=PAD_ID,
     )
     cfg.architectures = ["Gemma3ForConditionalGeneration"]
-    model = Gemma3ForConditionalGeneration(cfg)
-    model.generation_config = GenerationConfig(
-        bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID], pad_token_id=PAD_ID, do_sample=False
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    assert arch.vision_params > 0 and arch.layers == 34  # the shape this stands in for
-    return folder
+    return save_tiny(Gemma3ForConditionalGeneration(cfg), folder, tokenizer)
 
 
 def _vision_state(model) -> dict:

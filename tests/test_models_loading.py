@@ -55,35 +55,12 @@ def test_fp16_is_refused_with_the_reason():
 
 def test_lora_targets_skip_the_vision_tower():
     import torch
+    from conftest import tiny_multimodal_config
     from peft import LoraConfig, get_peft_model
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers import Gemma3ForConditionalGeneration
 
     torch.manual_seed(0)
-    cfg = Gemma3Config(
-        text_config={
-            "vocab_size": 300,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
-            "sliding_window": 16,
-            "layer_types": ["sliding_attention", "full_attention"],
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 28,
-            "patch_size": 14,
-        },
-        mm_tokens_per_image=4,
-        image_token_index=299,
-        boi_token_index=297,
-        eoi_token_index=298,
-    )
+    cfg = tiny_multimodal_config(300)
     model = Gemma3ForConditionalGeneration(cfg)
     # The vision tower has q_proj/k_proj/v_proj/out_proj and fc1/fc2 of its own: a plain name list would hit them.
     assert any("vision_tower" in n and n.endswith("q_proj") for n, _ in model.named_modules())
