@@ -17,6 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 VARLEN_ATTN = "medgemma_varlen"
 
 
+@torch.compiler.disable  # per-example lengths are data: the compiled layer calls it as a function (no graph)
 def varlen_attention_forward(
     module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, sliding_window=None, **kwargs
 ):

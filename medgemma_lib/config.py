@@ -133,6 +133,15 @@ class TrainSection:
     padding_free: bool = _f(True, "不填充：一個批次的樣本首尾相接，省去 padding 的計算")
     use_liger_kernel: bool = _f(False, "使用 Liger 核心（需要 CUDA 與 liger-kernel 套件）")
     gradient_checkpointing: bool = _f(True, "梯度檢查點：以重算換取記憶體")
+    activation_offloading: bool = _f(
+        False,
+        "把梯度檢查點存下的每層輸入移到 CPU 記憶體（TRL 的 activation offloading，另一條 CUDA stream 重疊搬運）；"
+        "只在 CUDA 上有效，CPU 上忽略",
+    )
+    compile_layers: bool = _f(
+        False,
+        "以 torch.compile 逐層編譯語言模型的每一層解碼器（含 LoRA 與 NF4 反量化）；第一步多花編譯時間",
+    )
     optim: str = _f("adamw_torch", "最佳化器，例如 adamw_torch、adamw_torch_fused、paged_adamw_8bit")
     weight_decay: float = _f(0.0, "權重衰減", min=0.0, max=1.0)
     max_grad_norm: float = _f(1.0, "梯度裁剪上限", min=0.0)

@@ -108,6 +108,8 @@ def sft_config(
         use_cpu=device == "cpu",
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
+        # TRL's saved-tensor hooks: with checkpointing they hold the inputs each checkpointed layer keeps (CUDA only).
+        activation_offloading=bool(t.activation_offloading) and device.startswith("cuda"),
         max_length=max_length,
         packing=packing,
         packing_strategy="bfd",
@@ -264,7 +266,35 @@ def prepare_model_for_training(cfg: RunConfig, model, profile, device: str, verb
     if not isinstance(model, PeftModel):
         set_seed(cfg.train.seed)  # the Trainer seeds only after the model exists: seed the LoRA init here
         model = get_peft_model(model, lora_config(cfg, profile))
+    if cfg.train.compile_layers:
+        compile_decoder_layers(model)
     return model
+
+
+COMPILE_RECOMPILE_LIMIT = 64  # two layer kinds (sliding / full attention) × a few row lengths, with room
+
+
+def compile_decoder_layers(model) -> int:
+    """``torch.compile`` each decoder layer of the language model on its own (regional compilation).
+
+    The compiled region is one layer's norms, LoRA linears, NF4 dequantisation, RoPE and MLP; the
+    attention kernel over packed examples stays outside (:func:`medgemma_lib.attention.varlen_attention_forward`
+    is excluded from compilation, as its per-example lengths are data). Layers of one kind share the
+    compiled code, so a 62-layer model compiles twice (sliding and full attention), then once more when
+    the row length first changes (shapes then become dynamic). Returns the number of layers compiled.
+    """
+    import torch._dynamo  # noqa: PLC0415 - torch's compiler settings; imported only when compilation is asked for
+
+    for key in ("recompile_limit", "cache_size_limit"):  # renamed in torch 2.7; set whichever exists
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), COMPILE_RECOMPILE_LIMIT))
+    n = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer") and "vision" not in type(module).__module__:
+            if getattr(module, "_compiled_call_impl", None) is None:
+                module.compile()
+            n += 1
+    return n
 
 
 def apply_liger(model) -> None:

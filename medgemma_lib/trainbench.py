@@ -1,0 +1,524 @@
+"""The product's own training path, timed: :func:`medgemma_lib.train.run_training` on random-weight architectures.
+
+``python -m medgemma_lib.bench --arch 4b --preset configs/medgemma-4b-8gb.yaml`` (see :mod:`medgemma_lib.bench`)
+lands here. Each row is one ``run_training`` call: the preset's YAML with a few overrides, the same
+``LeanSFTTrainer``, collator, packing, Liger kernels, varlen attention, loss and optimizer as a real run.
+What is not the product's:
+
+* the model: :func:`medgemma_lib.bench.build_model` (the real architecture, random weights, NF4 exactly as
+  loading quantises a checkpoint), presented to ``run_training`` through a folder holding its ``config.json``;
+* the data: prompt/completion records whose token lengths are those of the real MedQuAD pairs under the
+  Gemma 3 chat template (``resources/medquad_token_lengths.json``), written in a word-level tokenizer
+  (:func:`synthetic_tokenizer`) where each word is one token, so a record tokenises to exactly its MedQuAD
+  length (tested);
+* per-step timing: a callback that synchronises the GPU at each optimizer step's start and end.
+
+Useful tokens are real tokens (packing is padding-free): TRL's ``num_tokens`` between the end of the
+warm-up and the last step, over the synchronised time between them. Warm-up steps carry the compile time
+of ``train.compile_layers``, reported apart (``warmup_s``). :func:`lever_gradients` checks a lever on the
+same batch against the preset without it (LoRA gradients, tensor by tensor).
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch._dynamo
+from datasets import Dataset, DatasetDict
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast, TrainerCallback
+
+from medgemma_lib import bench, models, train, trainer
+from medgemma_lib.atomic import write_json, write_text
+from medgemma_lib.config import load_config
+from medgemma_lib.profiles import BOS_ID, EOS_ID, PAD_ID
+
+UNK_ID = 3
+SPECIAL = {"<pad>": PAD_ID, "<eos>": EOS_ID, "<bos>": BOS_ID, "<unk>": UNK_ID}
+CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+FIRST_WORD = max(SPECIAL.values()) + 1
+
+
+def synthetic_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``w4 … w{vocab_size-1}``: one word, one token; the chat template adds ``<bos>``."""
+    vocab = dict(SPECIAL)
+    vocab.update({f"w{i}": i for i in range(FIRST_WORD, vocab_size)})
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "right"
+    return fast
+
+
+def synthetic_datasets(full: list[int], prompt: list[int], n_examples: int, vocab_size: int, seed: int = 0):
+    """``n_examples`` prompt/completion records drawn (seeded) from the MedQuAD lengths; returns (datasets, lengths).
+
+    A record of MedQuAD length ``n`` with a prompt of ``p`` tokens holds ``p - 1`` prompt words (the template
+    adds ``<bos>``) and ``n - p`` answer words, each a random token id.
+    """
+    rng = random.Random(seed)
+    picks = [rng.randrange(len(full)) for _ in range(n_examples)]
+    rows, lengths = [], []
+    for i in picks:
+        n, p = full[i], max(2, min(prompt[i], full[i] - 1))
+        words = [f"w{rng.randrange(FIRST_WORD, vocab_size)}" for _ in range(n - 1)]
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": " ".join(words[: p - 1])}],
+                "completion": [{"role": "assistant", "content": " ".join(words[p - 1 :])}],
+            }
+        )
+        lengths.append((n, p))
+    return DatasetDict({"train": Dataset.from_list(rows)}), lengths
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step, the GPU synchronised at its start and end."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.graphs: list[int] = []
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.starts.append(self._now())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(self._now())
+        self.graphs.append(int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))  # a recompile adds graphs
+
+
+def model_folder(arch_config, root: Path) -> Path:
+    """A folder ``run_training`` accepts as the model: the architecture's ``config.json`` and a whole (tiny)
+    safetensors file. Nothing is loaded from it (the model is passed in)."""
+    folder = root / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    arch_config.architectures = ["Gemma3ForCausalLM"]
+    arch_config.save_pretrained(folder)
+    save_file({"placeholder": torch.zeros(1)}, str(folder / "model.safetensors"))
+    return folder
+
+
+BENCH_OVERRIDES = [
+    "train.logging_steps=1",  # one log line a step: TRL's token count at every step
+    "train.eval_steps=1000000",
+    "train.save_steps=1000000",
+    "train.report_to=[]",
+    "train.auto_oom_retry=false",  # an OOM is a result, not something to hide
+]
+
+
+def run_preset(
+    arch: str,
+    preset: str,
+    overrides: list[str],
+    *,
+    name: str,
+    device: str,
+    full: list[int],
+    prompt: list[int],
+    steps: int = 8,
+    warmup: int = 3,
+    seed: int = 0,
+    log=print,
+) -> dict:
+    """One ``run_training`` call of ``preset`` (+ ``overrides``) on a random-weight ``arch``; its row."""
+    cuda = device.startswith("cuda")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        config = bench.text_config(arch)
+        folder = model_folder(config, root)
+        cfg = load_config(
+            preset,
+            [
+                f"model.profile={folder}",
+                f"train.output_dir={root / 'runs'}",
+                f"train.run_name={name}",
+                f"train.max_steps={warmup + steps}",
+                "train.warmup_ratio=0.0",
+                *BENCH_OVERRIDES,
+                *overrides,
+            ],
+        )
+        t = cfg.train
+        row_tokens = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.max_length
+        need = int((warmup + steps + 2) * row_tokens / (statistics.mean(full) * 0.97)) + 64
+        datasets, lengths = synthetic_datasets(full, prompt, need, config.vocab_size, seed=seed)
+        tokenizer = synthetic_tokenizer(config.vocab_size)
+        model, info = bench.build_model(arch, device, seed=seed)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        timer = StepTimer(device)
+        started = time.perf_counter()
+        error = None
+        try:
+            result = train.run_training(
+                cfg, datasets=datasets, model=model, tokenizer=tokenizer, callbacks=[timer], verbose=False
+            )
+        except torch.OutOfMemoryError as exc:  # a setting that does not fit is a row of its own
+            result, error = None, f"OutOfMemoryError: {str(exc).splitlines()[0]}"
+        wall = time.perf_counter() - started
+        peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        peak_res = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
+        row = {
+            "name": name,
+            "arch": arch,
+            "preset": preset,
+            "overrides": list(overrides),
+            "path": "run_training",
+            "micro_batch": t.per_device_train_batch_size,
+            "grad_accum": t.gradient_accumulation_steps,
+            "row_length": t.max_length,
+            "max_example_length": t.max_example_length,
+            "grad_ckpt": t.gradient_checkpointing,
+            "liger": t.use_liger_kernel,
+            "activation_offloading": t.activation_offloading,
+            "compile_layers": t.compile_layers,
+            "optim": t.optim,
+            "steps": steps,
+            "warmup": warmup,
+            "examples_drawn": len(lengths),
+            "build": info,
+            "wall_s": round(wall, 1),
+            "peak_allocated_gib": round(peak_alloc, 3) if cuda else None,
+            "peak_reserved_gib": round(peak_res, 3) if cuda else None,
+            "error": error,
+        }
+        if result is not None:
+            tokens = [h["num_tokens"] for h in result.trainer.state.log_history if "num_tokens" in h and "loss" in h]
+            losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h and "num_tokens" in h]
+            ends, starts = timer.ends, timer.starts
+            step_s = [e - s for s, e in zip(starts, ends)]
+            measured = step_s[warmup:]
+            useful = tokens[-1] - tokens[warmup - 1] if len(tokens) > warmup else None
+            span = ends[-1] - ends[warmup - 1] if len(ends) > warmup else None
+            row.update(
+                {
+                    "tokens_per_step": [
+                        int(b - a) for a, b in zip([0, *tokens[:-1]], tokens)
+                    ],  # TRL's running count, differenced
+                    "losses": [round(x, 4) for x in losses],
+                    "step_s": [round(x, 4) for x in step_s],
+                    "useful_tokens_measured": int(useful) if useful is not None else None,
+                    "useful_tok_s": round(useful / span, 1) if useful and span else None,
+                    "median_step_s": round(statistics.median(measured), 4) if measured else None,
+                    "warmup_s": round(sum(step_s[:warmup]), 2),
+                    "compile_overhead_s": round(sum(step_s[:warmup]) - warmup * statistics.median(measured), 2)
+                    if measured
+                    else None,
+                    "run_training_memory": result.memory,
+                    "compiled_graphs_per_step": timer.graphs,
+                    "recompiles_while_measured": timer.graphs[-1] - timer.graphs[warmup - 1]
+                    if len(timer.graphs) > warmup
+                    else None,
+                }
+            )
+            del result
+        log(
+            f"[{arch}] {name}: "
+            + (
+                f"{row.get('useful_tok_s')} tok/s, step {row.get('median_step_s')} s, "
+                f"reserved {row.get('peak_reserved_gib')} GiB, warm-up {row.get('warmup_s')} s"
+                if error is None
+                else error
+            )
+        )
+    del model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()  # compiled code holds the model's layers
+    return row
+
+
+def _lora_grads(model) -> dict:
+    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def lever_gradients(
+    arch: str,
+    preset: str,
+    levers: dict[str, list[str]],
+    *,
+    device: str,
+    full: list[int],
+    prompt: list[int],
+    base: list[str] | None = None,
+    seed: int = 0,
+    log=print,
+) -> dict:
+    """LoRA gradients of one packed batch through ``LeanSFTTrainer.training_step``: the preset, then each lever
+    on the same model and batch; per lever the largest relative difference over all LoRA tensors
+    (``max |g_lever - g_preset| / max |g_preset|`` per tensor). LoRA B starts random (with B = 0 every A
+    gradient is zero and proves nothing)."""
+    out: dict = {"arch": arch, "preset": preset, "levers": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        config = bench.text_config(arch)
+        folder = model_folder(config, root)
+        base_overrides = [
+            f"model.profile={folder}",
+            f"train.output_dir={root / 'runs'}",
+            *BENCH_OVERRIDES,
+            *(base or []),
+        ]
+        cfg = load_config(preset, base_overrides)
+        datasets, _ = synthetic_datasets(full, prompt, 400, config.vocab_size, seed=seed)
+        tokenizer = synthetic_tokenizer(config.vocab_size)
+        model, _info = bench.build_model(arch, device, seed=seed)
+        profile, _ = models.resolve_profile(str(folder))
+        model = trainer.prepare_model_for_training(cfg, model, profile, device, verbose=False)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
+        train_ds = train.conversational_only(datasets["train"])
+
+        def grads(run_cfg):
+            tr = trainer.build_trainer(run_cfg, root / "runs", device, model, tokenizer, train_ds, None, [], 1, 1)
+            batch = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
+            n_items = int((batch["labels"][:, 1:] != -100).sum())
+            model.zero_grad(set_to_none=True)
+            loss = tr.training_step(model, dict(batch), torch.tensor(n_items, device=batch["labels"].device))
+            g = _lora_grads(model)
+            model.zero_grad(set_to_none=True)
+            return float(loss.detach()), g, int(batch["input_ids"].shape[1])
+
+        loss0, g0, width = grads(cfg)
+        out.update({"loss": loss0, "row_tokens": width, "tensors": len(g0)})
+        for name, extra in levers.items():
+            lever_cfg = load_config(preset, [*base_overrides, *extra])
+            if lever_cfg.train.compile_layers:
+                trainer.compile_decoder_layers(model)
+            loss1, g1, _ = grads(lever_cfg)
+            worst, where = 0.0, None
+            for k, a in g0.items():
+                d = float((g1[k] - a).abs().max() / a.abs().max().clamp(min=1e-30))
+                if d > worst:
+                    worst, where = d, k
+            out["levers"][name] = {"overrides": extra, "loss": loss1, "max_rel_diff": worst, "worst_tensor": where}
+            log(f"[{arch}] gradients {name}: loss {loss1:.5f} vs {loss0:.5f}, largest rel. diff {worst:.2e}")
+    model = None  # noqa: F841 - free the model before the next row
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The rows of one run per architecture
+
+ACC1 = "train.gradient_accumulation_steps=1"  # one micro-batch per timed step (the optimizer steps 8× as often)
+NO_LIGER = "train.use_liger_kernel=false"
+OFFLOAD = "train.activation_offloading=true"
+COMPILE = "train.compile_layers=true"
+
+ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
+    "4b": [
+        ("8gb", "configs/medgemma-4b-8gb.yaml", [ACC1]),
+        ("8gb-offload", "configs/medgemma-4b-8gb.yaml", [ACC1, OFFLOAD]),
+        ("8gb-compile", "configs/medgemma-4b-8gb.yaml", [ACC1, COMPILE, NO_LIGER]),
+        ("8gb-compile-offload", "configs/medgemma-4b-8gb.yaml", [ACC1, COMPILE, NO_LIGER, OFFLOAD]),
+        ("8gb-compile-liger", "configs/medgemma-4b-8gb.yaml", [ACC1, COMPILE]),
+        (
+            "8gb-2x8192-compile-offload",
+            "configs/medgemma-4b-8gb.yaml",
+            [ACC1, COMPILE, NO_LIGER, OFFLOAD, "train.per_device_train_batch_size=2"],
+        ),
+        ("141gb", "configs/medgemma-4b-141gb.yaml", [ACC1]),
+        ("141gb-compile", "configs/medgemma-4b-141gb.yaml", [ACC1, COMPILE, NO_LIGER]),
+    ],
+    "27b": [
+        ("24gb", "configs/medgemma-27b-24gb.yaml", [ACC1]),
+        ("24gb-offload", "configs/medgemma-27b-24gb.yaml", [ACC1, OFFLOAD]),
+        ("24gb-compile-offload", "configs/medgemma-27b-24gb.yaml", [ACC1, COMPILE, NO_LIGER, OFFLOAD]),
+        ("24gb-compile", "configs/medgemma-27b-24gb.yaml", [ACC1, COMPILE, NO_LIGER]),
+        (
+            "24gb-4096-compile-offload",
+            "configs/medgemma-27b-24gb.yaml",
+            [ACC1, COMPILE, NO_LIGER, OFFLOAD, "train.max_length=4096"],
+        ),
+        ("141gb", "configs/medgemma-27b-141gb.yaml", [ACC1]),
+        ("141gb-compile", "configs/medgemma-27b-141gb.yaml", [ACC1, COMPILE, NO_LIGER]),
+    ],
+    "tiny": [
+        ("tiny", "configs/demo.yaml", [ACC1, "train.max_length=256", "train.max_example_length=128"]),
+    ],
+}
+# Checked against the preset without Liger (transformers' own kernels), on the same model and batch, in this order
+# (compilation stays on once a lever turned it on).
+GRAD_LEVERS = {"offload": [OFFLOAD], "compile": [COMPILE], "compile-offload": [COMPILE, OFFLOAD]}
+
+
+def _ceiling(row: dict, info: dict, tflops: float) -> None:
+    """Share of the matmul ceiling (6 FLOPs per parameter and token with checkpointing, 4 without) and epoch time."""
+    per_token = (6 if row["grad_ckpt"] else 4) * info["matmul_params"]
+    ceiling = tflops * 1e12 / per_token
+    row["compute_ceiling_tok_s"] = round(ceiling, 1)
+    if row.get("useful_tok_s"):
+        row["share_of_ceiling"] = round(row["useful_tok_s"] / ceiling, 3)
+
+
+def epoch_hours(row: dict, full: list[int]) -> float | None:
+    """One pass over the full MedQuAD at this row's speed, examples cut at its ``max_example_length``."""
+    if not row.get("useful_tok_s"):
+        return None
+    cut = row.get("max_example_length") or row["row_length"]
+    return round(sum(min(n, cut) for n in full) / row["useful_tok_s"] / 3600, 3)
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "| arch | row | path | setting | useful tok/s | × original | share of ceiling | step s (median) | "
+        "warm-up s | peak alloc GiB | peak reserved GiB | epoch min |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arch, res in results["archs"].items():
+        base = res.get("original", {}).get("useful_tokens_per_s")
+        for r in res["rows"]:
+            tok = r.get("useful_tok_s") or r.get("useful_tokens_per_s")
+            ratio = f"{tok / base:.2f}" if tok and base else "—"
+            setting = r.get("short") or " ".join(o.split(".", 1)[-1] for o in r.get("overrides", []))
+            ep = r.get("epoch_hours")
+            lines.append(
+                f"| {arch} | {r['name']} | {r.get('path', 'bench loop')} | {setting} | {tok or r.get('error')} | "
+                f"{ratio} | {r.get('share_of_ceiling', '—')} | {r.get('median_step_s') or r.get('step_s_median')} | "
+                f"{r.get('warmup_s', '—')} | {r.get('peak_allocated_gib')} | {r.get('peak_reserved_gib')} | "
+                f"{round(ep * 60, 1) if ep else '—'} |"
+            )
+    return "\n".join(lines)
+
+
+def run(
+    archs: list[str],
+    out_dir: str | Path,
+    *,
+    only: list[str] | None = None,
+    grads: bool = True,
+    original: bool = True,
+    steps: int = 8,
+    warmup: int = 3,
+    budget_s: float | None = None,
+    device: str | None = None,
+    log=print,
+) -> dict:
+    """Gradient check of the levers, the original recipe (bench's loop) and the preset rows through
+    ``run_training``, per architecture; ``trainbench.json`` and ``trainbench.md`` in ``out_dir`` after every row."""
+    started = time.perf_counter()
+    device = device or models.default_device()
+    full, prompt = bench.load_token_lengths()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tflops = bench.measure_matmul_tflops(device) or bench.MATMUL_TFLOPS_H200
+    results: dict = {
+        "command": "python -m medgemma_lib.trainbench",
+        "environment": bench.environment(),
+        "matmul_tflops": tflops,
+        "archs": {},
+    }
+
+    def save() -> None:
+        write_json(out / "trainbench.json", results)
+        write_text(out / "trainbench.md", markdown(results) + "\n")
+
+    def time_left() -> bool:
+        return budget_s is None or time.perf_counter() - started < budget_s
+
+    for arch in archs:
+        res = results["archs"].setdefault(arch, {"rows": []})
+        rows = [r for r in ROWS[arch] if not only or r[0] in only]
+        if grads and arch != "tiny" and device.startswith("cuda") and time_left():
+            res["gradients"] = lever_gradients(
+                arch, rows[0][1], GRAD_LEVERS, base=[NO_LIGER], device=device, full=full, prompt=prompt, log=log
+            )
+            save()
+        if original and time_left():
+            model, info = bench.build_model(arch, device)
+            info["matmul_tflops"] = tflops
+            variant = bench._original(steps=3, warmup=1) if arch == "tiny" else bench._original()
+            row = bench.run_variant(model, info, variant, full, prompt, device, log=log)
+            row.update({"path": "bench loop (reference)", "short": variant.short()})
+            res["original"] = row
+            res["rows"].append(row)
+            del model
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            save()
+        for name, preset, overrides in rows:
+            if not time_left():
+                log(f"[{arch}] {name}: 略過（超過 --budget-s）")
+                continue
+            row = run_preset(
+                arch,
+                preset,
+                overrides,
+                name=name,
+                device=device,
+                full=full,
+                prompt=prompt,
+                steps=steps,
+                warmup=warmup,
+                log=log,
+            )
+            _ceiling(row, row["build"], tflops)
+            row["epoch_hours"] = epoch_hours(row, full)
+            res["rows"].append(row)
+            save()
+    log(markdown(results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse  # noqa: PLC0415 - the command line of this module only
+
+    p = argparse.ArgumentParser(
+        prog="python -m medgemma_lib.trainbench",
+        description="以隨機權重的真實架構，經由產品本身的 run_training 量測各預設的訓練速度與 GPU 記憶體",
+    )
+    p.add_argument("--arch", default="4b", help="架構，逗號分隔：4b、27b、tiny")
+    p.add_argument("--out", default="results/trainbench", help="輸出資料夾（trainbench.json、trainbench.md）")
+    p.add_argument("--only", default="", help="只跑這些列（逗號分隔的列名）")
+    p.add_argument("--steps", type=int, default=8, help="計時的步數")
+    p.add_argument("--warmup", type=int, default=3, help="不計時的暖身步數（含編譯）")
+    p.add_argument("--budget-s", type=float, default=None, help="超過這麼多秒就不再開始新的一列")
+    p.add_argument("--no-grads", action="store_true", help="不做槓桿的梯度比對")
+    p.add_argument("--no-original", action="store_true", help="不跑原始指南的對照列")
+    a = p.parse_args(argv)
+    run(
+        [x.strip() for x in a.arch.split(",") if x.strip()],
+        a.out,
+        only=[x for x in a.only.split(",") if x] or None,
+        grads=not a.no_grads,
+        original=not a.no_original,
+        steps=a.steps,
+        warmup=a.warmup,
+        budget_s=a.budget_s,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
