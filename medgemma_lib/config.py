@@ -399,6 +399,13 @@ def _cross_checks(cfg: RunConfig) -> None:
             "data.validation_fraction 與 data.test_fraction 加起來太大，訓練集幾乎沒有資料。",
             hint="兩者相加請小於 0.9，例如各 0.1。",
         )
+    if cfg.train.compile_layers and cfg.train.activation_offloading:
+        raise ConfigError(
+            "train.compile_layers 與 train.activation_offloading 目前不能同時開啟：在 H200 上實測（2026-12-03），"
+            "編譯過的層在反向傳播時讀到從 CPU 移回的張量會中止（torch inductor 的步幅檢查失敗）。",
+            hint="二選一：記憶體夠時用 train.compile_layers=true（較快），"
+            "不夠時用 train.activation_offloading=true（較省）。",
+        )
     if cfg.train.max_steps == 0 or (cfg.train.max_steps < 0 and cfg.train.num_train_epochs <= 0):
         raise ConfigError(
             "訓練步數為 0：train.max_steps 與 train.num_train_epochs 都沒有指定要訓練。",

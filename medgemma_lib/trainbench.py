@@ -87,8 +87,11 @@ def synthetic_datasets(full: list[int], prompt: list[int], n_examples: int, voca
 class StepTimer(TrainerCallback):
     """Wall time of each optimizer step, the GPU synchronised at its start and end."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, profile_step: int | None = None):
         self.cuda = device.startswith("cuda")
+        self.profile_step = profile_step  # 0-based optimizer step to record with torch.profiler (None: none)
+        self.profiler = None
+        self.profile: dict | None = None
         self.starts: list[float] = []
         self.ends: list[float] = []
         self.graphs: list[int] = []
@@ -99,11 +102,49 @@ class StepTimer(TrainerCallback):
         return time.perf_counter()
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if self.profile_step is not None and len(self.starts) == self.profile_step:
+            kinds = [torch.profiler.ProfilerActivity.CPU]
+            if self.cuda:
+                kinds.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=kinds)
+            self.profiler.__enter__()
         self.starts.append(self._now())
 
     def on_step_end(self, args, state, control, **kwargs):
         self.ends.append(self._now())
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.profile = profile_summary(self.profiler, self.ends[-1] - self.starts[-1])
+            self.profiler = None
         self.graphs.append(int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))  # a recompile adds graphs
+
+
+def profile_summary(prof, wall_s: float, top: int = 12) -> dict:
+    """Where one step's time goes: GPU kernel time against the step's wall time, and the costliest operators.
+
+    ``gpu_busy_share`` well below 1 means the GPU waits for the CPU to launch work (Python, dispatch,
+    kernel launches); near 1, the step is bound by the GPU's arithmetic or memory."""
+    events = prof.key_averages()
+    gpu_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
+    cpu_us = sum(e.self_cpu_time_total for e in events)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    rows = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0.0), reverse=True)[:top]
+    return {
+        "wall_ms": round(wall_s * 1000, 1),
+        "gpu_kernel_ms": round(gpu_us / 1000, 1),
+        "cpu_self_ms": round(cpu_us / 1000, 1),
+        "gpu_busy_share": round(gpu_us / 1e6 / wall_s, 3) if wall_s > 0 else None,
+        "kernel_launches": int(launches),
+        "top_gpu_ops": [
+            {
+                "op": e.key[:80],
+                "calls": int(e.count),
+                "gpu_ms": round(getattr(e, "self_device_time_total", 0.0) / 1000, 2),
+                "cpu_ms": round(e.self_cpu_time_total / 1000, 2),
+            }
+            for e in rows
+        ],
+    }
 
 
 def model_folder(arch_config, root: Path) -> Path:
@@ -138,6 +179,7 @@ def run_preset(
     steps: int = 8,
     warmup: int = 3,
     seed: int = 0,
+    profile: bool = False,
     log=print,
 ) -> dict:
     """One ``run_training`` call of ``preset`` (+ ``overrides``) on a random-weight ``arch``; its row."""
@@ -167,7 +209,7 @@ def run_preset(
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        timer = StepTimer(device)
+        timer = StepTimer(device, profile_step=warmup if profile else None)
         started = time.perf_counter()
         error = None
         try:
@@ -227,6 +269,7 @@ def run_preset(
                     else None,
                     "run_training_memory": result.memory,
                     "compiled_graphs_per_step": timer.graphs,
+                    "profile": timer.profile,
                     "recompiles_while_measured": timer.graphs[-1] - timer.graphs[warmup - 1]
                     if len(timer.graphs) > warmup
                     else None,
@@ -311,13 +354,26 @@ def lever_gradients(
             if lever_cfg.train.compile_layers:
                 trainer.compile_decoder_layers(model)
             loss1, g1, _ = grads(lever_cfg)
-            worst, where = 0.0, None
+            worst, where, worst_norm, num, den = 0.0, None, 0.0, 0.0, 0.0
             for k, a in g0.items():
                 d = float((g1[k] - a).abs().max() / a.abs().max().clamp(min=1e-30))
                 if d > worst:
                     worst, where = d, k
-            out["levers"][name] = {"overrides": extra, "loss": loss1, "max_rel_diff": worst, "worst_tensor": where}
-            log(f"[{arch}] gradients {name}: loss {loss1:.5f} vs {loss0:.5f}, largest rel. diff {worst:.2e}")
+                diff2, ref2 = float((g1[k] - a).pow(2).sum()), float(a.pow(2).sum())
+                worst_norm = max(worst_norm, (diff2 / max(ref2, 1e-60)) ** 0.5)
+                num, den = num + diff2, den + ref2
+            out["levers"][name] = {
+                "overrides": extra,
+                "loss": loss1,
+                "max_rel_diff": worst,  # max |Δ| / max |g| of the worst tensor
+                "worst_tensor": where,
+                "max_rel_norm_diff": worst_norm,  # ‖Δ‖ / ‖g‖ of the worst tensor
+                "rel_norm_diff_all": (num / max(den, 1e-60)) ** 0.5,  # over all LoRA gradients together
+            }
+            log(
+                f"[{arch}] gradients {name}: loss {loss1:.5f} vs {loss0:.5f}, largest rel. diff {worst:.2e}, "
+                f"worst tensor ‖Δ‖/‖g‖ {worst_norm:.2e}, all {out['levers'][name]['rel_norm_diff_all']:.2e}"
+            )
     model = None  # noqa: F841 - free the model before the next row
     gc.collect()
     if device.startswith("cuda"):
@@ -335,30 +391,29 @@ NO_LIGER = "train.use_liger_kernel=false"
 OFFLOAD = "train.activation_offloading=true"
 COMPILE = "train.compile_layers=true"
 
+EAGER = "train.compile_layers=false"
+NO_OFFLOAD = "train.activation_offloading=false"
+
+# Row names say how a row differs from the preset as shipped (2026-12-03: 4B 8 GB compiles its layers; 27B 24 GB
+# offloads its checkpointed inputs at 1×4096).
 ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
     "4b": [
         ("8gb", "configs/medgemma-4b-8gb.yaml", [ACC1]),
-        ("8gb-offload", "configs/medgemma-4b-8gb.yaml", [ACC1, OFFLOAD]),
-        ("8gb-compile", "configs/medgemma-4b-8gb.yaml", [ACC1, COMPILE, NO_LIGER]),
-        ("8gb-compile-offload", "configs/medgemma-4b-8gb.yaml", [ACC1, COMPILE, NO_LIGER, OFFLOAD]),
-        ("8gb-compile-liger", "configs/medgemma-4b-8gb.yaml", [ACC1, COMPILE]),
-        (
-            "8gb-2x8192-compile-offload",
-            "configs/medgemma-4b-8gb.yaml",
-            [ACC1, COMPILE, NO_LIGER, OFFLOAD, "train.per_device_train_batch_size=2"],
-        ),
+        ("8gb-eager", "configs/medgemma-4b-8gb.yaml", [ACC1, EAGER]),
+        ("8gb-eager-offload", "configs/medgemma-4b-8gb.yaml", [ACC1, EAGER, OFFLOAD]),
+        ("8gb-no-liger", "configs/medgemma-4b-8gb.yaml", [ACC1, NO_LIGER]),
+        ("8gb-2x8192", "configs/medgemma-4b-8gb.yaml", [ACC1, NO_LIGER, "train.per_device_train_batch_size=2"]),
         ("141gb", "configs/medgemma-4b-141gb.yaml", [ACC1]),
         ("141gb-compile", "configs/medgemma-4b-141gb.yaml", [ACC1, COMPILE, NO_LIGER]),
     ],
     "27b": [
         ("24gb", "configs/medgemma-27b-24gb.yaml", [ACC1]),
-        ("24gb-offload", "configs/medgemma-27b-24gb.yaml", [ACC1, OFFLOAD]),
-        ("24gb-compile-offload", "configs/medgemma-27b-24gb.yaml", [ACC1, COMPILE, NO_LIGER, OFFLOAD]),
-        ("24gb-compile", "configs/medgemma-27b-24gb.yaml", [ACC1, COMPILE, NO_LIGER]),
+        ("24gb-3072-eager", "configs/medgemma-27b-24gb.yaml", [ACC1, NO_OFFLOAD, "train.max_length=3072"]),
+        ("24gb-3072-offload", "configs/medgemma-27b-24gb.yaml", [ACC1, "train.max_length=3072"]),
         (
-            "24gb-4096-compile-offload",
+            "24gb-3072-compile",
             "configs/medgemma-27b-24gb.yaml",
-            [ACC1, COMPILE, NO_LIGER, OFFLOAD, "train.max_length=4096"],
+            [ACC1, NO_OFFLOAD, "train.max_length=3072", COMPILE, NO_LIGER],
         ),
         ("141gb", "configs/medgemma-27b-141gb.yaml", [ACC1]),
         ("141gb-compile", "configs/medgemma-27b-141gb.yaml", [ACC1, COMPILE, NO_LIGER]),
@@ -367,9 +422,10 @@ ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
         ("tiny", "configs/demo.yaml", [ACC1, "train.max_length=256", "train.max_example_length=128"]),
     ],
 }
-# Checked against the preset without Liger (transformers' own kernels), on the same model and batch, in this order
-# (compilation stays on once a lever turned it on).
-GRAD_LEVERS = {"offload": [OFFLOAD], "compile": [COMPILE], "compile-offload": [COMPILE, OFFLOAD]}
+# The levers' gradients are checked against the preset in eager mode, without Liger (transformers' own kernels) and
+# without offloading, on the same model and batch, in this order (compilation stays on once a lever turned it on).
+GRAD_BASE = [NO_LIGER, EAGER, NO_OFFLOAD]
+GRAD_LEVERS = {"same": [], "offload": [OFFLOAD], "compile": [COMPILE]}
 
 
 def _ceiling(row: dict, info: dict, tflops: float) -> None:
@@ -422,6 +478,7 @@ def run(
     warmup: int = 3,
     budget_s: float | None = None,
     device: str | None = None,
+    profile: bool = False,
     log=print,
 ) -> dict:
     """Gradient check of the levers, the original recipe (bench's loop) and the preset rows through
@@ -451,7 +508,7 @@ def run(
         rows = [r for r in ROWS[arch] if not only or r[0] in only]
         if grads and arch != "tiny" and device.startswith("cuda") and time_left():
             res["gradients"] = lever_gradients(
-                arch, rows[0][1], GRAD_LEVERS, base=[NO_LIGER], device=device, full=full, prompt=prompt, log=log
+                arch, rows[0][1], GRAD_LEVERS, base=GRAD_BASE, device=device, full=full, prompt=prompt, log=log
             )
             save()
         if original and time_left():
@@ -481,8 +538,15 @@ def run(
                 prompt=prompt,
                 steps=steps,
                 warmup=warmup,
+                profile=profile,
                 log=log,
             )
+            if row.get("profile"):
+                pr = row["profile"]
+                log(
+                    f"[{arch}] {name} profile: wall {pr['wall_ms']} ms, GPU kernels {pr['gpu_kernel_ms']} ms "
+                    f"({pr['gpu_busy_share']:.0%}), {pr['kernel_launches']} launches"
+                )
             _ceiling(row, row["build"], tflops)
             row["epoch_hours"] = epoch_hours(row, full)
             res["rows"].append(row)
@@ -506,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=None, help="超過這麼多秒就不再開始新的一列")
     p.add_argument("--no-grads", action="store_true", help="不做槓桿的梯度比對")
     p.add_argument("--no-original", action="store_true", help="不跑原始指南的對照列")
+    p.add_argument("--profile", action="store_true", help="以 torch.profiler 記錄暖身後的第一步（時間花在哪裡）")
     a = p.parse_args(argv)
     run(
         [x.strip() for x in a.arch.split(",") if x.strip()],
@@ -516,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=a.steps,
         warmup=a.warmup,
         budget_s=a.budget_s,
+        profile=a.profile,
     )
     return 0
 

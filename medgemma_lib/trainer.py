@@ -544,11 +544,11 @@ def use_chinese_progress(trainer) -> None:
     :class:`NotebookChineseProgress` instead of transformers' ``NotebookProgressCallback`` HTML table
     ("Training Loss", "No log", "Epoch 0/1"), which a stored notebook would show in English.
     """
-    from transformers.utils.notebook import NotebookProgressCallback
-
     callbacks = trainer.callback_handler.callbacks
-    if any(type(cb) is NotebookProgressCallback for cb in callbacks):
-        trainer.remove_callback(NotebookProgressCallback)
+    # By name: importing transformers.utils.notebook needs IPython, which a GPU server's environment may lack.
+    notebook = next((type(cb) for cb in callbacks if type(cb).__name__ == "NotebookProgressCallback"), None)
+    if notebook is not None:
+        trainer.remove_callback(notebook)
         trainer.add_callback(NotebookChineseProgress())
         return
     if not any(type(cb) is ProgressCallback for cb in callbacks):
