@@ -219,8 +219,12 @@ def run_preset(
         except torch.OutOfMemoryError as exc:  # a setting that does not fit is a row of its own
             result, error = None, f"OutOfMemoryError: {str(exc).splitlines()[0]}"
         wall = time.perf_counter() - started
-        peak_alloc = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        peak_res = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
+        # run_training's monitor resets the peak at every log: its own maximum over the steps is the run's peak.
+        mem = result.memory if result is not None else {}
+        peak_alloc = (
+            max(mem.get("peak_allocated_gib", 0.0), torch.cuda.max_memory_allocated() / 2**30) if cuda else None
+        )
+        peak_res = max(mem.get("peak_reserved_gib", 0.0), torch.cuda.max_memory_reserved() / 2**30) if cuda else None
         row = {
             "name": name,
             "arch": arch,

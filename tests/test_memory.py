@@ -1,9 +1,11 @@
 """The training-memory estimator against H200 measurements, its advice, and the footprint report.
 
-Data (every row of both files is checked, allocated and reserved, within ±15 %):
+Data (every row of the three files is checked, allocated and reserved, within ±15 %):
 - medgemma_lib/resources/h200_reference.json: copied from ../shared/benchmarks/*.md (each group names its source);
 - medgemma_lib/resources/h200_bench_2026-11-29.json: this project's ``python -m medgemma_lib bench`` on one H200
-  (docs/benchmarks.md, docs/bench/*.json), with LoRA dropout, attention, optimizer and allocator per row.
+  (docs/benchmarks.md, docs/bench/*.json), with LoRA dropout, attention, optimizer and allocator per row;
+- medgemma_lib/resources/h200_trainbench_2026-12-03.json: ``python -m medgemma_lib.trainbench`` (the presets through
+  ``run_training``, with and without layer compilation and activation offloading).
 To add a measurement, append a group or a row to either file.
 """
 
@@ -20,7 +22,8 @@ from medgemma_lib import memory
 DATA = Path(memory.__file__).resolve().parent / "resources"  # shipped with the package: memory reads it at run time
 REFERENCE = memory.reference_rows(DATA / "h200_reference.json")
 BENCH = memory.reference_rows(DATA / "h200_bench_2026-11-29.json")
-ROWS = REFERENCE + BENCH
+TRAINBENCH = memory.reference_rows(DATA / "h200_trainbench_2026-12-03.json")  # through run_training
+ROWS = REFERENCE + BENCH + TRAINBENCH
 FULL_TABLE = [r for r in ROWS if r["source"].endswith("h200-2026-11-29.md")]
 TOLERANCE = 0.15
 
@@ -42,7 +45,17 @@ def test_reference_data_holds_all_13_rows_of_the_h200_table_and_20_bench_rows():
     assert len(FULL_TABLE) == 13
     assert {r["arch"] for r in FULL_TABLE} == {"27b", "4b"}
     assert len(BENCH) == 20
-    assert set(memory.REFERENCE_FILES) == {"h200_reference.json", "h200_bench_2026-11-29.json"}
+    assert len(TRAINBENCH) == 13
+    assert {(r["compile_layers"], r["activation_offloading"]) for r in TRAINBENCH} == {
+        (False, False),
+        (True, False),
+        (False, True),
+    }
+    assert set(memory.REFERENCE_FILES) == {
+        "h200_reference.json",
+        "h200_bench_2026-11-29.json",
+        "h200_trainbench_2026-12-03.json",
+    }
 
 
 def test_table_of_measured_and_predicted_memory():
@@ -56,7 +69,7 @@ def test_table_of_measured_and_predicted_memory():
         est, ea, er = _errors(row)
         worst = max(worst, abs(ea))
         lines.append(
-            f"{'bench' if row in BENCH else 'reference':10} {row['arch']:4} {row['variant'][:62]:62} "
+            f"{'trainbench' if row in TRAINBENCH else 'bench' if row in BENCH else 'reference':10} {row['arch']:4} {row['variant'][:62]:62} "
             f"{row['peak_allocated_gib']:7.2f} {est.peak_allocated_gib:7.2f} {ea:+7.1%} | "
             f"{row['peak_reserved_gib']:8.2f} {est.peak_reserved_gib:7.2f} {er:+7.1%}"
         )
@@ -172,8 +185,8 @@ def test_advice_for_common_cards():
     "profile,gb,preset,shape,ckpt,optim",
     [
         ("medgemma-27b-text-it", 141, "141 GB", "1×4096", False, "fused"),
-        ("medgemma-27b-text-it", 24, "24 GB", "1×3072", True, "fused"),
-        ("medgemma-27b-text-it", 20, "≤ 20 GB", "1×2048", True, "8-bit"),
+        ("medgemma-27b-text-it", 24, "24 GB", "1×4096", True, "fused"),
+        ("medgemma-27b-text-it", 20, "24 GB", "1×4096", True, "fused"),  # 17.7 GiB measured (2026-12-03)
         ("medgemma-4b-it", 8, "8 GB", "1×8192", True, "fused"),
         ("medgemma-4b-it", 141, "141 GB", "4×4096", False, "fused"),
     ],
