@@ -26,7 +26,12 @@ LAYERS: list[set[str]] = [
     {"trainer"},  # the trainer's parts
     {"train"},  # the training recipe
     {"evaluate", "chat", "export", "bench"},  # what reads a finished run; the benchmark
-    {"demo", "quality", "reference"},  # the whole course in one command; the quality report; the shipped adapter
+    {
+        "demo",
+        "quality",
+        "reference",
+        "trainbench",
+    },  # the course in one command; quality report; shipped adapter; presets timed
     {"gradcheck"},  # the gradient reference check (uses the demo's config)
     {"cli", "__main__"},  # the command line, above everything
 ]

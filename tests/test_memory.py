@@ -58,6 +58,10 @@ def test_reference_data_holds_all_13_rows_of_the_h200_table_and_20_bench_rows():
     }
 
 
+def _file(row) -> str:
+    return "trainbench" if row in TRAINBENCH else "bench" if row in BENCH else "reference"
+
+
 def test_table_of_measured_and_predicted_memory():
     # Prints the whole comparison (pytest -s shows it; a failure shows it too), then checks every row.
     lines = [
@@ -69,7 +73,7 @@ def test_table_of_measured_and_predicted_memory():
         est, ea, er = _errors(row)
         worst = max(worst, abs(ea))
         lines.append(
-            f"{'trainbench' if row in TRAINBENCH else 'bench' if row in BENCH else 'reference':10} {row['arch']:4} {row['variant'][:62]:62} "
+            f"{_file(row):10} {row['arch']:4} {row['variant'][:62]:62} "
             f"{row['peak_allocated_gib']:7.2f} {est.peak_allocated_gib:7.2f} {ea:+7.1%} | "
             f"{row['peak_reserved_gib']:8.2f} {est.peak_reserved_gib:7.2f} {er:+7.1%}"
         )

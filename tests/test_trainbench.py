@@ -1,0 +1,153 @@
+"""trainbench: the presets timed through the product's own ``run_training`` (one path, no second training loop).
+
+Checked on CPU with the tiny architecture: the synthetic records tokenise to exactly the MedQuAD lengths they
+were drawn from, TRL's packing keeps every one of their tokens, a row's timed steps are ``LeanSFTTrainer``'s own
+training steps, its token counts are what TRL counted, and the lever gradient comparison reports 0 for a lever
+that changes nothing and a large difference for one that changes the batch. The levers themselves
+(``train.compile_layers``, ``train.activation_offloading``) are checked against the plain reference in
+``tests/test_gradients.py`` and on the H200 in ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medgemma_lib import bench, trainbench, trainer
+from medgemma_lib.config import load_config
+from medgemma_lib.errors import ConfigError
+from medgemma_lib.train import conversational_only
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["train.max_length=256", "train.max_example_length=128"]
+
+
+@pytest.fixture(scope="module")
+def lengths():
+    return bench.load_token_lengths()
+
+
+def test_synthetic_records_tokenise_to_their_medquad_lengths(lengths):
+    full, prompt = lengths
+    vocab = bench.text_config("tiny").vocab_size
+    tok = trainbench.synthetic_tokenizer(vocab)
+    ds, drawn = trainbench.synthetic_datasets(full, prompt, 60, vocab, seed=3)
+    assert len(ds["train"]) == len(drawn) == 60
+    assert {n for n, _ in drawn} <= set(full)
+    for record, (n, p) in zip(ds["train"], drawn):
+        prompt_ids = tok.apply_chat_template(record["prompt"], add_generation_prompt=True, return_dict=False)
+        full_ids = tok.apply_chat_template(record["prompt"] + record["completion"], return_dict=False)
+        assert len(prompt_ids) == p and len(full_ids) == n
+        assert full_ids[: len(prompt_ids)] == prompt_ids and full_ids[0] == tok.bos_token_id
+        assert tok.unk_token_id not in full_ids  # every word is one known token
+
+
+def test_packing_keeps_every_token_of_the_records(lengths, tmp_path):
+    full, prompt = lengths
+    config = bench.text_config("tiny")
+    folder = trainbench.model_folder(config, tmp_path)
+    cfg = load_config("configs/demo.yaml", [f"model.profile={folder}", f"train.output_dir={tmp_path}", *TINY])
+    ds, drawn = trainbench.synthetic_datasets(full, prompt, 80, config.vocab_size, seed=1)
+    model, _ = bench.build_model("tiny", "cpu")
+    tok = trainbench.synthetic_tokenizer(config.vocab_size)
+    tr = trainer.build_trainer(cfg, tmp_path, "cpu", model, tok, conversational_only(ds["train"]), None, [], 1, 1)
+    rows = tr.train_dataset["input_ids"]
+    assert all(len(r) <= 256 for r in rows)
+    assert sum(len(r) for r in rows) == sum(min(n, 128) for n, _ in drawn)  # the cut at max_example_length only
+
+
+def test_a_row_times_the_products_own_training_steps(lengths, monkeypatch):
+    full, prompt = lengths
+    calls = []
+    original = trainer.LeanSFTTrainer.training_step
+
+    def counted(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.LeanSFTTrainer, "training_step", counted)
+    row = trainbench.run_preset(
+        "tiny",
+        "configs/demo.yaml",
+        [trainbench.ACC1, *TINY],
+        name="tiny",
+        device="cpu",
+        full=full,
+        prompt=prompt,
+        steps=4,
+        warmup=2,
+        log=lambda *a: None,
+    )
+    assert row["error"] is None and row["path"] == "run_training"
+    assert calls == ["LeanSFTTrainer"] * 6  # one micro-batch per step, warm-up included, nothing else trains
+    assert len(row["step_s"]) == len(row["tokens_per_step"]) == len(row["losses"]) == 6
+    assert all(0 < t <= 256 for t in row["tokens_per_step"])
+    assert row["useful_tokens_measured"] == sum(row["tokens_per_step"][2:])
+    assert row["useful_tok_s"] > 0 and row["compile_layers"] is False
+
+
+def test_lever_gradients_see_a_change_and_nothing_else(lengths):
+    full, prompt = lengths
+    out = trainbench.lever_gradients(
+        "tiny",
+        "configs/demo.yaml",
+        {"same": [], "offload": [trainbench.OFFLOAD], "cut": ["train.max_example_length=64"]},
+        base=TINY,
+        device="cpu",
+        full=full,
+        prompt=prompt,
+        log=lambda *a: None,
+    )
+    levers = out["levers"]
+    assert out["tensors"] == 2 * 7 * 2  # A and B of 7 linears in each of the 2 layers
+    assert levers["same"]["max_rel_diff"] == 0.0
+    assert levers["offload"]["max_rel_diff"] == 0.0  # offloading is CUDA only: ignored on CPU
+    assert levers["cut"]["rel_norm_diff_all"] > 0.1  # a lever that changes what is computed is caught
+
+
+def test_offloading_is_passed_to_trl_on_cuda_only(tmp_path):
+    cfg = load_config("configs/demo.yaml", [trainbench.OFFLOAD])
+    assert trainer.sft_config(cfg, tmp_path, "cpu").activation_offloading is False
+
+
+def test_compiling_and_offloading_together_are_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config("configs/demo.yaml", [trainbench.COMPILE, trainbench.OFFLOAD])
+    assert "不能同時開啟" in str(info.value)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medgemma_lib",
+            "train",
+            "--config",
+            "configs/demo.yaml",
+            f"train.output_dir={tmp_path}",
+            "train.run_name=both",
+            trainbench.COMPILE,
+            trainbench.OFFLOAD,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "train.compile_layers 與 train.activation_offloading" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "both").exists()
+
+
+def test_every_row_is_a_valid_config_of_a_shipped_preset():
+    for arch, rows in trainbench.ROWS.items():
+        assert len({name for name, _, _ in rows}) == len(rows)
+        for name, preset, overrides in rows:
+            assert (ROOT / preset).is_file()
+            cfg = load_config(preset, overrides)
+            assert cfg.train.gradient_accumulation_steps == 1, (arch, name)
+    shipped = {name: load_config(p, o).train for name, p, o in trainbench.ROWS["4b"] + trainbench.ROWS["27b"]}
+    assert shipped["8gb"].compile_layers and not shipped["8gb-eager"].compile_layers
+    assert shipped["24gb"].activation_offloading and shipped["24gb"].max_length == 4096
