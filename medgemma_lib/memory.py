@@ -588,7 +588,8 @@ def format_estimate(e: MemoryEstimate, gpu_gib: float | None = None) -> str:
         f"  峰值（allocated）   {e.peak_allocated_gib:7.2f} GiB",
         f"  需要的顯示卡        {e.needs_card_gib():7.1f} GiB 以上（含記憶體碎片與 CUDA context）",
         "（依 H200 實測驗證：peak allocated 誤差在 ±15% 內，"
-        "見 medgemma_lib/resources/h200_reference.json 與 h200_bench_2026-11-29.json）",
+        "見 medgemma_lib/resources/ 的 h200_reference.json、h200_bench_2026-11-29.json、"
+        "h200_trainbench_2026-12-03.json）",
     ]
     if gpu_gib is not None:
         lines.append(
