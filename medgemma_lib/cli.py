@@ -820,6 +820,66 @@ def _run_bench(args) -> int:
     return 0
 
 
+def _add_trainbench(sub) -> None:
+    p = sub.add_parser(
+        "trainbench",
+        help="經由產品本身的 run_training 量測各 GPU 預設的速度與記憶體（隨機權重的真實架構；JSON 與 Markdown 表格）",
+    )
+    p.add_argument("--arch", default="4b", help="架構，逗號分隔：4b、27b、tiny；預設 4b")
+    p.add_argument("--only", default=None, help="只跑這些列（逗號分隔的列名，見 medgemma_lib.trainbench.ROWS）")
+    p.add_argument("--out", default="results/trainbench", help="輸出資料夾（trainbench.json、trainbench.md）")
+    p.add_argument("--steps", type=number(int, low=1, high=10000, example="--steps 8"), default=8, help="計時的步數")
+    p.add_argument(
+        "--warmup",
+        type=number(int, low=1, high=1000, example="--warmup 3"),
+        default=3,
+        help="不計時的暖身步數（含編譯時間）",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=number(float, low=0, low_open=True, high=1e6, example="--budget-s 480"),
+        default=None,
+        help="超過這麼多秒就不再開始新的一列",
+    )
+    p.add_argument("--no-grads", action="store_true", help="不做槓桿（編譯、卸載）的梯度比對")
+    p.add_argument("--no-original", action="store_true", help="不跑原始指南的對照列")
+    p.add_argument("--profile", action="store_true", help="以 torch.profiler 記錄暖身後的第一步（時間花在哪裡）")
+    p.set_defaults(func=_run_trainbench)
+
+
+def _run_trainbench(args) -> int:
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as every measured row
+    from medgemma_lib import trainbench  # handler import: see the module docstring
+
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    unknown = [a for a in archs if a not in trainbench.ROWS]
+    if not archs or unknown:
+        raise ConfigError(
+            f"不認識的架構：{', '.join(unknown) or '（空白）'}。", hint=f"可用：{', '.join(trainbench.ROWS)}。"
+        )
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    names = {name for a in archs for name, _, _ in trainbench.ROWS[a]}
+    if only is not None and (not only or set(only) - names):
+        raise ConfigError(
+            f"沒有這些列：{', '.join(sorted(set(only) - names)) or '（空白）'}。",
+            hint=f"{', '.join(archs)} 的列：{', '.join(sorted(names))}。",
+        )
+    trainbench.run(
+        archs,
+        args.out,
+        only=only,
+        grads=not args.no_grads,
+        original=not args.no_original,
+        steps=args.steps,
+        warmup=args.warmup,
+        budget_s=args.budget_s,
+        profile=args.profile,
+        log=lambda line: print(line, flush=True),
+    )
+    print(f"結果已寫入 {args.out}/trainbench.json 與 trainbench.md")
+    return 0
+
+
 def _add_gradcheck(sub) -> None:
     p = sub.add_parser("gradcheck", help="比對訓練步驟的 LoRA 梯度與參考計算（示範模型；CPU 或 GPU）")
     p.add_argument("--json", help="把結果寫成 JSON 檔")
@@ -850,6 +910,7 @@ COMMANDS = [
     _add_chat,
     _add_export,
     _add_bench,
+    _add_trainbench,
     _add_gradcheck,
 ]
 

@@ -559,36 +559,9 @@ def run(
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse  # noqa: PLC0415 - the command line of this module only
+if __name__ == "__main__":  # `python -m medgemma_lib.trainbench ...`: the trainbench sub-command
+    import sys
 
-    p = argparse.ArgumentParser(
-        prog="python -m medgemma_lib.trainbench",
-        description="以隨機權重的真實架構，經由產品本身的 run_training 量測各預設的訓練速度與 GPU 記憶體",
-    )
-    p.add_argument("--arch", default="4b", help="架構，逗號分隔：4b、27b、tiny")
-    p.add_argument("--out", default="results/trainbench", help="輸出資料夾（trainbench.json、trainbench.md）")
-    p.add_argument("--only", default="", help="只跑這些列（逗號分隔的列名）")
-    p.add_argument("--steps", type=int, default=8, help="計時的步數")
-    p.add_argument("--warmup", type=int, default=3, help="不計時的暖身步數（含編譯）")
-    p.add_argument("--budget-s", type=float, default=None, help="超過這麼多秒就不再開始新的一列")
-    p.add_argument("--no-grads", action="store_true", help="不做槓桿的梯度比對")
-    p.add_argument("--no-original", action="store_true", help="不跑原始指南的對照列")
-    p.add_argument("--profile", action="store_true", help="以 torch.profiler 記錄暖身後的第一步（時間花在哪裡）")
-    a = p.parse_args(argv)
-    run(
-        [x.strip() for x in a.arch.split(",") if x.strip()],
-        a.out,
-        only=[x for x in a.only.split(",") if x] or None,
-        grads=not a.no_grads,
-        original=not a.no_original,
-        steps=a.steps,
-        warmup=a.warmup,
-        budget_s=a.budget_s,
-        profile=a.profile,
-    )
-    return 0
+    from medgemma_lib.cli import main  # entry point only: the CLI sits above every module
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main(["trainbench", *sys.argv[1:]]))

@@ -69,7 +69,7 @@ def heavy_work_stops():
     """Replace model loading and device choice (wherever a step module imported them) by :class:`Reached`."""
     import importlib
 
-    from medgemma_lib import bench, export, gradcheck, models
+    from medgemma_lib import bench, export, gradcheck, models, trainbench
 
     mods = [importlib.import_module(f"medgemma_lib.{m}") for m in _STEP_MODULES] + [bench, export, gradcheck]
     mods += [m for name, m in sys.modules.items() if name.startswith("medgemma_lib.") and m not in mods]
@@ -82,7 +82,12 @@ def heavy_work_stops():
         for name in _HEAVY:
             if getattr(mod, name, None) is getattr(models, name):
                 saved.append((mod, name, getattr(mod, name)))
-    for mod, name in [(bench, "run_bench"), (bench, "run_unsloth"), (bench, "packed_matches_unpacked")]:
+    for mod, name in [
+        (bench, "run_bench"),
+        (bench, "run_unsloth"),
+        (bench, "packed_matches_unpacked"),
+        (trainbench, "run"),
+    ]:
         saved.append((mod, name, getattr(mod, name)))
     for mod, name, _ in saved:
         setattr(mod, name, stop)
@@ -216,6 +221,7 @@ def test_any_arguments_exit_0_or_a_chinese_refusal_that_writes_nothing(path, wor
         (["chat", "--run", "x", "--top-p", "0"], "大於 0"),
         (["evaluate", "--run", "x", "--num-generate", "-1"], "至少 0"),
         (["bench", "--steps", "-5"], "--steps"),
+        (["trainbench", "--warmup", "0"], "至少 1"),
     ],
 )
 def test_numeric_options_of_wrong_sign_or_type_are_refused_in_chinese(argv, fragment, workdir):

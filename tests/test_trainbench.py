@@ -151,3 +151,20 @@ def test_every_row_is_a_valid_config_of_a_shipped_preset():
     shipped = {name: load_config(p, o).train for name, p, o in trainbench.ROWS["4b"] + trainbench.ROWS["27b"]}
     assert shipped["8gb"].compile_layers and not shipped["8gb-eager"].compile_layers
     assert shipped["24gb"].activation_offloading and shipped["24gb"].max_length == 4096
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [(["--arch", "70b"], "不認識的架構：70b"), (["--arch", "4b", "--only", "24gb"], "沒有這些列：24gb")],
+)
+def test_unknown_architectures_and_rows_are_refused_before_anything_runs(args, fragment, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "medgemma_lib.trainbench", *args, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and fragment in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr and not out.exists()
