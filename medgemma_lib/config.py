@@ -140,7 +140,8 @@ class TrainSection:
     )
     compile_layers: bool = _f(
         False,
-        "以 torch.compile 逐層編譯語言模型的每一層解碼器（含 LoRA 與 NF4 反量化）；第一步多花編譯時間",
+        "以 torch.compile 逐層編譯語言模型的每一層解碼器（含 LoRA 與 NF4 反量化）；第一步多花編譯時間；"
+        "只在 CUDA 上有效，CPU 上忽略",
     )
     optim: str = _f("adamw_torch", "最佳化器，例如 adamw_torch、adamw_torch_fused、paged_adamw_8bit")
     weight_decay: float = _f(0.0, "權重衰減", min=0.0, max=1.0)

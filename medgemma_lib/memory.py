@@ -244,7 +244,7 @@ def setup_for_run(cfg, device: str = "cuda", micro_batch: int | None = None) -> 
         compute_bytes=2 if cuda else 4,
         optim=t.optim,
         activation_offloading=bool(t.activation_offloading and cuda),
-        compile_layers=bool(t.compile_layers),
+        compile_layers=bool(t.compile_layers and cuda),
     )
 
 
