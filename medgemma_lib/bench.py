@@ -441,11 +441,12 @@ def text_config(arch: str):
     return cfg
 
 
-def build_model(arch: str, device: str, quantize: bool = True, seed: int = 0):
+def build_model(arch: str, device: str, quantize: bool = True, seed: int = 0, storage: torch.dtype | None = None):
     """A Gemma3ForCausalLM of ``arch`` with random weights, decoder linears in NF4 (double quant).
 
     Built on the meta device and materialised one decoder layer at a time, each quantised right
-    away, so the 27B model never holds more than one layer in bf16. Returns (model, info).
+    away, so the 27B model never holds more than one layer in bf16. ``storage`` overrides the packed
+    weights' dtype (loading's choice: bf16 on CUDA, uint8 on CPU). Returns (model, info).
     """
 
     started = time.perf_counter()
@@ -455,6 +456,8 @@ def build_model(arch: str, device: str, quantize: bool = True, seed: int = 0):
     with torch.device("meta"):
         model = Gemma3ForCausalLM(config)
     qcfg = quantization_config("nf4", device) if quantize else None
+    if qcfg is not None and storage is not None:
+        qcfg.bnb_4bit_quant_storage = storage
     if qcfg is not None:
         import bitsandbytes as bnb
 
@@ -539,6 +542,65 @@ def build_model(arch: str, device: str, quantize: bool = True, seed: int = 0):
         "quantization": "nf4 double-quant (medgemma_lib.models.quantization_config)" if qcfg is not None else "none",
     }
     return model, info
+
+
+def save_prequantised(arch: str, folder: str | os.PathLike, device: str, seed: int = 0, shard_gib: float = 4.0) -> dict:
+    """Random weights of ``arch`` written as a bitsandbytes NF4 checkpoint (the Hub's ``*-bnb-4bit`` format).
+
+    The model is built as :func:`build_model` builds it (one decoder layer in bf16 at a time), its
+    packed weights stored as uint8 (bitsandbytes' default, that of published 4-bit checkpoints), each
+    saved with its quantisation state (``weight.absmax``, ``weight.quant_map``, …) and the config's
+    ``quantization_config``; ``from_pretrained`` then loads it without quantising again. For the 27B
+    this writes 15 GiB instead of 54 GB of bf16. The tied ``lm_head`` is not written (the config ties
+    it). Returns {"seconds", "gib", "shards"}."""
+    from safetensors.torch import save_file
+    from transformers import BitsAndBytesConfig
+
+    started = time.perf_counter()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model, _info = build_model(arch, device, seed=seed, storage=torch.uint8)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    limit = int(shard_gib * 2**30)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, keys in enumerate(groups, 1):
+        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        # clone: bitsandbytes' quantisation states share their code tables, which safetensors refuses to save twice
+        shard = {k: state[k].detach().to("cpu").contiguous().clone() for k in keys}
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        weight_map.update(dict.fromkeys(keys, name))
+        del shard
+    write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    config = model.config.to_dict()
+    config.update(
+        architectures=["Gemma3ForCausalLM"],
+        dtype=str(model.model.embed_tokens.weight.dtype).removeprefix("torch."),  # bf16 on CUDA, fp32 on CPU
+        tie_word_embeddings=True,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(device),
+            bnb_4bit_quant_storage=torch.uint8,
+        ).to_dict(),
+    )
+    write_json(folder / "config.json", config)
+    del model, state
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"seconds": round(time.perf_counter() - started, 1), "gib": round(total / 2**30, 2), "shards": len(groups)}
 
 
 def _rebuild_computed_buffers(model, config, device: str) -> None:
@@ -931,6 +993,23 @@ UNSLOTH_VARIANTS = {
         optim="adamw_fused",
         role="peer",
     ),
+    "unsloth-4096": Variant(  # the shape of the 27B 24 GB preset
+        "unsloth-4096",
+        "Unsloth, 1×4096 rows, its offloaded checkpointing",
+        row_length=4096,
+        attn="unsloth",
+        optim="adamw_fused",
+        role="peer",
+    ),
+    "unsloth-4096-nockpt": Variant(  # the shape of the 27B 141 GB preset
+        "unsloth-4096-nockpt",
+        "Unsloth, 1×4096 rows, no checkpointing",
+        row_length=4096,
+        grad_ckpt=False,
+        attn="unsloth",
+        optim="adamw_fused",
+        role="peer",
+    ),
     "unsloth-4x4096-nockpt": Variant(
         "unsloth-4x4096-nockpt",
         "Unsloth, 4×4096 rows, no checkpointing",
@@ -949,8 +1028,10 @@ def run_unsloth(
 ) -> dict:
     """Time Unsloth's FastModel (NF4, LoRA, its kernels) on the same random architecture and packed batches.
 
-    Unsloth loads from a folder, so random bf16 weights of ``arch`` are saved first (with the Gemma 3
-    tokenizer from ``tokenizer_xz``); loading quantises them to NF4 as for a real checkpoint.
+    Unsloth loads from a folder, so the random weights of ``arch`` are written first as an NF4 checkpoint
+    (:func:`save_prequantised`, the format of Unsloth's own ``*-bnb-4bit`` models: 15 GiB for the 27B
+    instead of 54 GB of bf16), with the Gemma 3 tokenizer from ``tokenizer_xz``. The 4B row holds the same
+    frozen bf16 stand-in for the vision tower as our rows (``EXTRA_FROZEN_PARAMS``), so memory compares.
     """
     import unsloth  # noqa: F401  optional, GPU only; the CLI imports it before transformers, as it asks
     from unsloth import FastModel
@@ -960,13 +1041,7 @@ def run_unsloth(
     folder = tmp_model = Path(tempfile.mkdtemp(prefix=f"random-{arch}-"))  # a scratch model for Unsloth, removed below
     started = time.perf_counter()
     config = text_config(arch)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Gemma3ForCausalLM(config)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    saved = save_prequantised(arch, folder, device, seed=seed)
     (tmp_model / "tokenizer.json").write_bytes(lzma.decompress(Path(tokenizer_xz).read_bytes()))
     (tmp_model / "tokenizer_config.json").write_text(
         json.dumps(
@@ -983,6 +1058,7 @@ def run_unsloth(
         encoding="utf-8",
     )
     save_s = time.perf_counter() - started
+    log(f"[{arch}] NF4 checkpoint for Unsloth: {saved['gib']} GiB in {saved['shards']} shards, {save_s:.1f} s")
     results: dict[str, Any] = {
         "command": "python -m medgemma_lib.bench --unsloth",
         "environment": environment(),
@@ -1009,6 +1085,11 @@ def run_unsloth(
             full_finetuning=False,
         )
         load_s = time.perf_counter() - t0
+        extra = EXTRA_FROZEN_PARAMS.get(arch, 0)
+        if extra:  # the vision tower our 4B rows hold in bf16 (Gemma3ForConditionalGeneration keeps it so)
+            model.register_buffer(
+                "_vision_tower_placeholder", torch.empty(extra, dtype=torch.bfloat16, device=device), persistent=False
+            )
         model = FastModel.get_peft_model(
             model,
             r=v.lora_r,
@@ -1035,6 +1116,8 @@ def run_unsloth(
             "trainable_params": sum(p.numel() for p in params),
             "load_seconds": round(load_s, 1),
             "save_random_weights_seconds": round(save_s, 1),
+            "checkpoint": {"format": "bitsandbytes NF4, uint8 storage, double quant", **saved},
+            "vision_tower_placeholder_params": extra,
         }
         try:
             for i, batch in enumerate(batches):

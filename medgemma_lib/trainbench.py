@@ -119,30 +119,71 @@ class StepTimer(TrainerCallback):
         self.graphs.append(int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))  # a recompile adds graphs
 
 
-def profile_summary(prof, wall_s: float, top: int = 12) -> dict:
-    """Where one step's time goes: GPU kernel time against the step's wall time, and the costliest operators.
+# What a CUDA kernel's name says it does (first match wins), for the profile's "where the time goes".
+KERNEL_KINDS = [
+    ("copies", ("memcpy", "memset")),
+    ("attention", ("flash", "fmha", "attention")),
+    ("NF4 dequantisation", ("dequantize", "kdequant")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul")),
+    ("fused Triton kernels (Liger, inductor)", ("triton",)),
+    ("other element-wise and reductions", ()),
+]
 
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, words in KERNEL_KINDS:
+        if any(w in low for w in words):
+            return kind
+    return KERNEL_KINDS[-1][0]
+
+
+def profile_summary(prof, wall_s: float, top: int = 12) -> dict:
+    """Where one step's time goes: GPU kernel time against the step's wall time, by kind of kernel, and the
+    operators that launched the most of it.
+
+    The profiler lists each kernel twice: as a device event and inside the operator that launched it (an
+    operator's ``self_device_time_total``); kernel time is summed over the device events only.
     ``gpu_busy_share`` well below 1 means the GPU waits for the CPU to launch work (Python, dispatch,
     kernel launches); near 1, the step is bound by the GPU's arithmetic or memory."""
+    from torch.autograd import DeviceType
+
     events = prof.key_averages()
-    gpu_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
-    cpu_us = sum(e.self_cpu_time_total for e in events)
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    rows = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0.0), reverse=True)[:top]
+    kernels = [e for e in events if e.device_type != DeviceType.CPU]
+    ops = [e for e in events if e.device_type == DeviceType.CPU]
+    gpu_us = sum(e.self_device_time_total for e in kernels)
+    cpu_us = sum(e.self_cpu_time_total for e in ops)
+    launches = sum(e.count for e in ops if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    kinds: dict[str, float] = {}
+    for e in kernels:
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total
+    by_op = sorted(ops, key=lambda e: e.self_device_time_total, reverse=True)[:top]
+    by_kernel = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:top]
     return {
         "wall_ms": round(wall_s * 1000, 1),
         "gpu_kernel_ms": round(gpu_us / 1000, 1),
         "cpu_self_ms": round(cpu_us / 1000, 1),
         "gpu_busy_share": round(gpu_us / 1e6 / wall_s, 3) if wall_s > 0 else None,
         "kernel_launches": int(launches),
+        "gpu_ms_by_kind": {k: round(v / 1000, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
         "top_gpu_ops": [
             {
                 "op": e.key[:80],
                 "calls": int(e.count),
-                "gpu_ms": round(getattr(e, "self_device_time_total", 0.0) / 1000, 2),
+                "gpu_ms": round(e.self_device_time_total / 1000, 2),
                 "cpu_ms": round(e.self_cpu_time_total / 1000, 2),
             }
-            for e in rows
+            for e in by_op
+        ],
+        "top_kernels": [
+            {
+                "kernel": e.key[:100],
+                "kind": kernel_kind(e.key),
+                "calls": int(e.count),
+                "gpu_ms": round(e.self_device_time_total / 1000, 2),
+            }
+            for e in by_kernel
         ],
     }
 
@@ -194,7 +235,7 @@ def run_preset(
                 f"model.profile={folder}",
                 f"train.output_dir={root / 'runs'}",
                 f"train.run_name={name}",
-                f"train.max_steps={warmup + steps}",
+                f"train.max_steps={warmup + steps + (1 if profile else 0)}",  # a profiled step comes after the timed ones
                 "train.warmup_ratio=0.0",
                 *BENCH_OVERRIDES,
                 *overrides,
@@ -209,7 +250,8 @@ def run_preset(
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        timer = StepTimer(device, profile_step=warmup if profile else None)
+        last = warmup + steps  # steps [warmup, last) are timed; with --profile, step `last` is recorded, not timed
+        timer = StepTimer(device, profile_step=last if profile else None)
         started = time.perf_counter()
         error = None
         try:
@@ -252,7 +294,8 @@ def run_preset(
         if result is not None:
             tokens = [h["num_tokens"] for h in result.trainer.state.log_history if "num_tokens" in h and "loss" in h]
             losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h and "num_tokens" in h]
-            ends, starts = timer.ends, timer.starts
+            ends, starts = timer.ends[:last], timer.starts[:last]
+            tokens, losses = tokens[:last], losses[:last]
             step_s = [e - s for s, e in zip(starts, ends)]
             measured = step_s[warmup:]
             useful = tokens[-1] - tokens[warmup - 1] if len(tokens) > warmup else None
@@ -274,8 +317,8 @@ def run_preset(
                     "run_training_memory": result.memory,
                     "compiled_graphs_per_step": timer.graphs,
                     "profile": timer.profile,
-                    "recompiles_while_measured": timer.graphs[-1] - timer.graphs[warmup - 1]
-                    if len(timer.graphs) > warmup
+                    "recompiles_while_measured": timer.graphs[last - 1] - timer.graphs[warmup - 1]
+                    if len(timer.graphs) >= last
                     else None,
                 }
             )
@@ -421,6 +464,7 @@ ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
         ),
         ("141gb", "configs/medgemma-27b-141gb.yaml", [ACC1]),
         ("141gb-compile", "configs/medgemma-27b-141gb.yaml", [ACC1, COMPILE, NO_LIGER]),
+        ("141gb-6144", "configs/medgemma-27b-141gb.yaml", [ACC1, "train.max_length=6144"]),
     ],
     "tiny": [
         ("tiny", "configs/demo.yaml", [ACC1, "train.max_length=256", "train.max_example_length=128"]),
@@ -549,7 +593,8 @@ def run(
                 pr = row["profile"]
                 log(
                     f"[{arch}] {name} profile: wall {pr['wall_ms']} ms, GPU kernels {pr['gpu_kernel_ms']} ms "
-                    f"({pr['gpu_busy_share']:.0%}), {pr['kernel_launches']} launches"
+                    f"({pr['gpu_busy_share']:.0%}), {pr['kernel_launches']} launches; "
+                    + ", ".join(f"{k} {v} ms" for k, v in pr["gpu_ms_by_kind"].items())
                 )
             _ceiling(row, row["build"], tflops)
             row["epoch_hours"] = epoch_hours(row, full)

@@ -136,3 +136,35 @@ def test_varlen_attention_finds_examples_from_position_ids_alone():
         padded_ref = model(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(packed, reference, atol=1e-5)
     assert torch.allclose(padded[mask.bool()], padded_ref[mask.bool()], atol=1e-5)
+
+
+def test_prequantised_checkpoint_loads_to_the_same_model_without_quantising_again(tmp_path):
+    """The NF4 checkpoint `bench --unsloth` gives Unsloth (the Hub's `*-bnb-4bit` format): from_pretrained
+    reads the packed weights and their quantisation states as written, so its logits are the built model's
+    exactly, in shards that name every tensor once; another seed gives other weights (the test can fail)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    info = bench.save_prequantised("tiny", tmp_path, "cpu", seed=3, shard_gib=0.001)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    assert info["shards"] > 1 and len(set(index["weight_map"].values())) == info["shards"]
+    assert "lm_head.weight" not in index["weight_map"]  # tied to the embedding, as the config says
+    assert any(k.endswith(".weight.quant_state.bitsandbytes__nf4") for k in index["weight_map"])
+    config = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert config["quantization_config"]["bnb_4bit_use_double_quant"] is True
+
+    built, _ = bench.build_model("tiny", "cpu", seed=3, storage=torch.uint8)
+    other, _ = bench.build_model("tiny", "cpu", seed=4, storage=torch.uint8)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map={"": "cpu"})
+    down = loaded.model.layers[0].mlp.down_proj
+    assert down.__class__.__name__ == "Linear4bit" and down.weight.dtype == torch.uint8
+    assert torch.equal(down.weight.data, built.model.layers[0].mlp.down_proj.weight.data)  # not quantised again
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, built.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = built(input_ids=ids).logits
+        got = loaded(input_ids=ids).logits
+        far = other(input_ids=ids).logits
+    assert torch.equal(got, want)
+    assert (far - want).abs().max() > 1e-2

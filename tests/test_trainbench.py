@@ -59,7 +59,9 @@ def test_packing_keeps_every_token_of_the_records(lengths, tmp_path):
     assert sum(len(r) for r in rows) == sum(min(n, 128) for n, _ in drawn)  # the cut at max_example_length only
 
 
-def test_a_row_times_the_products_own_training_steps(lengths, monkeypatch):
+@pytest.mark.parametrize("profile", [False, True], ids=["timed", "profiled"])
+def test_a_row_times_the_products_own_training_steps(lengths, monkeypatch, profile):
+    """With --profile, one more step is recorded by the profiler after the timed ones and never timed."""
     full, prompt = lengths
     calls = []
     original = trainer.LeanSFTTrainer.training_step
@@ -79,10 +81,16 @@ def test_a_row_times_the_products_own_training_steps(lengths, monkeypatch):
         prompt=prompt,
         steps=4,
         warmup=2,
+        profile=profile,
         log=lambda *a: None,
     )
     assert row["error"] is None and row["path"] == "run_training"
-    assert calls == ["LeanSFTTrainer"] * 6  # one micro-batch per step, warm-up included, nothing else trains
+    # one micro-batch per step, warm-up (and the profiled step) included, nothing else trains
+    assert calls == ["LeanSFTTrainer"] * (7 if profile else 6)
+    if profile:
+        assert row["profile"]["wall_ms"] > 0 and row["profile"]["cpu_self_ms"] > 0
+    else:
+        assert row["profile"] is None
     assert len(row["step_s"]) == len(row["tokens_per_step"]) == len(row["losses"]) == 6
     assert all(0 < t <= 256 for t in row["tokens_per_step"])
     assert row["useful_tokens_measured"] == sum(row["tokens_per_step"][2:])
@@ -168,3 +176,51 @@ def test_unknown_architectures_and_rows_are_refused_before_anything_runs(args, f
     )
     assert done.returncode == 2 and fragment in done.stderr + done.stdout
     assert "Traceback" not in done.stderr and not out.exists()
+
+
+def test_profile_counts_each_kernel_once_and_sorts_it_by_kind():
+    """The profiler lists a kernel as a device event and again in the operator that launched it: the step's GPU
+    time is the device events' sum (a double count would report a GPU busier than the wall clock allows)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def ev(key, kind, device_us, cpu_us=0.0, count=1):
+        return SimpleNamespace(
+            key=key, device_type=kind, self_device_time_total=device_us, self_cpu_time_total=cpu_us, count=count
+        )
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    events = [
+        ev("aten::mm", cpu, 600.0, cpu_us=50.0, count=4),
+        ev("sm90_xmma_gemm_bf16bf16_bf16f32", cuda, 600.0, count=4),
+        ev("bitsandbytes::dequantize_4bit", cpu, 150.0, cpu_us=30.0, count=2),
+        ev("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>", cuda, 150.0, count=2),
+        ev("flash_attn::_flash_attn_varlen_forward", cpu, 100.0, cpu_us=20.0),
+        ev("void flash_fwd_kernel<Flash_fwd_kernel_traits>", cuda, 100.0),
+        ev("triton_red_fused_add_mul_rsqrt_0", cuda, 40.0),
+        ev("Memcpy DtoH (Device -> Pinned)", cuda, 60.0),
+        ev("void at::native::vectorized_elementwise_kernel", cuda, 50.0),
+        ev("cudaLaunchKernel", cpu, 0.0, cpu_us=100.0, count=9),
+    ]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    out = trainbench.profile_summary(prof, wall_s=0.002)
+    assert out["gpu_kernel_ms"] == 1.0  # 600 + 150 + 100 + 40 + 60 + 50 µs, not twice that
+    assert out["gpu_busy_share"] == 0.5
+    assert out["cpu_self_ms"] == 0.2 and out["kernel_launches"] == 9
+    kinds = out["gpu_ms_by_kind"]
+    assert list(kinds) == [
+        "matmul",
+        "NF4 dequantisation",
+        "attention",
+        "copies",
+        "other element-wise and reductions",
+        "fused Triton kernels (Liger, inductor)",
+    ]
+    assert kinds["matmul"] == 0.6 and kinds["copies"] == 0.1 and kinds["fused Triton kernels (Liger, inductor)"] == 0.0
+    assert [o["op"] for o in out["top_gpu_ops"][:3]] == [
+        "aten::mm",
+        "bitsandbytes::dequantize_4bit",
+        "flash_attn::_flash_attn_varlen_forward",
+    ]
+    assert out["top_kernels"][0]["kind"] == "matmul" and out["top_kernels"][0]["calls"] == 4
