@@ -235,7 +235,7 @@ def run_preset(
                 f"model.profile={folder}",
                 f"train.output_dir={root / 'runs'}",
                 f"train.run_name={name}",
-                f"train.max_steps={warmup + steps + (1 if profile else 0)}",  # a profiled step comes after the timed ones
+                f"train.max_steps={warmup + steps + (1 if profile else 0)}",  # + a profiled step after the timed ones
                 "train.warmup_ratio=0.0",
                 *BENCH_OVERRIDES,
                 *overrides,
@@ -441,15 +441,19 @@ COMPILE = "train.compile_layers=true"
 EAGER = "train.compile_layers=false"
 NO_OFFLOAD = "train.activation_offloading=false"
 
-# Row names say how a row differs from the preset as shipped (2026-12-03: 4B 8 GB compiles its layers; 27B 24 GB
-# offloads its checkpointed inputs at 1×4096).
+# Row names say how a row differs from the preset as shipped (2026-12-04: 4B 8 GB offloads its checkpointed inputs,
+# uncompiled; 27B 24 GB offloads at 1×4096; 27B 141 GB runs 1×6144 rows).
 ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
     "4b": [
         ("8gb", "configs/medgemma-4b-8gb.yaml", [ACC1]),
-        ("8gb-eager", "configs/medgemma-4b-8gb.yaml", [ACC1, EAGER]),
-        ("8gb-eager-offload", "configs/medgemma-4b-8gb.yaml", [ACC1, EAGER, OFFLOAD]),
-        ("8gb-no-liger", "configs/medgemma-4b-8gb.yaml", [ACC1, NO_LIGER]),
-        ("8gb-2x8192", "configs/medgemma-4b-8gb.yaml", [ACC1, NO_LIGER, "train.per_device_train_batch_size=2"]),
+        ("8gb-no-offload", "configs/medgemma-4b-8gb.yaml", [ACC1, NO_OFFLOAD]),
+        ("8gb-compile", "configs/medgemma-4b-8gb.yaml", [ACC1, NO_OFFLOAD, COMPILE]),
+        ("8gb-compile-no-liger", "configs/medgemma-4b-8gb.yaml", [ACC1, NO_OFFLOAD, COMPILE, NO_LIGER]),
+        (
+            "8gb-2x8192-compile",
+            "configs/medgemma-4b-8gb.yaml",
+            [ACC1, NO_OFFLOAD, COMPILE, NO_LIGER, "train.per_device_train_batch_size=2"],
+        ),
         ("141gb", "configs/medgemma-4b-141gb.yaml", [ACC1]),
         ("141gb-compile", "configs/medgemma-4b-141gb.yaml", [ACC1, COMPILE, NO_LIGER]),
     ],
@@ -463,8 +467,9 @@ ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
             [ACC1, NO_OFFLOAD, "train.max_length=3072", COMPILE, NO_LIGER],
         ),
         ("141gb", "configs/medgemma-27b-141gb.yaml", [ACC1]),
-        ("141gb-compile", "configs/medgemma-27b-141gb.yaml", [ACC1, COMPILE, NO_LIGER]),
-        ("141gb-6144", "configs/medgemma-27b-141gb.yaml", [ACC1, "train.max_length=6144"]),
+        ("141gb-4096", "configs/medgemma-27b-141gb.yaml", [ACC1, "train.max_length=4096"]),
+        ("141gb-8192", "configs/medgemma-27b-141gb.yaml", [ACC1, "train.max_length=8192"]),
+        ("141gb-4096-compile", "configs/medgemma-27b-141gb.yaml", [ACC1, "train.max_length=4096", COMPILE, NO_LIGER]),
     ],
     "tiny": [
         ("tiny", "configs/demo.yaml", [ACC1, "train.max_length=256", "train.max_example_length=128"]),

@@ -4,8 +4,9 @@ Data (every row of the three files is checked, allocated and reserved, within ±
 - medgemma_lib/resources/h200_reference.json: copied from ../shared/benchmarks/*.md (each group names its source);
 - medgemma_lib/resources/h200_bench_2026-11-29.json: this project's ``python -m medgemma_lib bench`` on one H200
   (docs/benchmarks.md, docs/bench/*.json), with LoRA dropout, attention, optimizer and allocator per row;
-- medgemma_lib/resources/h200_trainbench_2026-12-03.json: ``python -m medgemma_lib.trainbench`` (the presets through
-  ``run_training``, with and without layer compilation and activation offloading).
+- medgemma_lib/resources/h200_trainbench_2026-12-03.json and h200_trainbench_2026-12-04.json: ``python -m
+  medgemma_lib.trainbench`` (the presets through ``run_training``, with and without layer compilation and activation
+  offloading; 27B rows of 4096, 6144 and 8192 tokens without checkpointing).
 To add a measurement, append a group or a row to either file.
 """
 
@@ -22,7 +23,9 @@ from medgemma_lib import memory
 DATA = Path(memory.__file__).resolve().parent / "resources"  # shipped with the package: memory reads it at run time
 REFERENCE = memory.reference_rows(DATA / "h200_reference.json")
 BENCH = memory.reference_rows(DATA / "h200_bench_2026-11-29.json")
-TRAINBENCH = memory.reference_rows(DATA / "h200_trainbench_2026-12-03.json")  # through run_training
+TRAINBENCH_1203 = memory.reference_rows(DATA / "h200_trainbench_2026-12-03.json")  # through run_training
+TRAINBENCH_1204 = memory.reference_rows(DATA / "h200_trainbench_2026-12-04.json")  # five runs, two machine starts
+TRAINBENCH = TRAINBENCH_1203 + TRAINBENCH_1204
 ROWS = REFERENCE + BENCH + TRAINBENCH
 FULL_TABLE = [r for r in ROWS if r["source"].endswith("h200-2026-11-29.md")]
 TOLERANCE = 0.15
@@ -45,7 +48,8 @@ def test_reference_data_holds_all_13_rows_of_the_h200_table_and_20_bench_rows():
     assert len(FULL_TABLE) == 13
     assert {r["arch"] for r in FULL_TABLE} == {"27b", "4b"}
     assert len(BENCH) == 20
-    assert len(TRAINBENCH) == 13
+    assert len(TRAINBENCH_1203) == 13 and len(TRAINBENCH_1204) == 13
+    assert max(r["seq"] for r in TRAINBENCH_1204 if r["arch"] == "27b") == 8192  # the 129.7 GiB row
     assert {(r["compile_layers"], r["activation_offloading"]) for r in TRAINBENCH} == {
         (False, False),
         (True, False),
@@ -55,6 +59,7 @@ def test_reference_data_holds_all_13_rows_of_the_h200_table_and_20_bench_rows():
         "h200_reference.json",
         "h200_bench_2026-11-29.json",
         "h200_trainbench_2026-12-03.json",
+        "h200_trainbench_2026-12-04.json",
     }
 
 
@@ -188,7 +193,7 @@ def test_advice_for_common_cards():
 @pytest.mark.parametrize(
     "profile,gb,preset,shape,ckpt,optim",
     [
-        ("medgemma-27b-text-it", 141, "141 GB", "1×4096", False, "fused"),
+        ("medgemma-27b-text-it", 141, "141 GB", "1×6144", False, "fused"),
         ("medgemma-27b-text-it", 24, "24 GB", "1×4096", True, "fused"),
         ("medgemma-27b-text-it", 20, "24 GB", "1×4096", True, "fused"),  # 17.7 GiB measured (2026-12-03)
         ("medgemma-4b-it", 8, "8 GB", "1×8192", True, "fused"),

@@ -157,8 +157,13 @@ def test_every_row_is_a_valid_config_of_a_shipped_preset():
             cfg = load_config(preset, overrides)
             assert cfg.train.gradient_accumulation_steps == 1, (arch, name)
     shipped = {name: load_config(p, o).train for name, p, o in trainbench.ROWS["4b"] + trainbench.ROWS["27b"]}
-    assert shipped["8gb"].compile_layers and not shipped["8gb-eager"].compile_layers
+    assert shipped["8gb"].activation_offloading and not shipped["8gb"].compile_layers
+    assert (
+        shipped["8gb-compile"].compile_layers and not shipped["8gb-compile"].activation_offloading
+    )  # refused together
+    assert not shipped["8gb-no-offload"].activation_offloading
     assert shipped["24gb"].activation_offloading and shipped["24gb"].max_length == 4096
+    assert shipped["141gb"].max_length == 6144 and not shipped["141gb"].gradient_checkpointing
 
 
 @pytest.mark.parametrize(
