@@ -119,13 +119,15 @@ class StepTimer(TrainerCallback):
         self.graphs.append(int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))  # a recompile adds graphs
 
 
-# What a CUDA kernel's name says it does (first match wins), for the profile's "where the time goes".
+# What a CUDA kernel's name says it does (first match wins), for the profile's "where the time goes". In
+# the H200 runs of 2026-12-04 Liger's kernels fell under "other" (docs/benchmarks.md says so where it shows them).
 KERNEL_KINDS = [
     ("copies", ("memcpy", "memset")),
     ("attention", ("flash", "fmha", "attention")),
     ("NF4 dequantisation", ("dequantize", "kdequant")),
     ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul")),
-    ("fused Triton kernels (Liger, inductor)", ("triton",)),
+    # Liger's kernels are named after their Python functions (_rms_norm_backward_kernel, _geglu_tanh_forward_kernel)
+    ("fused Triton kernels (Liger, inductor)", ("triton", "_rms_norm", "_geglu", "_rope", "liger")),
     ("other element-wise and reductions", ()),
 ]
 

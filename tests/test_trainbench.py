@@ -204,6 +204,7 @@ def test_profile_counts_each_kernel_once_and_sorts_it_by_kind():
         ev("flash_attn::_flash_attn_varlen_forward", cpu, 100.0, cpu_us=20.0),
         ev("void flash_fwd_kernel<Flash_fwd_kernel_traits>", cuda, 100.0),
         ev("triton_red_fused_add_mul_rsqrt_0", cuda, 40.0),
+        ev("_rms_norm_backward_kernel", cuda, 0.0),  # Liger's kernels carry their Python names
         ev("Memcpy DtoH (Device -> Pinned)", cuda, 60.0),
         ev("void at::native::vectorized_elementwise_kernel", cuda, 50.0),
         ev("cudaLaunchKernel", cpu, 0.0, cpu_us=100.0, count=9),
@@ -229,3 +230,10 @@ def test_profile_counts_each_kernel_once_and_sorts_it_by_kind():
         "flash_attn::_flash_attn_varlen_forward",
     ]
     assert out["top_kernels"][0]["kind"] == "matmul" and out["top_kernels"][0]["calls"] == 4
+    liger = "fused Triton kernels (Liger, inductor)"
+    assert (
+        trainbench.kernel_kind("_geglu_tanh_forward_kernel")
+        == trainbench.kernel_kind("_rms_norm_backward_kernel")
+        == liger
+    )
+    assert trainbench.kernel_kind("void at::native::vectorized_elementwise_kernel<8, CUDAFunctor_add>") != liger
