@@ -143,6 +143,11 @@ class TrainSection:
         "以 torch.compile 逐層編譯語言模型的每一層解碼器（含 LoRA 與 NF4 反量化）；第一步多花編譯時間；"
         "只在 CUDA 上有效，CPU 上忽略",
     )
+    fused_lora: bool = _f(
+        False,
+        "NF4 線性層的 LoRA 以一個 autograd 函式計算（LoRA 乘積直接加進基礎矩陣乘法的輸出，省掉 PEFT 的複製、"
+        "乘法與加法）；只用在 lora.dropout 為 0 的一般 LoRA 層，結果與 PEFT 相同",
+    )
     optim: str = _f("adamw_torch", "最佳化器，例如 adamw_torch、adamw_torch_fused、paged_adamw_8bit")
     weight_decay: float = _f(0.0, "權重衰減", min=0.0, max=1.0)
     max_grad_norm: float = _f(1.0, "梯度裁剪上限", min=0.0)

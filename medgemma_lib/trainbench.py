@@ -37,7 +37,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 
-from medgemma_lib import bench, models, train, trainer
+from medgemma_lib import bench, lora_kernels, models, train, trainer
 from medgemma_lib.atomic import write_json, write_text
 from medgemma_lib.config import load_config
 from medgemma_lib.profiles import BOS_ID, EOS_ID, PAD_ID
@@ -283,6 +283,7 @@ def run_preset(
             "liger": t.use_liger_kernel,
             "activation_offloading": t.activation_offloading,
             "compile_layers": t.compile_layers,
+            "fused_lora": t.fused_lora,
             "optim": t.optim,
             "steps": steps,
             "warmup": warmup,
@@ -402,7 +403,10 @@ def lever_gradients(
             lever_cfg = load_config(preset, [*base_overrides, *extra])
             if lever_cfg.train.compile_layers:
                 trainer.compile_decoder_layers(model)
+            if lever_cfg.train.fused_lora:
+                lora_kernels.fuse_lora_layers(model)
             loss1, g1, _ = grads(lever_cfg)
+            lora_kernels.unfuse_lora_layers(model)  # the next lever starts from PEFT's layers again
             worst, where, worst_norm, num, den = 0.0, None, 0.0, 0.0, 0.0
             for k, a in g0.items():
                 d = float((g1[k] - a).abs().max() / a.abs().max().clamp(min=1e-30))
@@ -439,6 +443,7 @@ ACC1 = "train.gradient_accumulation_steps=1"  # one micro-batch per timed step (
 NO_LIGER = "train.use_liger_kernel=false"
 OFFLOAD = "train.activation_offloading=true"
 COMPILE = "train.compile_layers=true"
+FUSED = "train.fused_lora=true"
 
 EAGER = "train.compile_layers=false"
 NO_OFFLOAD = "train.activation_offloading=false"
@@ -448,6 +453,7 @@ NO_OFFLOAD = "train.activation_offloading=false"
 ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
     "4b": [
         ("8gb", "configs/medgemma-4b-8gb.yaml", [ACC1]),
+        ("8gb-fused", "configs/medgemma-4b-8gb.yaml", [ACC1, FUSED]),
         ("8gb-no-offload", "configs/medgemma-4b-8gb.yaml", [ACC1, NO_OFFLOAD]),
         ("8gb-compile", "configs/medgemma-4b-8gb.yaml", [ACC1, NO_OFFLOAD, COMPILE]),
         ("8gb-compile-no-liger", "configs/medgemma-4b-8gb.yaml", [ACC1, NO_OFFLOAD, COMPILE, NO_LIGER]),
@@ -461,6 +467,7 @@ ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
     ],
     "27b": [
         ("24gb", "configs/medgemma-27b-24gb.yaml", [ACC1]),
+        ("24gb-fused", "configs/medgemma-27b-24gb.yaml", [ACC1, FUSED]),
         ("24gb-3072-eager", "configs/medgemma-27b-24gb.yaml", [ACC1, NO_OFFLOAD, "train.max_length=3072"]),
         ("24gb-3072-offload", "configs/medgemma-27b-24gb.yaml", [ACC1, "train.max_length=3072"]),
         (
@@ -469,6 +476,7 @@ ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
             [ACC1, NO_OFFLOAD, "train.max_length=3072", COMPILE, NO_LIGER],
         ),
         ("141gb", "configs/medgemma-27b-141gb.yaml", [ACC1]),
+        ("141gb-fused", "configs/medgemma-27b-141gb.yaml", [ACC1, FUSED]),
         ("141gb-4096", "configs/medgemma-27b-141gb.yaml", [ACC1, "train.max_length=4096"]),
         ("141gb-8192", "configs/medgemma-27b-141gb.yaml", [ACC1, "train.max_length=8192"]),
         ("141gb-4096-compile", "configs/medgemma-27b-141gb.yaml", [ACC1, "train.max_length=4096", COMPILE, NO_LIGER]),
@@ -480,7 +488,7 @@ ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
 # The levers' gradients are checked against the preset in eager mode, without Liger (transformers' own kernels) and
 # without offloading, on the same model and batch, in this order (compilation stays on once a lever turned it on).
 GRAD_BASE = [NO_LIGER, EAGER, NO_OFFLOAD]
-GRAD_LEVERS = {"same": [], "offload": [OFFLOAD], "compile": [COMPILE]}
+GRAD_LEVERS = {"same": [], "offload": [OFFLOAD], "fused": [FUSED], "compile": [COMPILE]}
 
 
 def _ceiling(row: dict, info: dict, tflops: float) -> None:

@@ -39,7 +39,7 @@ from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 
-from medgemma_lib import checkpoints, display, memory, models
+from medgemma_lib import checkpoints, display, lora_kernels, memory, models
 from medgemma_lib.attention import register_varlen_attention, varlen_support
 from medgemma_lib.config import RunConfig
 from medgemma_lib.errors import OutputError, ResourceError, TrainingError
@@ -266,6 +266,14 @@ def prepare_model_for_training(cfg: RunConfig, model, profile, device: str, verb
     if not isinstance(model, PeftModel):
         set_seed(cfg.train.seed)  # the Trainer seeds only after the model exists: seed the LoRA init here
         model = get_peft_model(model, lora_config(cfg, profile))
+    if cfg.train.fused_lora:
+        n = lora_kernels.fuse_lora_layers(model)
+        if verbose and cfg.lora.dropout > 0:
+            print(
+                f"注意：train.fused_lora 只用在 dropout 為 0 的 LoRA 層；lora.dropout={cfg.lora.dropout:g}，"
+                f"這 {n} 層仍由 PEFT 計算。",
+                flush=True,
+            )
     if cfg.train.compile_layers and device.startswith("cuda"):
         compile_decoder_layers(model)
     elif cfg.train.compile_layers and verbose:

@@ -84,6 +84,21 @@ def test_compiled_layers_are_a_cuda_lever_and_leave_cpu_training_as_it_was(demo_
             m._compiled_call_impl = None
 
 
+def test_fused_lora_layers_give_the_reference_gradients(demo_model_dir, tmp_path, monkeypatch):
+    """train.fused_lora: every NF4 LoRA layer of the real model goes through lora_kernels.NF4LoRA (counted), and
+    the training step's gradients still equal the plain per-example reference, on this machine's CPU kernels."""
+    from medgemma_lib import lora_kernels
+
+    calls = []
+    apply = lora_kernels.NF4LoRA.apply
+    monkeypatch.setattr(lora_kernels.NF4LoRA, "apply", lambda *a: calls.append(1) or apply(*a))
+    fused = gradcheck.build_trainer(gradcheck.check_config(["train.fused_lora=true"]), tmp_path)
+    routed = [m for m in fused.model.modules() if hasattr(m, "_peft_forward")]
+    assert len(routed) == 18 * 7  # q, k, v, o, gate, up, down of every layer
+    _assert_matches_reference(gradcheck.run_check(trainer=fused))
+    assert len(calls) >= 18 * 7  # the fused function ran for every layer (forward of the product's step)
+
+
 def test_check_detects_training_through_the_inference_layout(demo_model_dir, tmp_path, monkeypatch):
     """Without the protection (today's bug), the evaluation pass packs the weights and the check must fail."""
     import medgemma_lib.models as models
