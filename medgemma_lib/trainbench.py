@@ -444,16 +444,17 @@ NO_LIGER = "train.use_liger_kernel=false"
 OFFLOAD = "train.activation_offloading=true"
 COMPILE = "train.compile_layers=true"
 FUSED = "train.fused_lora=true"
+PEFT = "train.fused_lora=false"  # PEFT's own LoRA forward
 
 EAGER = "train.compile_layers=false"
 NO_OFFLOAD = "train.activation_offloading=false"
 
 # Row names say how a row differs from the preset as shipped (2026-12-04: 4B 8 GB offloads its checkpointed inputs,
-# uncompiled; 27B 24 GB offloads at 1×4096; 27B 141 GB runs 1×6144 rows).
+# uncompiled; 27B 24 GB offloads at 1×4096; 27B 141 GB runs 1×6144 rows; these three use train.fused_lora).
 ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
     "4b": [
         ("8gb", "configs/medgemma-4b-8gb.yaml", [ACC1]),
-        ("8gb-fused", "configs/medgemma-4b-8gb.yaml", [ACC1, FUSED]),
+        ("8gb-peft", "configs/medgemma-4b-8gb.yaml", [ACC1, PEFT]),
         ("8gb-no-offload", "configs/medgemma-4b-8gb.yaml", [ACC1, NO_OFFLOAD]),
         ("8gb-compile", "configs/medgemma-4b-8gb.yaml", [ACC1, NO_OFFLOAD, COMPILE]),
         ("8gb-compile-no-liger", "configs/medgemma-4b-8gb.yaml", [ACC1, NO_OFFLOAD, COMPILE, NO_LIGER]),
@@ -467,7 +468,7 @@ ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
     ],
     "27b": [
         ("24gb", "configs/medgemma-27b-24gb.yaml", [ACC1]),
-        ("24gb-fused", "configs/medgemma-27b-24gb.yaml", [ACC1, FUSED]),
+        ("24gb-peft", "configs/medgemma-27b-24gb.yaml", [ACC1, PEFT]),
         ("24gb-3072-eager", "configs/medgemma-27b-24gb.yaml", [ACC1, NO_OFFLOAD, "train.max_length=3072"]),
         ("24gb-3072-offload", "configs/medgemma-27b-24gb.yaml", [ACC1, "train.max_length=3072"]),
         (
@@ -476,7 +477,7 @@ ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
             [ACC1, NO_OFFLOAD, "train.max_length=3072", COMPILE, NO_LIGER],
         ),
         ("141gb", "configs/medgemma-27b-141gb.yaml", [ACC1]),
-        ("141gb-fused", "configs/medgemma-27b-141gb.yaml", [ACC1, FUSED]),
+        ("141gb-peft", "configs/medgemma-27b-141gb.yaml", [ACC1, PEFT]),
         ("141gb-4096", "configs/medgemma-27b-141gb.yaml", [ACC1, "train.max_length=4096"]),
         ("141gb-8192", "configs/medgemma-27b-141gb.yaml", [ACC1, "train.max_length=8192"]),
         ("141gb-4096-compile", "configs/medgemma-27b-141gb.yaml", [ACC1, "train.max_length=4096", COMPILE, NO_LIGER]),
@@ -487,7 +488,7 @@ ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
 }
 # The levers' gradients are checked against the preset in eager mode, without Liger (transformers' own kernels) and
 # without offloading, on the same model and batch, in this order (compilation stays on once a lever turned it on).
-GRAD_BASE = [NO_LIGER, EAGER, NO_OFFLOAD]
+GRAD_BASE = [NO_LIGER, EAGER, NO_OFFLOAD, PEFT]
 GRAD_LEVERS = {"same": [], "offload": [OFFLOAD], "fused": [FUSED], "compile": [COMPILE]}
 
 

@@ -24,7 +24,7 @@ DATA = Path(memory.__file__).resolve().parent / "resources"  # shipped with the 
 REFERENCE = memory.reference_rows(DATA / "h200_reference.json")
 BENCH = memory.reference_rows(DATA / "h200_bench_2026-11-29.json")
 TRAINBENCH_1203 = memory.reference_rows(DATA / "h200_trainbench_2026-12-03.json")  # through run_training
-TRAINBENCH_1204 = memory.reference_rows(DATA / "h200_trainbench_2026-12-04.json")  # five runs, two machine starts
+TRAINBENCH_1204 = memory.reference_rows(DATA / "h200_trainbench_2026-12-04.json")  # seven runs, three starts
 TRAINBENCH = TRAINBENCH_1203 + TRAINBENCH_1204
 ROWS = REFERENCE + BENCH + TRAINBENCH
 FULL_TABLE = [r for r in ROWS if r["source"].endswith("h200-2026-11-29.md")]
@@ -48,7 +48,7 @@ def test_reference_data_holds_all_13_rows_of_the_h200_table_and_20_bench_rows():
     assert len(FULL_TABLE) == 13
     assert {r["arch"] for r in FULL_TABLE} == {"27b", "4b"}
     assert len(BENCH) == 20
-    assert len(TRAINBENCH_1203) == 13 and len(TRAINBENCH_1204) == 13
+    assert len(TRAINBENCH_1203) == 13 and len(TRAINBENCH_1204) == 20
     assert max(r["seq"] for r in TRAINBENCH_1204 if r["arch"] == "27b") == 8192  # the 129.7 GiB row
     assert {(r["compile_layers"], r["activation_offloading"]) for r in TRAINBENCH} == {
         (False, False),

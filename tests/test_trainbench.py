@@ -164,6 +164,8 @@ def test_every_row_is_a_valid_config_of_a_shipped_preset():
     assert not shipped["8gb-no-offload"].activation_offloading
     assert shipped["24gb"].activation_offloading and shipped["24gb"].max_length == 4096
     assert shipped["141gb"].max_length == 6144 and not shipped["141gb"].gradient_checkpointing
+    assert shipped["8gb"].fused_lora and shipped["24gb"].fused_lora and shipped["141gb"].fused_lora
+    assert not shipped["8gb-peft"].fused_lora and not shipped["24gb-peft"].fused_lora
 
 
 @pytest.mark.parametrize(
