@@ -984,42 +984,26 @@ def packed_matches_unpacked(
 # ----------------------------------------------------------------------------------------------
 # Unsloth, as a peer, on the same architecture and batches (its own process: it patches on import)
 
+
+def _unsloth(name: str, description: str, **shape) -> Variant:
+    return Variant(name, description, attn="unsloth", optim="adamw_fused", role="peer", **shape)
+
+
 UNSLOTH_VARIANTS = {
-    "unsloth-8192": Variant(
-        "unsloth-8192",
-        "Unsloth, 1×8192 rows, its offloaded checkpointing",
-        row_length=8192,
-        attn="unsloth",
-        optim="adamw_fused",
-        role="peer",
-    ),
-    "unsloth-4096": Variant(  # the shape of the 27B 24 GB preset
-        "unsloth-4096",
-        "Unsloth, 1×4096 rows, its offloaded checkpointing",
-        row_length=4096,
-        attn="unsloth",
-        optim="adamw_fused",
-        role="peer",
-    ),
-    "unsloth-4096-nockpt": Variant(  # the shape of the 27B 141 GB preset
-        "unsloth-4096-nockpt",
-        "Unsloth, 1×4096 rows, no checkpointing",
-        row_length=4096,
-        grad_ckpt=False,
-        attn="unsloth",
-        optim="adamw_fused",
-        role="peer",
-    ),
-    "unsloth-4x4096-nockpt": Variant(
-        "unsloth-4x4096-nockpt",
-        "Unsloth, 4×4096 rows, no checkpointing",
-        micro_batch=4,
-        row_length=4096,
-        grad_ckpt=False,
-        attn="unsloth",
-        optim="adamw_fused",
-        role="peer",
-    ),
+    v.name: v
+    for v in [
+        _unsloth("unsloth-8192", "Unsloth, 1×8192 rows, its offloaded checkpointing", row_length=8192),
+        # the shape of the 27B 24 GB preset, and the 27B 141 GB preset's former one (1×4096 without checkpointing)
+        _unsloth("unsloth-4096", "Unsloth, 1×4096 rows, its offloaded checkpointing", row_length=4096),
+        _unsloth("unsloth-4096-nockpt", "Unsloth, 1×4096 rows, no checkpointing", row_length=4096, grad_ckpt=False),
+        _unsloth(
+            "unsloth-4x4096-nockpt",
+            "Unsloth, 4×4096 rows, no checkpointing",
+            micro_batch=4,
+            row_length=4096,
+            grad_ckpt=False,
+        ),
+    ]
 }
 
 
