@@ -161,6 +161,15 @@ def test_prequantised_checkpoint_loads_to_the_same_model_without_quantising_agai
     assert down.__class__.__name__ == "Linear4bit" and down.weight.dtype == torch.uint8
     assert torch.equal(down.weight.data, built.model.layers[0].mlp.down_proj.weight.data)  # not quantised again
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    # from_pretrained returns an eval-mode model: on an AVX512-BF16 CPU bitsandbytes would then repack its weights
+    # into the CPU inference layout (bf16 gemv) at the first forward, and the logits would differ from the built
+    # model's for that reason alone. Compare both in the trainable layout, with the AVX512-BF16 flag on everywhere,
+    # so that every CPU kind runs this test the same way.
+    for model in (built, other, loaded):
+        model.train()
+        for m in model.modules():
+            if m.__class__.__name__ == "Linear4bit":
+                m.support_avx512bf16_for_cpu = True
     ids = torch.randint(0, built.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = built(input_ids=ids).logits
@@ -168,3 +177,8 @@ def test_prequantised_checkpoint_loads_to_the_same_model_without_quantising_agai
         far = other(input_ids=ids).logits
     assert torch.equal(got, want)
     assert (far - want).abs().max() > 1e-2
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in _linear4bit(loaded))
+
+
+def _linear4bit(model):
+    return [m for m in model.modules() if m.__class__.__name__ == "Linear4bit"]

@@ -17,6 +17,9 @@ def _lora_model(dropout: float = 0.0, seed: int = 0):
     base, _ = bench.build_model("tiny", "cpu", seed=seed, storage=torch.uint8)
     for p in base.parameters():
         p.requires_grad_(False)
+    for m in base.modules():  # the state bitsandbytes gives the layers on an AVX512-BF16 CPU, on every machine
+        if m.__class__.__name__ == "Linear4bit":
+            m.support_avx512bf16_for_cpu = True
     cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(base, cfg)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -99,3 +102,23 @@ def test_layers_the_fused_function_would_get_wrong_keep_pefts_forward(ids, monke
     assert not calls
     base, _ = bench.build_model("tiny", "cpu", seed=0, storage=torch.uint8)
     assert torch.equal(off, base(input_ids=ids).logits)
+
+
+def test_an_evaluation_pass_never_repacks_the_weights_the_fused_function_reads(ids):
+    """On an AVX512-BF16 CPU bitsandbytes repacks a 4-bit layer into its inference-only layout at an eval-mode
+    forward through its own Linear4bit (run_training evaluates before training). The fused function reads the
+    weights itself, so an eval pass leaves them trainable, and training after it gives the same gradients."""
+    model = _lora_model()
+    fresh = copy.deepcopy(model)
+    lora_kernels.fuse_lora_layers(model)
+    lora_kernels.fuse_lora_layers(fresh)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    layers = [m for m in model.modules() if m.__class__.__name__ == "Linear4bit"]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    model.train()
+    _, want_dx, want = _step(fresh, ids)
+    _, got_dx, got = _step(model, ids)
+    assert _rel(got_dx, want_dx) < 1e-6
+    assert all(_rel(got[k], want[k]) < 1e-6 for k in want)
