@@ -148,6 +148,11 @@ class TrainSection:
         "NF4 線性層的 LoRA 以一個 autograd 函式計算（LoRA 乘積直接加進基礎矩陣乘法的輸出，省掉 PEFT 的複製、"
         "乘法與加法）；只用在 lora.dropout 為 0 的一般 LoRA 層，結果與 PEFT 相同",
     )
+    fused_rms_norm: bool = _f(
+        False,
+        "語言模型的 RMSNorm 改用 PyTorch 內建的融合核心（torch.nn.functional.rms_norm），取代 Liger 的 RMSNorm："
+        "公式與 transformers 相同（fp32 計算、1 + w），每次呼叫在 CPU 上的負擔較小",
+    )
     optim: str = _f("adamw_torch", "最佳化器，例如 adamw_torch、adamw_torch_fused、paged_adamw_8bit")
     weight_decay: float = _f(0.0, "權重衰減", min=0.0, max=1.0)
     max_grad_norm: float = _f(1.0, "梯度裁剪上限", min=0.0)

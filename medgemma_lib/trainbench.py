@@ -37,7 +37,7 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 
-from medgemma_lib import bench, lora_kernels, models, train, trainer
+from medgemma_lib import bench, lora_kernels, models, norm_kernels, train, trainer
 from medgemma_lib.atomic import write_json, write_text
 from medgemma_lib.config import load_config
 from medgemma_lib.profiles import BOS_ID, EOS_ID, PAD_ID
@@ -162,6 +162,7 @@ def profile_summary(prof, wall_s: float, top: int = 12) -> dict:
         kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total
     by_op = sorted(ops, key=lambda e: e.self_device_time_total, reverse=True)[:top]
     by_kernel = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:top]
+    by_cpu = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     return {
         "wall_ms": round(wall_s * 1000, 1),
         "gpu_kernel_ms": round(gpu_us / 1000, 1),
@@ -186,6 +187,11 @@ def profile_summary(prof, wall_s: float, top: int = 12) -> dict:
                 "gpu_ms": round(e.self_device_time_total / 1000, 2),
             }
             for e in by_kernel
+        ],
+        # Where the host's time goes: operators, autograd functions and CUDA runtime calls by their own CPU time
+        # (a Python autograd function's own time includes its Python, and a Triton launch inside it).
+        "top_cpu_ops": [
+            {"op": e.key[:80], "calls": int(e.count), "cpu_ms": round(e.self_cpu_time_total / 1000, 2)} for e in by_cpu
         ],
     }
 
@@ -405,8 +411,11 @@ def lever_gradients(
                 trainer.compile_decoder_layers(model)
             if lever_cfg.train.fused_lora:
                 lora_kernels.fuse_lora_layers(model)
+            if lever_cfg.train.fused_rms_norm:
+                norm_kernels.fuse_rms_norms(model)
             loss1, g1, _ = grads(lever_cfg)
             lora_kernels.unfuse_lora_layers(model)  # the next lever starts from PEFT's layers again
+            norm_kernels.unfuse_rms_norms(model)  # and from transformers' norms
             worst, where, worst_norm, num, den = 0.0, None, 0.0, 0.0, 0.0
             for k, a in g0.items():
                 d = float((g1[k] - a).abs().max() / a.abs().max().clamp(min=1e-30))
@@ -445,6 +454,7 @@ OFFLOAD = "train.activation_offloading=true"
 COMPILE = "train.compile_layers=true"
 FUSED = "train.fused_lora=true"
 PEFT = "train.fused_lora=false"  # PEFT's own LoRA forward
+NORM = "train.fused_rms_norm=true"  # torch's fused RMSNorm instead of Liger's
 
 EAGER = "train.compile_layers=false"
 NO_OFFLOAD = "train.activation_offloading=false"
@@ -455,6 +465,8 @@ ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
     "4b": [
         ("8gb", "configs/medgemma-4b-8gb.yaml", [ACC1]),
         ("8gb-peft", "configs/medgemma-4b-8gb.yaml", [ACC1, PEFT]),
+        ("8gb-norm", "configs/medgemma-4b-8gb.yaml", [ACC1, NORM]),
+        ("8gb-norm-no-liger", "configs/medgemma-4b-8gb.yaml", [ACC1, NORM, NO_LIGER]),
         ("8gb-no-offload", "configs/medgemma-4b-8gb.yaml", [ACC1, NO_OFFLOAD]),
         ("8gb-compile", "configs/medgemma-4b-8gb.yaml", [ACC1, NO_OFFLOAD, COMPILE]),
         ("8gb-compile-no-liger", "configs/medgemma-4b-8gb.yaml", [ACC1, NO_OFFLOAD, COMPILE, NO_LIGER]),
@@ -464,11 +476,15 @@ ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
             [ACC1, NO_OFFLOAD, COMPILE, NO_LIGER, "train.per_device_train_batch_size=2"],
         ),
         ("141gb", "configs/medgemma-4b-141gb.yaml", [ACC1]),
+        ("141gb-fused-norm", "configs/medgemma-4b-141gb.yaml", [ACC1, FUSED, NORM]),
         ("141gb-compile", "configs/medgemma-4b-141gb.yaml", [ACC1, COMPILE, NO_LIGER]),
     ],
     "27b": [
         ("24gb", "configs/medgemma-27b-24gb.yaml", [ACC1]),
         ("24gb-peft", "configs/medgemma-27b-24gb.yaml", [ACC1, PEFT]),
+        ("24gb-norm", "configs/medgemma-27b-24gb.yaml", [ACC1, NORM]),
+        ("24gb-6144", "configs/medgemma-27b-24gb.yaml", [ACC1, "train.max_length=6144"]),
+        ("24gb-6144-norm", "configs/medgemma-27b-24gb.yaml", [ACC1, "train.max_length=6144", NORM]),
         ("24gb-3072-eager", "configs/medgemma-27b-24gb.yaml", [ACC1, NO_OFFLOAD, "train.max_length=3072"]),
         ("24gb-3072-offload", "configs/medgemma-27b-24gb.yaml", [ACC1, "train.max_length=3072"]),
         (
@@ -478,6 +494,7 @@ ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
         ),
         ("141gb", "configs/medgemma-27b-141gb.yaml", [ACC1]),
         ("141gb-peft", "configs/medgemma-27b-141gb.yaml", [ACC1, PEFT]),
+        ("141gb-norm", "configs/medgemma-27b-141gb.yaml", [ACC1, NORM]),
         ("141gb-4096", "configs/medgemma-27b-141gb.yaml", [ACC1, "train.max_length=4096"]),
         ("141gb-8192", "configs/medgemma-27b-141gb.yaml", [ACC1, "train.max_length=8192"]),
         ("141gb-4096-compile", "configs/medgemma-27b-141gb.yaml", [ACC1, "train.max_length=4096", COMPILE, NO_LIGER]),
@@ -488,8 +505,8 @@ ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
 }
 # The levers' gradients are checked against the preset in eager mode, without Liger (transformers' own kernels) and
 # without offloading, on the same model and batch, in this order (compilation stays on once a lever turned it on).
-GRAD_BASE = [NO_LIGER, EAGER, NO_OFFLOAD, PEFT]
-GRAD_LEVERS = {"same": [], "offload": [OFFLOAD], "fused": [FUSED], "compile": [COMPILE]}
+GRAD_BASE = [NO_LIGER, EAGER, NO_OFFLOAD, PEFT, "train.fused_rms_norm=false"]
+GRAD_LEVERS = {"same": [], "offload": [OFFLOAD], "fused": [FUSED], "norm": [NORM], "compile": [COMPILE]}
 
 
 def _ceiling(row: dict, info: dict, tflops: float) -> None:

@@ -39,7 +39,7 @@ from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 
-from medgemma_lib import checkpoints, display, lora_kernels, memory, models
+from medgemma_lib import checkpoints, display, lora_kernels, memory, models, norm_kernels
 from medgemma_lib.attention import register_varlen_attention, varlen_support
 from medgemma_lib.config import RunConfig
 from medgemma_lib.errors import OutputError, ResourceError, TrainingError
@@ -260,12 +260,14 @@ def prepare_model_for_training(cfg: RunConfig, model, profile, device: str, verb
         )
     if device.startswith("cuda") and not isinstance(model, PeftModel):
         if cfg.train.use_liger_kernel:
-            apply_liger(model)
+            apply_liger(model, rms_norm=not cfg.train.fused_rms_norm)
         if cfg.train.packing or cfg.train.padding_free:
             use_varlen_attention(model, verbose=verbose)
     if not isinstance(model, PeftModel):
         set_seed(cfg.train.seed)  # the Trainer seeds only after the model exists: seed the LoRA init here
         model = get_peft_model(model, lora_config(cfg, profile))
+    if cfg.train.fused_rms_norm:
+        norm_kernels.fuse_rms_norms(model)
     if cfg.train.fused_lora:
         n = lora_kernels.fuse_lora_layers(model)
         if verbose and cfg.lora.dropout > 0:
@@ -314,11 +316,12 @@ def compile_decoder_layers(model) -> int:
     return n
 
 
-def apply_liger(model) -> None:
+def apply_liger(model, rms_norm: bool = True) -> None:
     """Liger's Gemma 3 kernels (RMSNorm, RoPE, GeGLU) on ``model`` (CUDA, before LoRA), once.
 
     Not its fused linear cross-entropy: TRL 1.16 refuses it and computes the loss with its own fused,
-    chunked LM head, which likewise never builds the full 262k-wide logits.
+    chunked LM head, which likewise never builds the full 262k-wide logits. ``rms_norm=False`` leaves the
+    norms to :func:`medgemma_lib.norm_kernels.fuse_rms_norms` (``train.fused_rms_norm``).
     """
     if getattr(model, "_medgemma_liger", False):
         return
@@ -331,7 +334,7 @@ def apply_liger(model) -> None:
         ) from None
     kernels = {
         "rope": True,
-        "rms_norm": True,
+        "rms_norm": rms_norm,
         "geglu": True,
         "cross_entropy": False,
         "fused_linear_cross_entropy": False,

@@ -19,7 +19,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medgemma_lib"
 # Lowest first. Keep in step with the picture in docs/DEVELOPING.md.
 LAYERS: list[set[str]] = [
     {"medgemma_lib", "errors", "paths", "weightfiles", "profiles"},  # base: errors, paths, weight files, registry
-    {"atomic", "plots", "display", "attention", "lora_kernels", "privacy", "safety", "stats"},  # helpers
+    {
+        "atomic",
+        "plots",
+        "display",
+        "attention",
+        "lora_kernels",
+        "norm_kernels",
+        "privacy",
+        "safety",
+        "stats",
+    },  # helpers
     {"config", "memory", "auth", "data"},  # configuration, estimates, Hub access, data preparation
     {"models", "checkpoints", "generation", "monitor"},  # loading, checkpoint format, generation, monitoring
     {"runs", "env"},  # the run folder; the environment report

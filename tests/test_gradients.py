@@ -104,6 +104,17 @@ def test_fused_lora_layers_give_the_reference_gradients(demo_model_dir, tmp_path
     _assert_matches_reference(result)
 
 
+def test_fused_rms_norms_give_the_reference_gradients(demo_model_dir, tmp_path):
+    """train.fused_rms_norm: every Gemma 3 RMSNorm of the real model goes through F.rms_norm, and the training
+    step's gradients still equal the plain per-example reference (whose norms are transformers' own)."""
+    fused = gradcheck.build_trainer(
+        gradcheck.check_config(["train.fused_rms_norm=true", "train.fused_lora=true"]), tmp_path
+    )
+    routed = [m for m in fused.model.modules() if hasattr(m, "_hf_forward")]
+    assert len(routed) == 18 * 6 + 1  # 4 norms around attention and MLP, q_norm, k_norm per layer; the final norm
+    _assert_matches_reference(gradcheck.run_check(trainer=fused))
+
+
 def test_check_detects_training_through_the_inference_layout(demo_model_dir, tmp_path, monkeypatch):
     """Without the protection (today's bug), the evaluation pass packs the weights and the check must fail."""
     import medgemma_lib.models as models

@@ -166,6 +166,10 @@ def test_every_row_is_a_valid_config_of_a_shipped_preset():
     assert shipped["141gb"].max_length == 6144 and not shipped["141gb"].gradient_checkpointing
     assert shipped["8gb"].fused_lora and shipped["24gb"].fused_lora and shipped["141gb"].fused_lora
     assert not shipped["8gb-peft"].fused_lora and not shipped["24gb-peft"].fused_lora
+    for name in ("8gb-norm", "8gb-norm-no-liger", "24gb-norm", "24gb-6144-norm", "141gb-norm"):
+        assert shipped[name].fused_rms_norm, name
+    assert shipped["24gb-6144"].max_length == 6144 and shipped["24gb-6144"].gradient_checkpointing
+    assert not shipped["8gb-norm-no-liger"].use_liger_kernel
 
 
 @pytest.mark.parametrize(
@@ -232,6 +236,13 @@ def test_profile_counts_each_kernel_once_and_sorts_it_by_kind():
         "flash_attn::_flash_attn_varlen_forward",
     ]
     assert out["top_kernels"][0]["kind"] == "matmul" and out["top_kernels"][0]["calls"] == 4
+    # The host's side, by own CPU time: the launches first (100 µs), then aten::mm (50), no device event among them.
+    assert [(o["op"], o["calls"], o["cpu_ms"]) for o in out["top_cpu_ops"][:3]] == [
+        ("cudaLaunchKernel", 9, 0.1),
+        ("aten::mm", 4, 0.05),
+        ("bitsandbytes::dequantize_4bit", 2, 0.03),
+    ]
+    assert len(out["top_cpu_ops"]) == 4
     liger = "fused Triton kernels (Liger, inductor)"
     assert (
         trainbench.kernel_kind("_geglu_tanh_forward_kernel")

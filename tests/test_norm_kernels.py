@@ -1,0 +1,115 @@
+"""norm_kernels (train.fused_rms_norm) against transformers' own Gemma3RMSNorm: same outputs, same gradients for
+the input and for the norm weights (tiny random Gemma 3, CPU, fp32), bf16 rounded as transformers rounds it,
+Liger's norms left alone, and a comparison that fails when the routed formula is wrong."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+from medgemma_lib import bench, norm_kernels
+
+N_NORMS = 2 * 6 + 1  # tiny: 2 decoder layers × (4 around attention and MLP + q_norm + k_norm) + the final norm
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(bench.text_config("tiny")).float().eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Gemma3RMSNorm):  # zeros at init would hide a wrong "1 + w"
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.3)
+    return model
+
+
+def _step(model, ids):
+    model.zero_grad(set_to_none=True)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds).logits
+    (logits.pow(2).mean() + logits[..., :5].sum() * 1e-3).backward()
+    norm_grads = {n: p.grad.clone() for n, p in model.named_parameters() if "norm" in n}
+    return logits.detach(), embeds.grad.detach(), norm_grads
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 1000, (2, 17), generator=torch.Generator().manual_seed(3))
+
+
+def test_routed_norms_compute_what_transformers_computes(ids, monkeypatch):
+    plain = _model()
+    fused = copy.deepcopy(plain)
+    assert norm_kernels.fuse_rms_norms(fused) == N_NORMS
+    assert norm_kernels.fuse_rms_norms(fused) == N_NORMS  # routing twice changes nothing
+    assert norm_kernels.unfuse_rms_norms(fused) == N_NORMS and norm_kernels.unfuse_rms_norms(fused) == 0
+    assert norm_kernels.fuse_rms_norms(fused) == N_NORMS
+    calls = []
+    rms_norm = torch.nn.functional.rms_norm
+    monkeypatch.setattr(norm_kernels.F, "rms_norm", lambda *a, **k: calls.append(1) or rms_norm(*a, **k))
+    want_logits, want_dx, want = _step(plain, ids)
+    assert not calls  # transformers' own norms never call it
+    got_logits, got_dx, got = _step(fused, ids)
+    assert len(calls) == N_NORMS
+    assert _rel(got_logits, want_logits) < 1e-6
+    assert _rel(got_dx, want_dx) < 1e-6
+    assert set(got) == set(want) and len(want) == N_NORMS
+    for name in want:
+        assert want[name].abs().max() > 0, name
+        assert _rel(got[name], want[name]) < 1e-5, name
+
+
+def test_the_comparison_fails_when_the_routed_formula_is_wrong(ids, monkeypatch):
+    """A norm that forgets Gemma's offset (w instead of 1 + w): logits and gradients must differ clearly."""
+    plain = _model()
+    fused = copy.deepcopy(plain)
+    norm_kernels.fuse_rms_norms(fused)
+
+    def without_offset(self, x):
+        return norm_kernels.F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+    monkeypatch.setattr(norm_kernels, "_fused_forward", without_offset)
+    for m in fused.modules():
+        if hasattr(m, "_hf_forward"):
+            m.forward = types.MethodType(norm_kernels._fused_forward, m)
+    want_logits, want_dx, _ = _step(plain, ids)
+    got_logits, got_dx, _ = _step(fused, ids)
+    assert _rel(got_logits, want_logits) > 0.1
+    assert _rel(got_dx, want_dx) > 0.1
+
+
+def test_bf16_is_rounded_once_as_transformers_rounds_it():
+    """On the CPU (no fused mixed-dtype kernel) a bf16 input is computed in fp32 and cast back once: the same
+    bits as transformers' forward, for the hidden size and for the heads' size."""
+    gen = torch.Generator().manual_seed(5)
+    assert not norm_kernels.mixed_dtype_ok(torch.device("cpu"))
+    for dim in (640, 256):
+        norm = Gemma3RMSNorm(dim, eps=1e-6)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(dim, generator=gen) * 0.3)
+        x = (torch.randn(3, 11, dim, generator=gen) * 4).to(torch.bfloat16)
+        want = norm(x)
+        norm_kernels.fuse_rms_norms(norm)
+        got = norm(x)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, want), dim
+
+
+def test_norms_another_library_patched_keep_their_forward():
+    """Liger replaces a norm's forward on the instance; those norms are not routed (with train.fused_rms_norm
+    apply_liger leaves the norms alone instead)."""
+    model = _model()
+    patched = [m for m in model.modules() if isinstance(m, Gemma3RMSNorm)][:3]
+    for m in patched:
+        m.forward = types.MethodType(lambda self, x: x, m)
+    assert norm_kernels.fuse_rms_norms(model) == N_NORMS - 3
+    assert all(not hasattr(m, "_hf_forward") for m in patched)
