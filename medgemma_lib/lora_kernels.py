@@ -100,26 +100,37 @@ def _fused_forward(self, x, *args, **kwargs):
     )
 
 
+def route_forwards(model, wanted, saved: str, forward) -> int:
+    """Give every module of ``model`` for which ``wanted(module)`` holds the forward ``forward`` (once), keeping its
+    own in the attribute ``saved``; the number routed (already routed ones included)."""
+    n = 0
+    for module in model.modules():
+        if hasattr(module, saved) or wanted(module):
+            if not hasattr(module, saved):
+                setattr(module, saved, module.forward)
+                module.forward = types.MethodType(forward, module)
+            n += 1
+    return n
+
+
+def restore_forwards(model, saved: str) -> int:
+    """Undo :func:`route_forwards` for the attribute ``saved``; the number restored."""
+    n = 0
+    for module in model.modules():
+        if hasattr(module, saved):
+            module.forward = getattr(module, saved)
+            delattr(module, saved)
+            n += 1
+    return n
+
+
 def fuse_lora_layers(model) -> int:
     """Route every LoRA layer on an NF4 base of ``model`` through :class:`NF4LoRA` (once); the number routed."""
     from peft.tuners.lora.bnb import Linear4bit  # noqa: PLC0415 - PEFT's 4-bit LoRA layer (needs bitsandbytes)
 
-    n = 0
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            if not hasattr(module, "_peft_forward"):
-                module._peft_forward = module.forward
-                module.forward = types.MethodType(_fused_forward, module)
-            n += 1
-    return n
+    return route_forwards(model, lambda m: isinstance(m, Linear4bit), "_peft_forward", _fused_forward)
 
 
 def unfuse_lora_layers(model) -> int:
     """Give every routed layer of ``model`` its PEFT forward back; the number restored."""
-    n = 0
-    for module in model.modules():
-        if hasattr(module, "_peft_forward"):
-            module.forward = module._peft_forward
-            del module._peft_forward
-            n += 1
-    return n
+    return restore_forwards(model, "_peft_forward")

@@ -16,10 +16,10 @@ back, exactly as transformers does. Checked against transformers' own forward an
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
+
+from medgemma_lib.lora_kernels import restore_forwards, route_forwards
 
 _MIXED: dict[str, bool] = {}
 
@@ -70,25 +70,14 @@ def fuse_rms_norms(model) -> int:
     """Route every Gemma 3 RMSNorm of ``model`` through ``F.rms_norm`` (once); the number routed.
 
     A norm whose forward someone else replaced (Liger's kernel, when ``train.fused_rms_norm`` is off) keeps it."""
-    n = 0
-    for module in model.modules():
-        if not _is_gemma3_rms_norm(module):
-            continue
-        if not hasattr(module, "_hf_forward"):
-            if getattr(module.forward, "__func__", None) is not type(module).forward:
-                continue
-            module._hf_forward = module.forward
-            module.forward = types.MethodType(_fused_forward, module)
-        n += 1
-    return n
+
+    def wanted(module) -> bool:
+        own = getattr(module.forward, "__func__", None) is type(module).forward
+        return _is_gemma3_rms_norm(module) and own
+
+    return route_forwards(model, wanted, "_hf_forward", _fused_forward)
 
 
 def unfuse_rms_norms(model) -> int:
     """Give every routed norm of ``model`` transformers' forward back; the number restored."""
-    n = 0
-    for module in model.modules():
-        if hasattr(module, "_hf_forward"):
-            module.forward = module._hf_forward
-            del module._hf_forward
-            n += 1
-    return n
+    return restore_forwards(model, "_hf_forward")
