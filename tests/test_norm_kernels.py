@@ -113,3 +113,24 @@ def test_norms_another_library_patched_keep_their_forward():
         m.forward = types.MethodType(lambda self, x: x, m)
     assert norm_kernels.fuse_rms_norms(model) == N_NORMS - 3
     assert all(not hasattr(m, "_hf_forward") for m in patched)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_run_training_routes_the_norms_and_keeps_liger_off_them_only_when_asked(fused, monkeypatch):
+    """prepare_model_for_training as on CUDA: with train.fused_rms_norm Liger is applied without its RMSNorm and
+    every norm is routed; without it Liger keeps its RMSNorm and no norm is routed."""
+    from medgemma_lib import trainer
+    from medgemma_lib.config import load_config
+    from medgemma_lib.profiles import PROFILES
+
+    liger_calls = []
+    monkeypatch.setattr(trainer, "apply_liger", lambda model, rms_norm=True: liger_calls.append(rms_norm))
+    monkeypatch.setattr(trainer, "use_varlen_attention", lambda model, verbose=True: "sdpa")
+    cfg = load_config(
+        "configs/medgemma-4b-8gb.yaml", [f"train.fused_rms_norm={str(fused).lower()}", "train.fused_lora=false"]
+    )
+    model, _ = bench.build_model("tiny", "cpu", seed=0, storage=torch.uint8)
+    model = trainer.prepare_model_for_training(cfg, model, PROFILES["demo"], "cuda", verbose=False)
+    assert liger_calls == [not fused]
+    routed = [m for m in model.modules() if hasattr(m, "_hf_forward")]
+    assert len(routed) == (N_NORMS if fused else 0)
