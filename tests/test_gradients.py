@@ -84,35 +84,32 @@ def test_compiled_layers_are_a_cuda_lever_and_leave_cpu_training_as_it_was(demo_
             m._compiled_call_impl = None
 
 
-def test_fused_lora_layers_give_the_reference_gradients(demo_model_dir, tmp_path, monkeypatch):
-    """train.fused_lora: every NF4 LoRA layer of the real model goes through lora_kernels.NF4LoRA (counted), and
-    the training step's gradients still equal the plain per-example reference, on this machine's CPU kernels."""
-    from medgemma_lib import lora_kernels
+def test_fused_lora_layers_and_norms_give_the_reference_gradients(demo_model_dir, tmp_path, monkeypatch):
+    """train.fused_lora and train.fused_rms_norm: every NF4 LoRA layer of the real model goes through
+    lora_kernels.NF4LoRA, every RMSNorm through F.rms_norm (both counted), and the training step's gradients still
+    equal the plain per-example reference (transformers' own norms, LoRA by hand), on this machine's CPU kernels.
+    (Each alone against PEFT / transformers: tests/test_lora_kernels.py, tests/test_norm_kernels.py.)"""
+    from medgemma_lib import lora_kernels, norm_kernels
 
-    calls = []
+    calls, norm_calls = [], []
     apply = lora_kernels.NF4LoRA.apply
     monkeypatch.setattr(lora_kernels.NF4LoRA, "apply", lambda *a: calls.append(1) or apply(*a))
-    fused = gradcheck.build_trainer(gradcheck.check_config(["train.fused_lora=true"]), tmp_path)
+    rms_norm = norm_kernels.F.rms_norm
+    monkeypatch.setattr(norm_kernels.F, "rms_norm", lambda *a, **k: norm_calls.append(1) or rms_norm(*a, **k))
+    cfg = gradcheck.check_config(["train.fused_lora=true", "train.fused_rms_norm=true"])
+    fused = gradcheck.build_trainer(cfg, tmp_path)
     routed = [m for m in fused.model.modules() if hasattr(m, "_peft_forward")]
     assert len(routed) == 18 * 7  # q, k, v, o, gate, up, down of every layer
+    norms = [m for m in fused.model.modules() if hasattr(m, "_hf_forward")]
+    assert len(norms) == 18 * 6 + 1  # 4 around attention and MLP, q_norm, k_norm per layer; the final norm
     _assert_matches_reference(gradcheck.run_check(trainer=fused))
     assert len(calls) >= 18 * 7  # the fused function ran for every layer (forward of the product's step)
+    assert len(norm_calls) >= 18 * 6 + 1  # and torch's norm for every norm
     # As on an AVX512-BF16 CPU, whatever this machine has: an evaluation pass first (as run_training does).
     _force_cpu_packing_flags(fused.model)
     result = gradcheck.run_check(trainer=fused, evaluate_first=True)
     assert result.packing_state["packed"] == 0
     _assert_matches_reference(result)
-
-
-def test_fused_rms_norms_give_the_reference_gradients(demo_model_dir, tmp_path):
-    """train.fused_rms_norm: every Gemma 3 RMSNorm of the real model goes through F.rms_norm, and the training
-    step's gradients still equal the plain per-example reference (whose norms are transformers' own)."""
-    fused = gradcheck.build_trainer(
-        gradcheck.check_config(["train.fused_rms_norm=true", "train.fused_lora=true"]), tmp_path
-    )
-    routed = [m for m in fused.model.modules() if hasattr(m, "_hf_forward")]
-    assert len(routed) == 18 * 6 + 1  # 4 norms around attention and MLP, q_norm, k_norm per layer; the final norm
-    _assert_matches_reference(gradcheck.run_check(trainer=fused))
 
 
 def test_check_detects_training_through_the_inference_layout(demo_model_dir, tmp_path, monkeypatch):
