@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import random
+import re
 import shutil
 import statistics
 import tempfile
@@ -106,7 +107,8 @@ class StepTimer(TrainerCallback):
             kinds = [torch.profiler.ProfilerActivity.CPU]
             if self.cuda:
                 kinds.append(torch.profiler.ProfilerActivity.CUDA)
-            self.profiler = torch.profiler.profile(activities=kinds)
+            # with_stack: the profiler also times each Python function (host time by library, below)
+            self.profiler = torch.profiler.profile(activities=kinds, with_stack=True)
             self.profiler.__enter__()
         self.starts.append(self._now())
 
@@ -130,6 +132,36 @@ KERNEL_KINDS = [
     ("fused Triton kernels (Liger, inductor)", ("triton", "_rms_norm", "_geglu", "_rope", "liger")),
     ("other element-wise and reductions", ()),
 ]
+
+
+_PY_FUNCTION = re.compile(r"^(?P<path>[^<(][^(]*)\((?P<line>\d+)\): ")
+HOST_LIBRARIES = (
+    "medgemma_lib",
+    "transformers",
+    "peft",
+    "trl",
+    "liger_kernel",
+    "bitsandbytes",
+    "accelerate",
+    "triton",
+    "unsloth",
+    "unsloth_zoo",
+    "datasets",
+    "torch",
+)
+
+
+def host_library(key: str) -> str:
+    """Who spent a CPU event's own time: the library of a Python function ("transformers/…/x.py(12): forward" →
+    transformers), other Python (built-ins, the standard library), or C++ (ATen operators, autograd, the CUDA
+    runtime)."""
+    m = _PY_FUNCTION.match(key)
+    if m:
+        parts = [p for p in m.group("path").replace("\\", "/").split("/") if p]
+        return next((p for p in parts[:-1] if p in HOST_LIBRARIES), "Python built-ins and other Python")
+    if key.startswith("<"):
+        return "Python built-ins and other Python"
+    return "C++: ATen, autograd, CUDA runtime"
 
 
 def kernel_kind(name: str) -> str:
@@ -162,7 +194,15 @@ def profile_summary(prof, wall_s: float, top: int = 12) -> dict:
         kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total
     by_op = sorted(ops, key=lambda e: e.self_device_time_total, reverse=True)[:top]
     by_kernel = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:top]
-    by_cpu = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    host: dict[str, float] = {}
+    own: dict[str, list] = {}  # Python built-ins are listed per object ("... of Tensor object at 0x7f…"): merged
+    for e in ops:
+        lib = host_library(e.key)
+        host[lib] = host.get(lib, 0.0) + e.self_cpu_time_total
+        entry = own.setdefault(re.sub(r" at 0x[0-9a-fA-F]+", "", e.key), [0, 0.0])
+        entry[0] += e.count
+        entry[1] += e.self_cpu_time_total
+    by_cpu = sorted(own.items(), key=lambda kv: kv[1][1], reverse=True)[:top]
     return {
         "wall_ms": round(wall_s * 1000, 1),
         "gpu_kernel_ms": round(gpu_us / 1000, 1),
@@ -188,10 +228,11 @@ def profile_summary(prof, wall_s: float, top: int = 12) -> dict:
             }
             for e in by_kernel
         ],
-        # Where the host's time goes: operators, autograd functions and CUDA runtime calls by their own CPU time
-        # (a Python autograd function's own time includes its Python, and a Triton launch inside it).
+        # Where the host's time goes: operators, autograd functions, CUDA runtime calls and (recorded with
+        # with_stack) Python functions by their own CPU time; a Triton launch counts in the Python that calls it.
+        "host_ms_by_library": {k: round(v / 1000, 1) for k, v in sorted(host.items(), key=lambda kv: -kv[1])},
         "top_cpu_ops": [
-            {"op": e.key[:80], "calls": int(e.count), "cpu_ms": round(e.self_cpu_time_total / 1000, 2)} for e in by_cpu
+            {"op": key[:80], "calls": int(calls), "cpu_ms": round(us / 1000, 2)} for key, (calls, us) in by_cpu
         ],
     }
 

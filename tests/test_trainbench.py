@@ -189,6 +189,37 @@ def test_unknown_architectures_and_rows_are_refused_before_anything_runs(args, f
     assert "Traceback" not in done.stderr and not out.exists()
 
 
+def test_profile_says_which_library_spends_the_hosts_time():
+    """A real CPU profile with Python functions recorded (as StepTimer records the GPU step): the host time of a
+    routed norm is split between medgemma_lib's function, torch's module call and ATen; the parts add up."""
+    import torch
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from medgemma_lib import norm_kernels
+
+    norm = Gemma3RMSNorm(64)
+    norm_kernels.fuse_rms_norms(norm)
+    x = torch.randn(4, 64)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True) as prof:
+        for _ in range(20):
+            norm(x)
+    out = trainbench.profile_summary(prof, wall_s=0.01)
+    libs = out["host_ms_by_library"]
+    assert {"medgemma_lib", "torch", "C++: ATen, autograd, CUDA runtime"} <= set(libs)
+    assert abs(sum(libs.values()) - out["cpu_self_ms"]) < 0.05 * out["cpu_self_ms"] + 0.2
+    assert libs["medgemma_lib"] > 0
+    ops = {o["op"]: o for o in out["top_cpu_ops"]}
+    line = norm_kernels._fused_forward.__code__.co_firstlineno
+    assert ops[f"medgemma_lib/norm_kernels.py({line}): _fused_forward"]["calls"] == 20
+    assert not any(" at 0x" in op for op in ops)  # built-ins merged over the objects they were called on
+    assert trainbench.host_library("transformers/models/gemma3/modeling_gemma3.py(150): forward") == "transformers"
+    assert trainbench.host_library("/tmp/site/peft/tuners/lora/bnb.py(501): forward") == "peft"
+    assert trainbench.host_library("/usr/lib/python3.12/enum.py(1230): __hash__").startswith("Python")
+    assert trainbench.host_library("/usr/lib/python3/dist-packages/trl/x.py(3): f") == "trl"
+    assert trainbench.host_library("aten::mm") == trainbench.host_library("cudaLaunchKernel")
+    assert trainbench.host_library("<built-in method to of Tensor object at 0x7f>").startswith("Python")
+
+
 def test_profile_counts_each_kernel_once_and_sorts_it_by_kind():
     """The profiler lists a kernel as a device event and again in the operator that launched it: the step's GPU
     time is the device events' sum (a double count would report a GPU busier than the wall clock allows)."""
