@@ -103,12 +103,14 @@ class StepTimer(TrainerCallback):
         return time.perf_counter()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.profile_step is not None and len(self.starts) == self.profile_step:
+        # Two recorded steps after the timed ones: the first as it runs (kernel time, GPU busy share), the second
+        # with every Python function timed too (with_stack: host time by library, which slows that step down).
+        if self.profile_step is not None and len(self.starts) in (self.profile_step, self.profile_step + 1):
             kinds = [torch.profiler.ProfilerActivity.CPU]
             if self.cuda:
                 kinds.append(torch.profiler.ProfilerActivity.CUDA)
-            # with_stack: the profiler also times each Python function (host time by library, below)
-            self.profiler = torch.profiler.profile(activities=kinds, with_stack=True)
+            python = len(self.starts) == self.profile_step + 1
+            self.profiler = torch.profiler.profile(activities=kinds, with_stack=python)
             self.profiler.__enter__()
         self.starts.append(self._now())
 
@@ -116,7 +118,13 @@ class StepTimer(TrainerCallback):
         self.ends.append(self._now())
         if self.profiler is not None:
             self.profiler.__exit__(None, None, None)
-            self.profile = profile_summary(self.profiler, self.ends[-1] - self.starts[-1])
+            summary = profile_summary(self.profiler, self.ends[-1] - self.starts[-1])
+            if self.profile is None:
+                self.profile = summary
+            else:  # the step with Python functions: only where the host's time goes
+                self.profile["python_step"] = {
+                    k: summary[k] for k in ("wall_ms", "cpu_self_ms", "host_ms_by_library", "top_cpu_ops")
+                }
             self.profiler = None
         self.graphs.append(int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))  # a recompile adds graphs
 
@@ -284,7 +292,7 @@ def run_preset(
                 f"model.profile={folder}",
                 f"train.output_dir={root / 'runs'}",
                 f"train.run_name={name}",
-                f"train.max_steps={warmup + steps + (1 if profile else 0)}",  # + a profiled step after the timed ones
+                f"train.max_steps={warmup + steps + (2 if profile else 0)}",  # + two profiled steps after the timed
                 "train.warmup_ratio=0.0",
                 *BENCH_OVERRIDES,
                 *overrides,
@@ -299,7 +307,7 @@ def run_preset(
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        last = warmup + steps  # steps [warmup, last) are timed; with --profile, step `last` is recorded, not timed
+        last = warmup + steps  # steps [warmup, last) are timed; with --profile, steps last, last + 1 are recorded
         timer = StepTimer(device, profile_step=last if profile else None)
         started = time.perf_counter()
         error = None

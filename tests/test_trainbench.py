@@ -61,7 +61,8 @@ def test_packing_keeps_every_token_of_the_records(lengths, tmp_path):
 
 @pytest.mark.parametrize("profile", [False, True], ids=["timed", "profiled"])
 def test_a_row_times_the_products_own_training_steps(lengths, monkeypatch, profile):
-    """With --profile, one more step is recorded by the profiler after the timed ones and never timed."""
+    """With --profile, two more steps are recorded by the profiler after the timed ones and never timed: one as it
+    runs, one with Python functions timed too (host time by library)."""
     full, prompt = lengths
     calls = []
     original = trainer.LeanSFTTrainer.training_step
@@ -85,10 +86,14 @@ def test_a_row_times_the_products_own_training_steps(lengths, monkeypatch, profi
         log=lambda *a: None,
     )
     assert row["error"] is None and row["path"] == "run_training"
-    # one micro-batch per step, warm-up (and the profiled step) included, nothing else trains
-    assert calls == ["LeanSFTTrainer"] * (7 if profile else 6)
+    # one micro-batch per step, warm-up (and the profiled steps) included, nothing else trains
+    assert calls == ["LeanSFTTrainer"] * (8 if profile else 6)
     if profile:
-        assert row["profile"]["wall_ms"] > 0 and row["profile"]["cpu_self_ms"] > 0
+        pr = row["profile"]
+        assert pr["wall_ms"] > 0 and pr["cpu_self_ms"] > 0
+        assert "medgemma_lib" not in pr["host_ms_by_library"]  # the first recorded step times no Python function
+        libs = pr["python_step"]["host_ms_by_library"]
+        assert libs["medgemma_lib"] > 0 and libs["transformers"] > 0 and libs["trl"] > 0 and libs["peft"] > 0
     else:
         assert row["profile"] is None
     assert len(row["step_s"]) == len(row["tokens_per_step"]) == len(row["losses"]) == 6
