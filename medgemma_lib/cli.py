@@ -843,7 +843,11 @@ def _add_trainbench(sub) -> None:
     )
     p.add_argument("--no-grads", action="store_true", help="不做槓桿（編譯、卸載）的梯度比對")
     p.add_argument("--no-original", action="store_true", help="不跑原始指南的對照列")
-    p.add_argument("--profile", action="store_true", help="計時的步驟之後再以 torch.profiler 記錄兩步（時間花在哪裡；第二步也記錄每個 Python 函式）")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="計時的步驟之後再以 torch.profiler 記錄兩步（時間花在哪裡；第二步也記錄每個 Python 函式）",
+    )
     p.set_defaults(func=_run_trainbench)
 
 
