@@ -251,7 +251,6 @@ def _add_data(sub) -> None:
 def build_data_section(args: argparse.Namespace):
     """The DataSection from ``--config`` (or defaults) with command-line options on top."""
     from medgemma_lib import config  # handler import: see the module docstring
-    from medgemma_lib.data import clean  # handler import: see the module docstring
 
     cfg = config.load_config(args.config) if args.config else config.load_config(None)
     data = {f: getattr(cfg.data, f) for f in cfg.data.__dataclass_fields__}
@@ -260,6 +259,8 @@ def build_data_section(args: argparse.Namespace):
         if value is not None:
             data[field] = value
     if args.columns is not None:
+        from medgemma_lib.data import clean  # handler import: see the module docstring
+
         data["columns"] = clean.parse_column_mapping(args.columns)
     if data.get("input") is None:
         raise ConfigError("沒有指定輸入檔。", hint="請加上 --input 檔案路徑。")
@@ -268,37 +269,51 @@ def build_data_section(args: argparse.Namespace):
 
 
 def _data_tokenizer(choice: str):
-    if choice == "none":
-        return None, "略過 token 長度（--tokenizer none）"
-    from medgemma_lib import models  # handler import: see the module docstring
+    """(a loader of the tokenizer that measures token lengths, or None; a dict that gets the note to print).
 
-    if choice == "auto":
-        if not models.demo_model_cached():
-            return None, (
-                "略過 token 長度：示範模型尚未下載轉換"
-                "（執行 python -m medgemma_lib models --prepare-demo 後再試，或加 --tokenizer demo）"
-            )
-        choice = "demo"
-    return models.load_tokenizer(choice), None
+    The loader is called by the data step once the input was read and checked: a bad input is refused before
+    transformers and the tokenizer load."""
+    if choice == "none":
+        return None, {"note": "略過 token 長度（--tokenizer none）"}
+    state: dict = {"note": None}
+
+    def load():
+        from medgemma_lib import models  # handler import: see the module docstring
+
+        name = choice
+        if name == "auto":
+            if not models.demo_model_cached():
+                state["note"] = (
+                    "略過 token 長度：示範模型尚未下載轉換"
+                    "（執行 python -m medgemma_lib models --prepare-demo 後再試，或加 --tokenizer demo）"
+                )
+                return None
+            name = "demo"
+        return models.load_tokenizer(name)
+
+    return load, state
 
 
 def _run_data_prepare(args) -> int:
-    from medgemma_lib import data  # handler import: see the module docstring
+    from medgemma_lib import paths  # handler import: see the module docstring
 
     started = time.perf_counter()
     data_cfg = build_data_section(args)
+    paths.require_input(paths.resolve_path(data_cfg.input))  # a mistyped path is answered before the data imports
+    from medgemma_lib import data  # handler import: see the module docstring
+
     if args.output:
         data.check_output_dir(args.output, args.overwrite)  # before loading anything heavy
-    tokenizer, note = _data_tokenizer(args.tokenizer)
+    loader, state = _data_tokenizer(args.tokenizer)
     _, report = data.prepare_from_config(
-        data_cfg, args.output, tokenizer=tokenizer, overwrite=args.overwrite, input_format=args.format
+        data_cfg, args.output, tokenizer_loader=loader, overwrite=args.overwrite, input_format=args.format
     )
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
     else:
         print(data.format_report(report))
-        if note:
-            print(note)
+        if state["note"]:
+            print(state["note"])
         if not args.output:
             print("（沒有 --output：只顯示報告，沒有存檔）")
         print(f"完成，用時 {time.perf_counter() - started:.1f} 秒。")
@@ -462,12 +477,17 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from medgemma_lib import config, train  # handler import: see the module docstring
+    from medgemma_lib import config  # handler import: see the module docstring
 
     overrides = list(args.overrides)
     if args.run_name:
         overrides.append(f"train.run_name={args.run_name}")
     cfg = config.load_config(args.config, overrides)
+    # The checks run_training starts with, before torch, transformers and TRL are imported (10 s on a laptop):
+    # a mistyped path or value is answered at once.
+    config.validate_run(cfg)
+    from medgemma_lib import train  # handler import: see the module docstring
+
     result = train.run_training(cfg, resume=args.resume)
     if (
         result.initial_eval_loss is not None

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from medgemma_lib.errors import DataError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_ENV = "MEDGEMMA_CACHE"
 
@@ -45,6 +47,21 @@ def resolve_path(path: str | os.PathLike) -> Path:
     if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
         return REPO_ROOT / p
     return p
+
+
+def require_input(path: str | os.PathLike) -> Path:
+    """``path`` (expanded) if it exists; else the Chinese "input not found" error, naming data files beside it.
+
+    Light on purpose: ``data prepare`` calls it before the data step's imports (TRL, transformers), the
+    readers call it before reading."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    near = ""
+    if p.parent.is_dir():
+        similar = sorted(x.name for x in p.parent.iterdir() if x.suffix.lower() in (".csv", ".jsonl", ".json", ".gz"))
+        near = f"同一資料夾裡有：{'、'.join(similar[:5])}。" if similar else ""
+    raise DataError(f"找不到輸入檔 {p}。", hint=f"請確認路徑（相對於目前的工作資料夾 {Path.cwd().name}/）。{near}")
 
 
 def cache_dir() -> Path:

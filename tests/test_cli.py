@@ -146,3 +146,31 @@ def test_config_show_applies_overrides_given_after_the_config_option(repo_root):
     )
     assert shown.returncode == 0, shown.stderr
     assert "\n  r: 8\n" in shown.stdout and "\n  max_steps: 3\n" in shown.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["data", "prepare", "--input", "data/no_such_file.csv"], "找不到輸入檔"),
+        (["data", "prepare", "--input", "data/medquad_sample.csv", "--columns", "question=nope"], "'nope'"),
+        (["train", "--config", "configs/demo.yaml", "data.input=data/no_such_file.csv"], "找不到資料檔"),
+        (["train", "--config", "configs/demo.yaml", "train.learning_rate=-1"], "train.learning_rate"),
+    ],
+    ids=["data-prepare-missing-input", "data-prepare-bad-column", "train-missing-input", "train-bad-value"],
+)
+def test_mistakes_are_answered_before_torch_transformers_and_trl_are_imported(repo_root, argv, message):
+    """A mistyped path, column or value is refused (exit 2, Chinese, the data files beside a mistyped one named) by
+    checks that need no deep-learning library: none of them has been imported when the refusal is printed (the
+    data step reads the file first and loads the tokenizer for token lengths only after)."""
+    code = (
+        "import sys\n"
+        "from medgemma_lib import cli\n"
+        f"rc = cli.main({argv!r})\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules)\n"
+        "print('RC', rc, 'HEAVY', ','.join(heavy) or '-')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo_root)
+    assert "RC 2 HEAVY -" in proc.stdout, proc.stdout + proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    if "no_such_file" in " ".join(argv) and argv[0] == "data":
+        assert "medquad_sample.csv" in proc.stderr  # the files beside the mistyped one

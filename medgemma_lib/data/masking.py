@@ -11,7 +11,6 @@ against the labels a real ``SFTTrainer`` builds.
 from __future__ import annotations
 
 import pandas as pd
-from trl.data_utils import _tokenize, common_prefix_length
 
 from medgemma_lib import display
 
@@ -24,6 +23,9 @@ def label_mask_example(tokenizer, record: dict, max_length: int | None = None) -
     Keys: ``input_ids``, ``labels`` (-100 where masked), ``trained`` (bools), ``tokens`` (token
     strings), ``prompt_tokens`` (masked prefix length), ``truncated`` (cut by ``max_length``).
     """
+    # TRL's helpers import its training stack (torch, transformers: 5 s on a laptop); `data prepare` and its
+    # refusals of bad input do not need them, so they are imported only when a record is tokenised here.
+    from trl.data_utils import _tokenize, common_prefix_length
 
     kwargs = {
         "chat_template": None,

@@ -218,8 +218,13 @@ def _mix_report(mix: dict, n_main: int, train_total: int) -> dict:
     }
 
 
-def prepare_records(data_cfg, tokenizer=None, input_format: str | None = None) -> tuple[dict[str, list[dict]], dict]:
+def prepare_records(
+    data_cfg, tokenizer=None, input_format: str | None = None, tokenizer_loader=None
+) -> tuple[dict[str, list[dict]], dict]:
     """Read, clean, de-identify, split and format ``data_cfg.input`` and ``data_cfg.mix``: (records per split, report).
+
+    ``tokenizer`` (or ``tokenizer_loader()``, called only once the input was read and checked, so that a bad input
+    is refused before a tokenizer and its libraries load) measures the token lengths; neither: no lengths.
 
     Without ``data.mix`` the splits are ``train``, ``validation`` and ``test``; with it, mix records join train
     and validation (see :data:`MIX_RULES`) and every source's test records form ``test_mix``. The main ``test``
@@ -280,6 +285,8 @@ def prepare_records(data_cfg, tokenizer=None, input_format: str | None = None) -
     if mix:
         report["options"]["mix"] = [{**e, "input": display_path(resolve_path(e["input"]))} for e in entries]
         report["mix"] = _mix_report(mix, n_main, len(by_split["train"]))
+    if tokenizer is None and tokenizer_loader is not None:
+        tokenizer = tokenizer_loader()
     if tokenizer is not None:
         lengths = length_report(tokenizer, [r for recs in by_split.values() for r in recs])
         report["token_lengths"] = {k: v for k, v in lengths.items() if k != "lengths"}
@@ -315,6 +322,7 @@ def prepare_from_config(
     tokenizer=None,
     overwrite: bool = False,
     input_format: str | None = None,
+    tokenizer_loader=None,
 ):
     """Prepared splits (``train``, ``validation``, ``test``) and the report, from a ``DataSection``.
 
@@ -335,7 +343,7 @@ def prepare_from_config(
         report.setdefault("counts", {})["final"] = {n: len(d) for n, d in splits.items()}
         report["loaded_from"] = display_path(prepared)
     else:
-        by_split, report = prepare_records(data_cfg, tokenizer, input_format)
+        by_split, report = prepare_records(data_cfg, tokenizer, input_format, tokenizer_loader)
         splits = to_dataset_dict(by_split)
     if output_dir is not None:
         storage.save_prepared(splits, report, output_dir, overwrite)

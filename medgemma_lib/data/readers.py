@@ -17,6 +17,7 @@ from pathlib import Path
 
 from medgemma_lib.data.encodings import decode_bytes, read_text_file  # noqa: F401 - re-exported
 from medgemma_lib.errors import DataError
+from medgemma_lib.paths import require_input
 
 FORMATS = ("csv", "jsonl", "xml")
 
@@ -276,15 +277,7 @@ def read_medquad_xml(path: Path) -> RawTable:
 
 def read_table(path: str | Path, fmt: str | None = None, encoding: str | None = None) -> RawTable:
     """Read ``path`` in the given or detected format."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        near = ""
-        if p.parent.is_dir():
-            similar = sorted(
-                x.name for x in p.parent.iterdir() if x.suffix.lower() in (".csv", ".jsonl", ".json", ".gz")
-            )[:5]
-            near = f"同一資料夾裡有：{'、'.join(similar)}。" if similar else ""
-        raise DataError(f"找不到輸入檔 {p}。", hint=f"請確認路徑（相對於目前的工作資料夾 {Path.cwd().name}/）。{near}")
+    p = require_input(path)
     kind = detect_format(p, fmt)
     if kind == "csv":
         if p.is_dir():
