@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from train_helpers import rel, step_grads
 
 from medgemma_lib import bench, lora_kernels
 
@@ -31,17 +32,7 @@ def _lora_model(dropout: float = 0.0, seed: int = 0):
 
 
 def _step(model, ids):
-    """Logits, the input-embedding gradient and every LoRA gradient of one loss.backward()."""
-    model.zero_grad(set_to_none=True)
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    logits = model(inputs_embeds=embeds).logits
-    (logits.float().pow(2).mean() + logits.float()[..., :7].sum() * 1e-3).backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return logits.detach(), embeds.grad.detach(), grads
-
-
-def _rel(a, b) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+    return step_grads(model, ids, lambda n, p: p.requires_grad)
 
 
 @pytest.fixture
@@ -64,12 +55,12 @@ def test_fused_layers_compute_what_peft_computes(ids, monkeypatch):
     assert not calls  # PEFT's model never goes through the fused function
     got_logits, got_dx, got = _step(fused, ids)
     assert len(calls) == n
-    assert _rel(got_logits, want_logits) < 1e-5
-    assert _rel(got_dx, want_dx) < 1e-5
+    assert rel(got_logits, want_logits) < 1e-5
+    assert rel(got_dx, want_dx) < 1e-5
     assert set(got) == set(want) and len(want) == 2 * n
     for name in want:
         assert want[name].abs().max() > 0, name
-        assert _rel(got[name], want[name]) < 1e-5, name
+        assert rel(got[name], want[name]) < 1e-5, name
 
 
 def test_the_comparison_fails_when_the_fused_function_is_wrong(ids, monkeypatch):
@@ -81,8 +72,8 @@ def test_the_comparison_fails_when_the_fused_function_is_wrong(ids, monkeypatch)
     monkeypatch.setattr(lora_kernels.NF4LoRA, "apply", lambda x, w, q, a, b, s, d: apply(x, w, q, a, b, 2 * s, d))
     want_logits, _, want = _step(peft_model, ids)
     got_logits, _, got = _step(fused, ids)
-    assert _rel(got_logits, want_logits) > 1e-3
-    assert max(_rel(got[k], want[k]) for k in want if "lora_A" in k) > 1e-2
+    assert rel(got_logits, want_logits) > 1e-3
+    assert max(rel(got[k], want[k]) for k in want if "lora_A" in k) > 1e-2
 
 
 def test_layers_the_fused_function_would_get_wrong_keep_pefts_forward(ids, monkeypatch):
@@ -120,5 +111,5 @@ def test_an_evaluation_pass_never_repacks_the_weights_the_fused_function_reads(i
     model.train()
     _, want_dx, want = _step(fresh, ids)
     _, got_dx, got = _step(model, ids)
-    assert _rel(got_dx, want_dx) < 1e-6
-    assert all(_rel(got[k], want[k]) < 1e-6 for k in want)
+    assert rel(got_dx, want_dx) < 1e-6
+    assert all(rel(got[k], want[k]) < 1e-6 for k in want)

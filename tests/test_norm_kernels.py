@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+from train_helpers import rel, step_grads
 from transformers import Gemma3ForCausalLM
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
@@ -29,16 +30,7 @@ def _model(seed: int = 0):
 
 
 def _step(model, ids):
-    model.zero_grad(set_to_none=True)
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    logits = model(inputs_embeds=embeds).logits
-    (logits.pow(2).mean() + logits[..., :5].sum() * 1e-3).backward()
-    norm_grads = {n: p.grad.clone() for n, p in model.named_parameters() if "norm" in n}
-    return logits.detach(), embeds.grad.detach(), norm_grads
-
-
-def _rel(a, b) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+    return step_grads(model, ids, lambda n, p: "norm" in n)
 
 
 @pytest.fixture
@@ -60,12 +52,12 @@ def test_routed_norms_compute_what_transformers_computes(ids, monkeypatch):
     assert not calls  # transformers' own norms never call it
     got_logits, got_dx, got = _step(fused, ids)
     assert len(calls) == N_NORMS
-    assert _rel(got_logits, want_logits) < 1e-6
-    assert _rel(got_dx, want_dx) < 1e-6
+    assert rel(got_logits, want_logits) < 1e-6
+    assert rel(got_dx, want_dx) < 1e-6
     assert set(got) == set(want) and len(want) == N_NORMS
     for name in want:
         assert want[name].abs().max() > 0, name
-        assert _rel(got[name], want[name]) < 1e-5, name
+        assert rel(got[name], want[name]) < 1e-5, name
 
 
 def test_the_comparison_fails_when_the_routed_formula_is_wrong(ids, monkeypatch):
@@ -83,8 +75,8 @@ def test_the_comparison_fails_when_the_routed_formula_is_wrong(ids, monkeypatch)
             m.forward = types.MethodType(norm_kernels._fused_forward, m)
     want_logits, want_dx, _ = _step(plain, ids)
     got_logits, got_dx, _ = _step(fused, ids)
-    assert _rel(got_logits, want_logits) > 0.1
-    assert _rel(got_dx, want_dx) > 0.1
+    assert rel(got_logits, want_logits) > 0.1
+    assert rel(got_dx, want_dx) > 0.1
 
 
 def test_bf16_is_rounded_once_as_transformers_rounds_it():

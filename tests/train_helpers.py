@@ -55,3 +55,19 @@ def tiny_overrides(model_dir, output_dir, run_name: str, **train) -> list[str]:
     ]
     out += [f"train.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
     return out
+
+
+def step_grads(model, ids, keep):
+    """Logits, the input-embedding gradient and the gradients of the parameters ``keep(name, param)`` selects, of
+    one loss.backward() (for comparing a routed forward with the library's own)."""
+    model.zero_grad(set_to_none=True)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds).logits
+    (logits.float().pow(2).mean() + logits.float()[..., :7].sum() * 1e-3).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if keep(n, p)}
+    return logits.detach(), embeds.grad.detach(), grads
+
+
+def rel(a, b) -> float:
+    """‖a − b‖ / ‖b‖."""
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
