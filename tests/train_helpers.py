@@ -71,3 +71,15 @@ def step_grads(model, ids, keep):
 def rel(a, b) -> float:
     """‖a − b‖ / ‖b‖."""
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def assert_same_step(want, got, n_params: int, tol_out: float, tol_grad: float = 1e-5) -> None:
+    """Two :func:`step_grads` results agree: logits and input gradient within ``tol_out``, the same ``n_params``
+    parameter gradients, each non-zero in the reference and within ``tol_grad``."""
+    (want_logits, want_dx, want_g), (got_logits, got_dx, got_g) = want, got
+    assert rel(got_logits, want_logits) < tol_out
+    assert rel(got_dx, want_dx) < tol_out
+    assert set(got_g) == set(want_g) and len(want_g) == n_params
+    for name in want_g:
+        assert want_g[name].abs().max() > 0, name
+        assert rel(got_g[name], want_g[name]) < tol_grad, name
