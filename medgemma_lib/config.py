@@ -151,7 +151,7 @@ class TrainSection:
     fused_rms_norm: bool = _f(
         False,
         "語言模型的 RMSNorm 改用 PyTorch 內建的融合核心（torch.nn.functional.rms_norm），取代 Liger 的 RMSNorm："
-        "公式與 transformers 相同（fp32 計算、1 + w）；Liger 的 RMSNorm 每次呼叫在 CPU 上花 0.2–0.5 毫秒，"
+        "公式與 transformers 相同（fp32 計算、1 + w）；Liger 的 RMSNorm 在 GPU 訓練時每次呼叫佔主機 CPU 0.2–0.5 毫秒，"
         "這個選項在 GPU 上是否較快尚未實測（docs/benchmarks.md）",
     )
     optim: str = _f("adamw_torch", "最佳化器，例如 adamw_torch、adamw_torch_fused、paged_adamw_8bit")
