@@ -159,6 +159,19 @@ HOST_LIBRARIES = (
 )
 
 
+def short_key(key: str) -> str:
+    """A CPU event's name without what names the machine: a Python function's path from its library on
+    ("/root/.local/…/site-packages/peft/x.py(3): f" → "peft/x.py(3): f"), no object addresses."""
+    key = re.sub(r" at 0x[0-9a-fA-F]+", "", key)
+    m = _PY_FUNCTION.match(key)
+    if m:
+        parts = m.group("path").replace("\\", "/").split("/")
+        i = next((i for i, p in enumerate(parts[:-1]) if p in HOST_LIBRARIES), None)
+        rest = key[m.end("path") :]
+        key = "/".join(parts[i:]) + rest if i is not None else parts[-1] + rest
+    return key
+
+
 def host_library(key: str) -> str:
     """Who spent a CPU event's own time: the library of a Python function ("transformers/…/x.py(12): forward" →
     transformers), other Python (built-ins, the standard library), or C++ (ATen operators, autograd, the CUDA
@@ -203,11 +216,11 @@ def profile_summary(prof, wall_s: float, top: int = 12) -> dict:
     by_op = sorted(ops, key=lambda e: e.self_device_time_total, reverse=True)[:top]
     by_kernel = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:top]
     host: dict[str, float] = {}
-    own: dict[str, list] = {}  # Python built-ins are listed per object ("... of Tensor object at 0x7f…"): merged
+    own: dict[str, list] = {}  # per short_key: built-ins merged over objects, paths from the library on
     for e in ops:
         lib = host_library(e.key)
         host[lib] = host.get(lib, 0.0) + e.self_cpu_time_total
-        entry = own.setdefault(re.sub(r" at 0x[0-9a-fA-F]+", "", e.key), [0, 0.0])
+        entry = own.setdefault(short_key(e.key), [0, 0.0])
         entry[0] += e.count
         entry[1] += e.self_cpu_time_total
     by_cpu = sorted(own.items(), key=lambda kv: kv[1][1], reverse=True)[:top]

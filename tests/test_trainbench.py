@@ -222,6 +222,16 @@ def test_profile_says_which_library_spends_the_hosts_time():
     assert trainbench.host_library("/usr/lib/python3.12/enum.py(1230): __hash__").startswith("Python")
     assert trainbench.host_library("/usr/lib/python3/dist-packages/trl/x.py(3): f") == "trl"
     assert trainbench.host_library("aten::mm") == trainbench.host_library("cudaLaunchKernel")
+    # The listed names keep no machine path (CI imports the package from an absolute path, not from the cwd).
+    assert trainbench.short_key("/root/x/site-packages/peft/tuners/lora/bnb.py(501): forward") == (
+        "peft/tuners/lora/bnb.py(501): forward"
+    )
+    assert trainbench.short_key("/home/someone/job.py(7): main") == "job.py(7): main"
+    assert (
+        trainbench.short_key("<built-in method to of Tensor object at 0x7f00>")
+        == "<built-in method to of Tensor object>"
+    )
+    assert trainbench.short_key("aten::mm") == "aten::mm"
     assert trainbench.host_library("<built-in method to of Tensor object at 0x7f>").startswith("Python")
 
 
