@@ -108,6 +108,12 @@ class LoraSection:
         "要加上 LoRA 的層：all-linear（語言模型所有線性層）或名稱清單，例如 [q_proj, v_proj]",
         item_type=str,
     )
+    train_stop_token: str = _f(
+        "auto",
+        "停止符號 <end_of_turn>：auto（訓練前先量基礎模型會不會產生它，不會才一併訓練它的嵌入列）、"
+        "always（一定訓練）、never（只訓練 LoRA）",
+        choices=["auto", "always", "never"],
+    )
 
 
 @dataclass

@@ -114,6 +114,13 @@ def _evaluate(result, tokenizer) -> dict:
         for name in ("base", "tuned")
         if name in scores
     }
+    stop = (out.get("stopping") or {}).get("english") or {}
+    for key in ("stop_probability", "stop_rate", "length_ratio_median"):
+        for name in ("base", "tuned"):
+            if name in summary and key in stop:
+                summary[name][key] = stop[key].get(name)
+    summary["stop_examples"] = {"probability": stop.get("n_probability"), "generated": stop.get("n_generated")}
+    summary["max_new_tokens"] = out.get("settings", {}).get("max_new_tokens")
     summary["report"] = display_path(Path(result.run_dir) / EVAL_MD)
     if example:
         summary["example"] = {k: example.get(k) for k in ("question", "reference")} | {
@@ -134,6 +141,18 @@ def _print_summary(s: dict) -> None:
             f"測試集 loss：基礎模型 {b['loss']:.3f}（困惑度 {math.exp(b['loss']):.1f}）"
             f"→ 微調後 {t['loss']:.3f}（困惑度 {math.exp(t['loss']):.1f}）"
         )
+        if b.get("stop_probability") is not None:
+            n = (test.get("stop_examples") or {}).get("probability")
+            print(
+                f"說完就停：參考答案結尾產生 <end_of_turn> 的機率（{n} 題平均）"
+                f"{b['stop_probability']:.1e} → {t['stop_probability']:.2f}"
+            )
+        if b.get("stop_rate") is not None:
+            n = (test.get("stop_examples") or {}).get("generated")
+            print(
+                f"　　　　　{n} 題產生的答案在 {test.get('max_new_tokens')} 個 token 內停下："
+                f"{b['stop_rate']:.0%} → {t['stop_rate']:.0%}"
+            )
         for key, name in (("rougeL", "ROUGE-L"), ("chrf", "chrF")):
             if key in b and key in t and b[key] is not None:
                 print(f"{name}：{b[key]:.2f} → {t[key]:.2f}")

@@ -29,6 +29,7 @@ import copy
 import json
 import math
 import re
+import statistics
 import time
 from importlib import resources
 from pathlib import Path
@@ -62,6 +63,7 @@ from medgemma_lib.generation import (
 )
 from medgemma_lib.paths import REPO_ROOT, display_path, resolve_path
 from medgemma_lib.runs import EVAL_JSON, EVAL_MD, EVAL_PNG, Run, find_adapter_dir, load_for_inference, open_run
+from medgemma_lib.stopping import stop_probability_at_end
 from medgemma_lib.train import run_training
 
 CHINESE_SAMPLE = "data/zh_toyhom_sample_gb18030.csv"
@@ -186,7 +188,8 @@ def answer_losses(
 ) -> list[dict]:
     """Summed negative log-likelihood of each record's answer tokens (prompt masked, as in training).
 
-    Returns one row per record: ``id``, ``source``, ``qtype``, ``nll`` (sum), ``tokens``.
+    Returns one row per record: ``id``, ``source``, ``qtype``, ``nll`` (sum), ``tokens``, ``stop_prob`` (the
+    probability of ``<end_of_turn>`` right after the complete answer; None when ``max_length`` cut the answer).
     """
 
     device = model.device
@@ -210,6 +213,7 @@ def answer_losses(
                 "qtype": rec.get("qtype", ""),
                 "nll": nll,
                 "tokens": n_label,
+                "stop_prob": stop_probability_at_end(logits, targets),
             }
         )
     return rows
@@ -333,6 +337,51 @@ def decoding_limits(tokenizer, references: list[str], lengths: dict[str, list[di
     }
 
 
+def stop_metrics(
+    tokenizer,
+    references: list[str],
+    lengths: dict[str, list[dict]],
+    loss_rows: dict[str, list[dict]],
+    resamples: int = 0,
+) -> dict:
+    """Does each model end its answers? Per model (``{"base": x, "tuned": y}``):
+
+    * ``stop_rate``: share of generated answers that ended with a stop token before ``max_new_tokens``;
+    * ``stop_probability``: mean teacher-forced probability of ``<end_of_turn>`` right after the complete
+      reference answer (the loss examples);
+    * ``length_ratio_median``: median of answer tokens / reference tokens (both counting the stop token).
+
+    With ``resamples``, 95 % paired-bootstrap intervals of tuned − base for the rate and the probability.
+    """
+    out: dict[str, Any] = {}
+    models_ = [m for m in ("base", "tuned") if m in lengths or m in loss_rows]
+    if references and all(lengths.get(m) for m in models_):
+        ref_tokens = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in references]
+        stopped = {m: [1.0 if x["stopped"] else 0.0 for x in lengths[m]] for m in models_}
+        ratios = {m: [x["tokens"] / max(1, t) for x, t in zip(lengths[m], ref_tokens)] for m in models_}
+        out["stop_rate"] = {m: sum(v) / len(v) for m, v in stopped.items()}
+        out["length_ratio_median"] = {m: float(statistics.median(v)) for m, v in ratios.items()}
+        out["n_generated"] = len(references)
+    paired = [
+        (b.get("stop_prob"), t.get("stop_prob"))
+        for b, t in zip(loss_rows.get("base") or [], loss_rows.get("tuned") or [])
+        if b.get("stop_prob") is not None and t.get("stop_prob") is not None
+    ]
+    if paired:
+        probs = {"base": [b for b, _ in paired], "tuned": [t for _, t in paired]}
+        out["stop_probability"] = {m: sum(v) / len(v) for m, v in probs.items()}
+        out["stop_probability_median"] = {m: float(statistics.median(v)) for m, v in probs.items()}
+        out["n_probability"] = len(paired)
+    if resamples and len(models_) == 2:
+        ci = {}
+        if "stop_rate" in out:
+            ci["stop_rate"] = stats.paired_difference(stats.mean_scorer(stopped), len(references), resamples)
+        if paired:
+            ci["stop_probability"] = stats.paired_difference(stats.mean_scorer(probs), len(paired), resamples)
+        out["ci95"] = ci
+    return out
+
+
 def _mean_share(texts: list[str]) -> float | None:
     shares = [s for s in (stats.simplified_share(t) for t in texts) if s is not None]
     return sum(shares) / len(shares) if shares else None
@@ -349,6 +398,7 @@ def _loss_examples(loss_rows: dict[str, list[dict]]) -> list[dict]:
             "qtype": b["qtype"],
             "tokens": b["tokens"],
             "nll": {"base": b["nll"], "tuned": t["nll"]},
+            "stop_prob": {"base": b.get("stop_prob"), "tuned": t.get("stop_prob")},
         }
         for b, t in zip(loss_rows["base"], loss_rows["tuned"])
     ]
@@ -609,6 +659,12 @@ def run_evaluation(
             "english": decoding_limits(tokenizer, refs_en, {n: lengths[n][:n_en] for n in lengths}, max_new_tokens),
             "chinese": decoding_limits(tokenizer, refs_zh, {n: lengths[n][n_en:] for n in lengths}, max_new_tokens),
         },
+        "stopping": {
+            "english": stop_metrics(tokenizer, refs_en, {n: lengths[n][:n_en] for n in lengths}, loss_rows, resamples),
+            "chinese": stop_metrics(
+                tokenizer, refs_zh, {n: lengths[n][n_en:] for n in lengths}, zh_loss_rows, resamples
+            ),
+        },
         "loss_examples": _loss_examples(loss_rows),
         "by_source": _breakdown(loss_rows, gen_rows, "source"),
         "by_qtype": _breakdown(loss_rows, gen_rows, "qtype"),
@@ -751,6 +807,53 @@ def decoding_rows(result: dict) -> list[dict]:
     return rows
 
 
+STOPPING_NOTE = (
+    "停止率：產生的答案在 max_new_tokens 之前以 <end_of_turn> 或 <eos> 結束的比例。"
+    "停止機率：把完整的參考答案餵給模型（teacher forcing）之後，下一個 token 是 <end_of_turn> 的機率，取平均。"
+    "長度比：答案 token 數 ÷ 參考答案 token 數的中位數（都含停止符號；被上限截斷的答案以上限計）。\n"
+)
+
+
+def stopping_rows(result: dict) -> list[dict]:
+    """Does each model end its answers: stop rate, stop probability, median length ratio (base vs tuned)."""
+    rows = []
+    for part, label in (("english", "英文"), ("chinese", "中文")):
+        st = (result.get("stopping") or {}).get(part) or {}
+        if not st:
+            continue
+        ci = st.get("ci95") or {}
+        for key, name, fmt in (
+            ("stop_rate", f"停止率（{st.get('n_generated', 0)} 題）", _fmt_pct),
+            ("stop_probability", f"停止機率（{st.get('n_probability', 0)} 題）", _fmt_prob),
+            ("length_ratio_median", "長度比（中位數）", lambda v: _fmt(v, 2)),
+        ):
+            if key not in st:
+                continue
+            row = {
+                "題目": label,
+                "指標": name,
+                "基礎模型": fmt(st[key].get("base")),
+                "微調後": fmt(st[key].get("tuned")),
+            }
+            interval = (ci.get(key) or {}).get("ci95")
+            row["差異的 95% 信賴區間"] = (
+                f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval and None not in interval else "—"
+            )
+            rows.append(row)
+    return rows
+
+
+def _fmt_prob(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3f}" if value >= 1e-3 else f"{value:.1e}"
+
+
+def stopping_table(result: dict):
+    """The stopping rows as a DataFrame (notebook 06)."""
+    return pd.DataFrame(stopping_rows(result))
+
+
 def comparison_table(result: dict, section: str = "models"):
     """The base vs fine-tuned table as a pandas DataFrame (for notebooks)."""
 
@@ -872,6 +975,11 @@ def render_markdown(result: dict) -> str:
         *(
             ["## 答案的語言（語言一致率）\n", markdown_table(language_rows(result)), f"判定方式：{lang_rule}。\n"]
             if language_rows(result)
+            else []
+        ),
+        *(
+            ["## 答案有沒有說完就停\n", markdown_table(stopping_rows(result)), STOPPING_NOTE]
+            if stopping_rows(result)
             else []
         ),
         *(["## 解碼上限截掉了什麼\n", markdown_table(decoding_rows(result))] if decoding_rows(result) else []),

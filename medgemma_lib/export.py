@@ -433,8 +433,34 @@ _PREFIX_ALIASES = (
 )
 
 
-def _lora_pairs(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, bool]:
-    """``{module path: (A, B)}``, the scale and fan_in_fan_out, read with PEFT's own config reader."""
+_TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
+
+
+def _token_rows(config, tensors: dict) -> dict[str, tuple[list[int], torch.Tensor]]:
+    """Embedding rows trained with ``trainable_token_indices`` (the turn tokens): ``{module path: (ids, rows)}``.
+
+    They replace those rows of the base embedding; a tied output layer reads the same rows.
+    """
+    indices = config.trainable_token_indices
+    rows = {}
+    for key, value in tensors.items():
+        if not key.endswith(_TOKEN_DELTA):
+            continue
+        module = key[: -len(_TOKEN_DELTA)].removeprefix(_PEFT_PREFIX)
+        ids = (
+            indices
+            if isinstance(indices, list)
+            else next((v for name, v in (indices or {}).items() if module.endswith(name)), None)
+        )
+        if not ids or len(ids) != value.shape[0]:
+            raise ModelError(f"轉接器的 {module} 嵌入列與 trainable_token_indices 對不上。", hint="請重新訓練。")
+        rows[module] = (list(ids), value)
+    return rows
+
+
+def _lora_pairs(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, bool, dict]:
+    """``{module path: (A, B)}``, the scale, fan_in_fan_out and the trained embedding rows (:func:`_token_rows`),
+    read with PEFT's own config reader."""
     from safetensors.torch import load_file
 
     config = peft.PeftConfig.from_peft_type(**peft.PeftConfig.from_json_file(str(adapter_dir / "adapter_config.json")))
@@ -456,7 +482,7 @@ def _lora_pairs(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.
     broken = [m for m, (a, b) in pairs.items() if a is None or b is None]
     if broken or not pairs:
         raise ModelError(f"轉接器權重不完整（例如 {broken[:1] or '沒有 LoRA 權重'}）。", hint="請重新訓練。")
-    return {m: (a, b) for m, (a, b) in pairs.items()}, scale, bool(config.fan_in_fan_out)
+    return {m: (a, b) for m, (a, b) in pairs.items()}, scale, bool(config.fan_in_fan_out), _token_rows(config, tensors)
 
 
 def _base_key(module: str, keys: set[str]) -> str | None:
@@ -483,11 +509,22 @@ def stream_merge(
     started = time.time()
     base_dir, out_dir, target = Path(base_dir), Path(out_dir), getattr(torch, dtype)
     shards = model_shards(base_dir)
-    pairs, scale, fan_in_fan_out = _lora_pairs(Path(adapter_dir))
+    pairs, scale, fan_in_fan_out, token_rows = _lora_pairs(Path(adapter_dir))
     where: dict[str, tuple[Path, str]] = {}
+    row_keys: dict[str, str] = {}  # base key -> module of trained embedding rows
     for shard in shards:
         with safe_open(str(shard), framework="pt") as handle:
             keys = set(handle.keys())
+            for module, (_, rows) in token_rows.items():
+                key = _base_key(module, keys)
+                if key is not None:
+                    shape = tuple(handle.get_slice(key).get_shape())
+                    if shape[1:] != tuple(rows.shape[1:]):
+                        raise ModelError(
+                            f"轉接器的 {module} 嵌入列寬 {rows.shape[1]} 與基礎模型的 {shape} 不同。",
+                            hint="請確認 config.yaml 的 model.profile 與訓練時相同。",
+                        )
+                    row_keys[key] = module
             for module, (a, b) in pairs.items():
                 key = _base_key(module, keys)
                 if key is None:
@@ -500,7 +537,7 @@ def stream_merge(
                         hint="請確認 config.yaml 的 model.profile 與訓練時相同。",
                     )
                 where[module] = (shard, key)
-    missing = sorted(set(pairs) - set(where))
+    missing = sorted(set(pairs) - set(where)) + sorted(set(token_rows) - set(row_keys.values()))
     if missing:
         raise ModelError(
             f"基礎模型中找不到轉接器的層 {missing[0]}（共 {len(missing)} 層）：轉接器不是用這個基礎模型訓練的。",
@@ -521,6 +558,10 @@ def stream_merge(
                     delta = b.to(device, torch.float32) @ a.to(device, torch.float32)
                     delta = delta.T if fan_in_fan_out else delta
                     tensor = (tensor.to(device, torch.float32) + scale * delta).to(target).cpu()
+                elif key in row_keys:  # PEFT's merge replaces the rows (index_copy), it does not add
+                    ids, rows = token_rows[row_keys[key]]
+                    tensor = tensor.to(target).clone()
+                    tensor[torch.tensor(ids)] = rows.to(target)
                 elif tensor.is_floating_point():
                     tensor = tensor.to(target)
                 tensors[key] = tensor.contiguous()
@@ -530,7 +571,12 @@ def stream_merge(
         del tensors
     if len(shards) > 1 or shards[0].name != "model.safetensors":  # one shard named like a sharded save needs its index
         write_json(out_dir / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    return {"shards": len(shards), "merged_layers": len(where), "seconds": round(time.time() - started, 1)}
+    return {
+        "shards": len(shards),
+        "merged_layers": len(where),
+        "token_rows": sum(len(ids) for ids, _ in token_rows.values()),
+        "seconds": round(time.time() - started, 1),
+    }
 
 
 def available_ram_bytes() -> int:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import transformers
 from peft.tuners.lora import LoraLayer
 
-from medgemma_lib import train
+from medgemma_lib import stopping, train
 from medgemma_lib import trainer as trainer_parts
 from medgemma_lib.atomic import write_json
 from medgemma_lib.data import prepare_from_config
@@ -107,7 +107,13 @@ def build_trainer(cfg, workdir: Path, model=None, tokenizer=None, splits=None):
         model = load_model(
             cfg.model.profile, cfg.model.quantization, device, attn_implementation=cfg.model.attn_implementation
         )
-    model = trainer_parts.prepare_model_for_training(cfg, model, profile, device, verbose=False)
+    # The stop token's embedding row is trained exactly when run_training would train it (the demo base: yes).
+    check = stopping.check_stop_token(
+        model, tokenizer, list(splits["validation"]), mode=cfg.lora.train_stop_token, max_length=cfg.train.max_length
+    )
+    model = trainer_parts.prepare_model_for_training(
+        cfg, model, profile, device, verbose=False, token_ids=check.trained_token_ids
+    )
     train_ds = train.conversational_only(splits["train"])
     eval_ds = train.conversational_only(splits["validation"])
     _randomise_lora_b(model, cfg.train.seed)
@@ -190,7 +196,10 @@ def product_gradients(trainer, inputs) -> tuple[float, dict]:
 
 def _lora_key(name: str) -> str:
     """``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``
-    -> ``model.layers.0.self_attn.q_proj.A``."""
+    -> ``model.layers.0.self_attn.q_proj.A``; the trained embedding rows -> ``model.embed_tokens.rows``."""
+    m = re.search(r"(?:base_model\.model\.)?(.*)\.token_adapter\.trainable_tokens_delta\.[^.]+$", name)
+    if m:
+        return f"{m.group(1)}.rows"
     m = re.search(r"(?:base_model\.model\.)?(.*)\.lora_([AB])\.[^.]+\.weight$", name)
     if not m:
         raise AssertionError(f"unexpected trainable parameter {name}")
@@ -227,6 +236,16 @@ def reference_gradients(peft_model, examples, device: str, dtype=None) -> tuple[
             param.copy_(value.to(device=device, dtype=dtype).reshape(param.shape))
     ref.requires_grad_(False)
     lora, hooks = {}, []
+    rows = {}  # embedding rows the product trains: their gradient is that of the whole (tied) embedding, at those rows
+    for name, module in base.named_modules():
+        adapter = getattr(module, "token_adapter", None)
+        if adapter is not None and adapter.tied_adapter is None and adapter.token_indices:
+            rows[f"{name}.rows"] = (
+                ref.get_submodule(name).weight,
+                list(adapter.token_indices[adapter.active_adapters[0]]),
+            )
+    for weight, _ in rows.values():
+        weight.requires_grad_(True)
     for name, module in base.named_modules():
         if not isinstance(module, LoraLayer):
             continue
@@ -255,6 +274,7 @@ def reference_gradients(peft_model, examples, device: str, dtype=None) -> tuple[
         for h in hooks:
             h.remove()
     grads = {k: v.grad.detach().float().cpu() for k, v in lora.items()}
+    grads.update({k: weight.grad[ids].detach().float().cpu() for k, (weight, ids) in rows.items()})
     del ref
     return float(loss.detach()), grads
 

@@ -31,11 +31,13 @@ from medgemma_lib.env import KEY_PACKAGES
 from medgemma_lib.errors import ConfigError, DataError, OutputError
 from medgemma_lib.evaluate import (
     METRIC_NAMES,
+    STOPPING_NOTE,
     decoding_rows,
     fmt_interval,
     language_rows,
     markdown_table,
     run_evaluation,
+    stopping_rows,
 )
 from medgemma_lib.paths import display_path, resolve_path
 from medgemma_lib.train import run_training
@@ -135,6 +137,7 @@ def build_report(result: dict, train_summary: dict, cfg, command: str, prepare_r
                 "trainable_params",
                 "micro_batch",
                 "gradient_accumulation_steps",
+                "stop_token",
             )
         },
         "data": _data_summary(prepare_report),
@@ -147,6 +150,8 @@ def build_report(result: dict, train_summary: dict, cfg, command: str, prepare_r
         "tuned": _metrics(result["models"], "tuned"),
         "diff": {k: v for k, v in result["difference"].items() if v is not None},
         "diff_ci95": _intervals(result.get("ci95", {})),
+        **_stopping(result, "english"),
+        "stopping": result.get("stopping", {}),
         "bootstrap": {
             "resamples": result["settings"].get("bootstrap_resamples"),
             "method": "paired bootstrap over questions (loss: over test examples), percentile 95 % interval",
@@ -161,6 +166,7 @@ def build_report(result: dict, train_summary: dict, cfg, command: str, prepare_r
             "tuned": _metrics(zh["models"], "tuned"),
             "diff": {k: v for k, v in zh["difference"].items() if v is not None},
             "diff_ci95": _intervals(zh.get("ci95", {})),
+            **_stopping(result, "chinese"),
         },
         "answers": result["answers"][:5],
         "chinese_answers": zh["answers"][:5],
@@ -169,6 +175,15 @@ def build_report(result: dict, train_summary: dict, cfg, command: str, prepare_r
     }
     report["verdict"] = verdict(report)
     return report
+
+
+def _stopping(result: dict, part: str) -> dict:
+    """``stop_rate``, ``stop_probability`` (each ``{"base": x, "tuned": y}``), the median length ratio and
+    their intervals, for one language section."""
+    st = (result.get("stopping") or {}).get(part) or {}
+    out = {k: st[k] for k in ("stop_rate", "stop_probability", "length_ratio_median") if k in st}
+    out["stop_ci95"] = _intervals(st.get("ci95", {}))
+    return out
 
 
 def _data_summary(prep: dict | None) -> dict:
@@ -211,6 +226,12 @@ def verdict(report: dict) -> list[str]:
             lines.append(
                 f"{label} {name}：微調後 − 基礎模型 = {diff:+.{d}f}，95% 區間 [{low:+.{d}f}, {high:+.{d}f}]，{word}"
             )
+        rate, prob = part.get("stop_rate"), part.get("stop_probability")
+        if rate:
+            lines.append(
+                f"{label} 說完就停：停止率 {rate['base']:.1%} → {rate['tuned']:.1%}"
+                + (f"，停止機率平均 {prob['base']:.2g} → {prob['tuned']:.2g}" if prob else "")
+            )
     return lines
 
 
@@ -244,6 +265,9 @@ def render_markdown(report: dict, compare: list[dict] | None = None) -> str:
     lang = language_rows({"language": report.get("language")})
     if lang:
         lines += ["## 答案的語言\n", markdown_table(lang), f"判定方式：{report['language'].get('rule', '')}。\n"]
+    stop = stopping_rows({"stopping": report.get("stopping")})
+    if stop:
+        lines += ["## 答案有沒有說完就停\n", markdown_table(stop), STOPPING_NOTE]
     dec = decoding_rows({"decoding": report.get("decoding")})
     if dec:
         lines += ["## 解碼上限截掉了什麼\n", markdown_table(dec)]

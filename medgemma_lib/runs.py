@@ -47,6 +47,7 @@ LOSS_PNG = "loss.png"
 MEMORY_FILE = "memory.json"
 SUMMARY_FILE = "train_summary.json"
 INITIAL_EVAL_FILE = "initial_eval.json"
+STOP_TOKEN_FILE = "stop_token.json"  # the check before training: can the base end an answer, what was trained
 TENSORBOARD_DIR = "tensorboard"
 DEMO_SUMMARY_FILE = "demo_summary.json"
 EVAL_JSON, EVAL_MD, EVAL_PNG = "eval.json", "eval.md", "eval.png"
@@ -64,6 +65,7 @@ RUN_ARTEFACTS = (
     SUMMARY_FILE,
     CONFIG_FILE,
     INITIAL_EVAL_FILE,
+    STOP_TOKEN_FILE,
     DEMO_SUMMARY_FILE,
     EVAL_JSON,
     EVAL_MD,

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from medgemma_lib import checkpoints, display, models, monitor
+from medgemma_lib import checkpoints, display, models, monitor, stopping
 from medgemma_lib.atomic import write_json
 from medgemma_lib.config import RunConfig, save_config, validate_run
 from medgemma_lib.data import prepare_from_config
@@ -33,6 +33,7 @@ from medgemma_lib.runs import (
     LOG_FILE,
     LOSS_PNG,
     MEMORY_FILE,
+    STOP_TOKEN_FILE,
     SUMMARY_FILE,
     default_run_name,
     is_main_process,
@@ -77,6 +78,7 @@ class TrainResult:
     oom_retries: int = 0
     memory: dict = field(default_factory=dict)
     memory_advice: str = ""
+    stop_token: dict = field(default_factory=dict)  # stopping.StopTokenCheck: measured before training, decision
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +108,8 @@ class TrainResult:
                 f"  曾因記憶體不足自動重試 {self.oom_retries} 次；"
                 f"最後使用 micro-batch {self.micro_batch}、梯度累積 {self.gradient_accumulation_steps}。"
             )
+        if self.stop_token:
+            lines.append("  " + stopping.StopTokenCheck.from_dict(self.stop_token).message())
         if self.memory_advice:
             lines.append("  " + self.memory_advice)
         lines.append(f"  LoRA adapter：{display_path(self.adapter_dir)}")
@@ -216,7 +220,11 @@ def run_training(
         model = models.load_model(
             cfg.model.profile, cfg.model.quantization, device, attn_implementation=cfg.model.attn_implementation
         )
-    model = prepare_model_for_training(cfg, model, profile, device, verbose=verbose)
+    check = stop_token_check(cfg, model, tokenizer, eval_ds if eval_ds is not None else train_ds, run_dir, resume)
+    if check is not None and verbose:
+        print(check.message(), flush=True)
+    token_ids = check.trained_token_ids if check is not None else None
+    model = prepare_model_for_training(cfg, model, profile, device, verbose=verbose, token_ids=token_ids)
     trainable, total = model.get_nb_trainable_parameters()
     if verbose:
         print(
@@ -345,6 +353,7 @@ def run_training(
         oom_retries=oom_retries,
         memory=mem,
         memory_advice=advice,
+        stop_token=check.to_dict() if check is not None else {},
     )
     if is_main_process():
         per_log = [{k: v for k, v in r.items() if "gib" in k or k == "step"} for r in records]
@@ -355,6 +364,36 @@ def run_training(
         print(result.summary_text(), flush=True)
     result.trainer = trainer  # for notebooks and the demo's held-out evaluation (not serialised)
     return result
+
+
+def stop_token_check(cfg: RunConfig, model, tokenizer, records, run_dir: Path, resume: bool):
+    """Before the first step: can the base end an answer? (:mod:`medgemma_lib.stopping`; ``stop_token.json``).
+
+    A resumed run keeps the decision it started with, since its checkpoints hold those rows. A model that
+    already carries an adapter (a notebook that passed one in) is trained as it is.
+    """
+    if hasattr(model, "peft_config"):
+        return None
+    path = run_dir / STOP_TOKEN_FILE
+    stored = _read_json(path) if resume else None
+    if stored:
+        return stopping.StopTokenCheck.from_dict(stored)
+    models.use_trainable_4bit_layout(model)  # a no-grad pass must not repack NF4 weights into the inference layout
+    was_training = model.training
+    model.eval()
+    try:
+        check = stopping.check_stop_token(
+            model,
+            tokenizer,
+            [records[i] for i in range(min(len(records), stopping.CHECK_EXAMPLES))],
+            mode=cfg.lora.train_stop_token,
+            max_length=cfg.train.max_length,
+        )
+    finally:
+        model.train(was_training)
+    if is_main_process():
+        write_json(path, check.to_dict())
+    return check
 
 
 def conversational_only(ds):

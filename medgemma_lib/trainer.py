@@ -39,7 +39,7 @@ from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import pack_dataset
 
-from medgemma_lib import checkpoints, display, lora_kernels, memory, models, norm_kernels
+from medgemma_lib import checkpoints, display, lora_kernels, memory, models, norm_kernels, stopping
 from medgemma_lib.attention import register_varlen_attention, varlen_support
 from medgemma_lib.config import RunConfig
 from medgemma_lib.errors import OutputError, ResourceError, TrainingError
@@ -56,8 +56,13 @@ def world_size() -> int:
 # Configs for TRL and PEFT
 
 
-def lora_config(cfg: RunConfig, profile: ModelProfile) -> LoraConfig:
-    """PEFT ``LoraConfig``: every linear layer of the language model by default, never the vision tower."""
+def lora_config(cfg: RunConfig, profile: ModelProfile, token_ids: list[int] | None = None) -> LoraConfig:
+    """PEFT ``LoraConfig``: every linear layer of the language model by default, never the vision tower.
+
+    ``token_ids``: embedding rows to train as well (the stop token, when :mod:`medgemma_lib.stopping` finds
+    that the base never learned to stop). PEFT's ``trainable_token_indices`` trains just those rows; the
+    tied output layer reads the same rows, and the adapter stores them (2 × hidden values).
+    """
     return LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -66,6 +71,7 @@ def lora_config(cfg: RunConfig, profile: ModelProfile) -> LoraConfig:
         bias="none",
         task_type="CAUSAL_LM",
         # No modules_to_save: a trainable copy of the 262k-token embedding would add ~0.7–2.8 GB.
+        trainable_token_indices=list(token_ids) if token_ids else None,
     )
 
 
@@ -248,9 +254,12 @@ def build_trainer(cfg, run_dir, device, model, tokenizer, train_ds, eval_ds, cal
 # The model as it trains
 
 
-def prepare_model_for_training(cfg: RunConfig, model, profile, device: str, verbose: bool = True):
+def prepare_model_for_training(
+    cfg: RunConfig, model, profile, device: str, verbose: bool = True, token_ids: list[int] | None = None
+):
     """The model as :func:`run_training` trains it: 4-bit layers in their trainable layout, Liger and
-    varlen attention on CUDA, then LoRA (seeded). A model that already has LoRA keeps it."""
+    varlen attention on CUDA, then LoRA (seeded; ``token_ids``: embedding rows trained too, kept in fp32
+    so that small updates are not rounded away in bf16). A model that already has LoRA keeps it."""
     if (
         models.use_trainable_4bit_layout(model) and verbose
     ):  # a model passed in after it generated or evaluated on a CPU
@@ -265,7 +274,9 @@ def prepare_model_for_training(cfg: RunConfig, model, profile, device: str, verb
             use_varlen_attention(model, verbose=verbose)
     if not isinstance(model, PeftModel):
         set_seed(cfg.train.seed)  # the Trainer seeds only after the model exists: seed the LoRA init here
-        model = get_peft_model(model, lora_config(cfg, profile))
+        model = get_peft_model(model, lora_config(cfg, profile, token_ids))
+        for _, param in stopping.trainable_token_params(model):
+            param.data = param.data.float()
     if cfg.train.fused_rms_norm:
         norm_kernels.fuse_rms_norms(model)
     if cfg.train.fused_lora:

@@ -31,6 +31,44 @@ def sharded_run(tmp_path_factory, tiny_model_dir):
     return run, base
 
 
+@pytest.fixture(scope="module")
+def token_rows_run(sharded_run):
+    """The same sharded base with an adapter that also trained the turn tokens' embedding rows (105, 106)."""
+    _, base = sharded_run
+    run = make_run(
+        base.parent / "run-rows",
+        str(base),
+        str(base),
+        "none",
+        targets=ALL_LINEAR,
+        b_scale=0.5,
+        token_ids=[105, 106],
+        seed=2,
+    )
+    return run, base
+
+
+def test_stream_merge_writes_trained_embedding_rows_as_peft_does(token_rows_run, tmp_path):
+    """A stop-token adapter: the two rows replace the base's (PEFT's merge), every other row stays bit-identical."""
+    import torch
+
+    run, base = token_rows_run
+    out = ex.merge_adapter(run, tmp_path / "m", dtype="float32", method="stream", verbose=False)
+    got, want, original = _state(out), _peft_reference(run, "float32"), _state(base)
+    key = "model.embed_tokens.weight"
+    moved = (got[key] != original[key]).any(dim=1).nonzero().flatten().tolist()
+    assert moved == [105, 106]
+    assert torch.equal(got[key], want[key])
+    for k, w in want.items():
+        if k in got:
+            assert torch.allclose(got[k], w, rtol=1e-6, atol=1e-6), k
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    # tied output layer: the reloaded model scores with the trained rows too
+    assert torch.equal(reloaded.get_output_embeddings().weight[106], got[key][106])
+
+
 def _state(folder):
     from safetensors.torch import load_file
 

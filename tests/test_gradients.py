@@ -43,7 +43,9 @@ def trainer(demo_model_dir, tmp_path_factory):
 def _assert_matches_reference(result) -> None:
     assert result.n_examples >= 3, "the batch must pack several examples, or packing is not tested"
     assert result.n_label_tokens > 100
-    assert set(result.per_layer) == set(range(18)), "every decoder layer of the 270M model, first and last included"
+    # every decoder layer of the 270M model, first and last included, and (-1) the stop token's embedding row, which
+    # the demo trains because its pretrained base never produces <end_of_turn> (medgemma_lib.stopping)
+    assert set(result.per_layer) == set(range(18)) | {-1}, sorted(result.per_layer)
     assert abs(result.loss_product - result.loss_reference) < 1e-4 * result.loss_reference
     for layer, diff in result.per_layer.items():
         assert diff < gradcheck.TOLERANCE["float32"], (
