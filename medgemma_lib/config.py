@@ -114,6 +114,12 @@ class LoraSection:
         "always（一定訓練）、never（只訓練 LoRA）",
         choices=["auto", "always", "never"],
     )
+    stop_token_learning_rate: float = _f(
+        1e-3,
+        "停止符號嵌入列的學習率（只在訓練它時使用；LoRA 仍用 train.learning_rate）",
+        min=1e-8,
+        max=1.0,
+    )
 
 
 @dataclass

@@ -29,10 +29,12 @@ from medgemma_lib.data import answer_of, question_of
 from medgemma_lib.errors import ModelError, OutputError
 from medgemma_lib.evaluate import (
     METRIC_NAMES,
+    STOPPING_NOTE,
     answer_losses,
     fmt_interval,
     markdown_table,
     paired_intervals,
+    stopping_rows,
     summarize_losses,
     text_metrics,
 )
@@ -44,6 +46,7 @@ REFERENCE_NAME = "medquad-full-gemma3-270m"
 REFERENCE_DIR = REPO_ROOT / "adapters" / REFERENCE_NAME
 HELDOUT_FILE = "heldout.jsonl"
 REPORT_JSON = "report.json"
+STOP_NAMES = {"stop_probability": "停止機率（參考答案結尾）", "stop_rate": "停止率（產生的答案）"}
 SHIPPED_FILES = ("adapter_model.safetensors", "adapter_config.json", "config.yaml", "eval.json", HELDOUT_FILE)
 
 
@@ -96,7 +99,7 @@ def ship(run_dir: str | Path, report_json: str | Path, heldout: list[dict], dest
         tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(adapter / SHIPPED_FILES[0]).items()}
         save_file(tensors, tmp / SHIPPED_FILES[0], metadata={"format": "pt"})
         shutil.copy2(adapter / "adapter_config.json", tmp / "adapter_config.json")
-        for name in ("config.yaml", "eval.json", "train_summary.json", "loss.png"):
+        for name in ("config.yaml", "eval.json", "train_summary.json", "loss.png", "stop_token.json"):
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, tmp / name)
         write_json(tmp / REPORT_JSON, report, indent=2)
@@ -141,6 +144,11 @@ def model_card(report: dict, n_heldout: int) -> str:
             "- `eval.json`：每一筆測試資料的 loss 與每一題的答案；`report.json`：完整報告（同 docs/quality/）\n",
             "## 測試結果（英文，完整測試集）\n",
             markdown_table(_rows(report, fmt_interval)),
+            *(
+                ["## 答案有沒有說完就停\n", markdown_table(stopping_rows(report)), STOPPING_NOTE]
+                if stopping_rows(report)
+                else []
+            ),
             "## 授權與聲明\n",
             "- **Gemma**：本轉接器是 Gemma 的衍生模型（Model Derivative）。Gemma is provided under and subject to the "
             "Gemma Terms of Use found at ai.google.dev/gemma/terms（條款全文見同資料夾的 `GEMMA_TERMS.html`，"
@@ -191,7 +199,7 @@ def compare_adapters(
     gen = records[:num_generate]
     questions = [question_of(r) for r in gen]
     refs = [answer_of(r) for r in gen]
-    losses, answers = {}, {}
+    losses, answers, lengths = {}, {}, {}
     for name in ["base", *names]:
         if name == "base":
             ctx = model.disable_adapter()
@@ -200,17 +208,27 @@ def compare_adapters(
             ctx = contextlib.nullcontext()
         with ctx:
             losses[name] = answer_losses(model, tokenizer, records)
+            lengths[name] = []
             answers[name] = generate_answers(
-                model, tokenizer, questions, max_new_tokens=max_new_tokens, do_sample=False, batch_size=len(questions)
+                model,
+                tokenizer,
+                questions,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                batch_size=len(questions),
+                lengths=lengths[name],
             )
         if verbose:
             print(f"{name}：loss {summarize_losses(losses[name])['loss']:.4f}", flush=True)
     result = {"models": {}, "ci95": {}, "answers": [], "settings": {}}
     for name in ["base", *names]:
         metrics = text_metrics(answers[name], refs)
+        probs = [r["stop_prob"] for r in losses[name] if r.get("stop_prob") is not None]
         result["models"][name] = {
             **summarize_losses(losses[name]),
             **{k: v for k, v in metrics.items() if k != "per_answer"},
+            "stop_probability": sum(probs) / len(probs) if probs else None,
+            "stop_rate": sum(x["stopped"] for x in lengths[name]) / len(lengths[name]) if lengths[name] else None,
         }
     for name in names:
         pair_l = {"base": losses["base"], "tuned": losses[name]}
@@ -239,13 +257,18 @@ def comparison_frame(result: dict, labels: dict[str, str]):
     import pandas as pd
 
     rows = []
-    for key in ("loss", "rougeL", "bleu", "chrf", "length"):
-        row = {"指標": METRIC_NAMES[key]}
+    for key in ("loss", "rougeL", "bleu", "chrf", "length", "stop_probability", "stop_rate"):
+        row = {"指標": {**METRIC_NAMES, **STOP_NAMES}[key]}
         for name, label in labels.items():
             value = result["models"][name].get(key)
-            row[label] = None if value is None else round(value, 4 if key == "loss" else 2)
+            row[label] = (
+                None
+                if value is None
+                else (f"{value:.2g}" if key in STOP_NAMES else round(value, 4 if key == "loss" else 2))
+            )
         for name in result["ci95"]:
-            row[f"{labels[name]} − 基礎：95% 區間"] = fmt_interval(key, result["ci95"][name].get(key, {}).get("ci95"))
+            interval = result["ci95"][name].get(key, {}).get("ci95")
+            row[f"{labels[name]} − 基礎：95% 區間"] = "—" if key in STOP_NAMES else fmt_interval(key, interval)
         rows.append(row)
     return pd.DataFrame(rows).set_index("指標")
 

@@ -46,6 +46,7 @@ from medgemma_lib.trainer import (
     free_memory,
     oom_error,
     prepare_model_for_training,
+    restore_liger_globals,
     set_cpu_threads,
     tensorboard_callback,
     use_chinese_progress,
@@ -294,6 +295,7 @@ def run_training(
                     )
                 resume_from = checkpoints.latest_complete_checkpoint(ckpt_dir)
                 previous_records = monitor.read_log(log_path)
+    restore_liger_globals()  # what is loaded after training (evaluation, export) is transformers' own Gemma 3
     if stop.requested and trainer.state.global_step < trainer.state.max_steps:
         good = checkpoints.latest_complete_checkpoint(ckpt_dir)
         raise TrainingInterrupted(

@@ -40,6 +40,13 @@ def test_demo_command_trains_real_model_and_lowers_heldout_loss(demo_model_dir, 
     assert "gemv_4bit" not in proc.stderr  # torch's "no autograd kernel" warning: training must never go through it
     test = summary["test"]
     assert test["tuned"]["loss"] < test["base"]["loss"]
+    # The answer a learner sees must be able to end: the pretrained base never produces <end_of_turn> after a
+    # complete answer, the tuned model does (medgemma_lib.stopping; with lora.train_stop_token=never: 1.8e-4).
+    check = json.loads((run / "stop_token.json").read_text())
+    assert check["trained_token_ids"] == [106] and check["median"] < 1e-6, check
+    assert test["base"]["stop_probability"] < 1e-6 and test["stop_examples"]["probability"] >= 12, test
+    assert test["tuned"]["stop_probability"] >= 0.5, test
+    assert "說完就停" in proc.stdout
     for name in (
         "adapter/adapter_model.safetensors",
         "adapter/adapter_config.json",
