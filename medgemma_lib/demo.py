@@ -157,7 +157,9 @@ def _print_summary(s: dict) -> None:
             if key in b and key in t and b[key] is not None:
                 print(f"{name}：{b[key]:.2f} → {t[key]:.2f}")
     print(f"訓練 {s['steps']} 步，每步 {s['seconds_per_step'] or 0:.1f} 秒；全部 {s['timings']['total_s']:.0f} 秒。")
-    print("（只評幾題、每題 48 個 token，ROUGE-L／chrF 會上下跳動；可靠的是測試集 loss 的下降。）")
+    print(
+        "（ROUGE-L／chrF 只評了幾題英文，平均值會隨題目改變；完整訓練的報告有 200 題與 95% 信賴區間：docs/quality/。）"
+    )
     example = test.get("example")
     if example:
         print(f"\n{MEDICAL_DISCLAIMER}")

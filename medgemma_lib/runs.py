@@ -31,7 +31,7 @@ from pathlib import Path
 from peft import PeftModel
 from safetensors import safe_open
 
-from medgemma_lib import models
+from medgemma_lib import models, stopping
 from medgemma_lib.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, verify_adapter
 from medgemma_lib.config import RunConfig, load_config
 from medgemma_lib.errors import ConfigError, ModelError, OutputError
@@ -237,6 +237,14 @@ def check_adapter_base(profile: str, recorded: str, run_dir: Path) -> None:
         f"{display_path(profile)}：兩者不是同一個模型。層的形狀相同時轉接器也掛得上去，但結果會是錯的。",
         hint=f"請把 {where} 的 model.profile 改回 {theirs or display_path(recorded)}，或用這個基礎模型重新訓練。",
     )
+
+
+def read_stop_token_check(run_dir: str | Path) -> stopping.StopTokenCheck | None:
+    """What the run measured before training: can the base end an answer, and what was trained (``stop_token.json``)."""
+    path = Path(run_dir) / STOP_TOKEN_FILE
+    if not path.is_file():
+        return None
+    return stopping.StopTokenCheck.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
 def attach_adapter(base, adapter_dir: str | Path):

@@ -31,7 +31,8 @@ LAYERS: list[set[str]] = [
         "stats",
     },  # helpers
     {"config", "memory", "auth", "data"},  # configuration, estimates, Hub access, data preparation
-    {"models", "checkpoints", "generation", "monitor"},  # loading, checkpoint format, generation, monitoring
+    {"models", "checkpoints", "generation", "monitor", "stopping"},  # loading, checkpoints, generation, monitoring,
+    # the stop token (measured, trained where the base never learned it)
     {"runs", "env"},  # the run folder; the environment report
     {"trainer"},  # the trainer's parts
     {"train"},  # the training recipe
