@@ -149,7 +149,7 @@ def _shipped(name: str) -> dict:
 @pytest.mark.parametrize("name", ["medquad-full-gemma3-270m", "medquad-bilingual-gemma3-270m"])
 def test_shipped_report_is_complete_and_consistent(name):
     report = _shipped(name)
-    assert report["hardware"]["gpu"] and "H200" in report["hardware"]["gpu"]
+    assert report["hardware"]["gpu"] and any(g in report["hardware"]["gpu"] for g in ("H100", "H200"))
     assert report["command"].startswith("python -m medgemma_lib quality --config configs/")
     assert report["versions"]["transformers"] == "5.23.0"
     assert report["n_test_loss"] >= 400 and report["n_generate"] >= 200
@@ -169,6 +169,22 @@ def test_full_run_improves_english_with_intervals_above_zero():
     report = _shipped("medquad-full-gemma3-270m")
     assert report["diff_ci95"]["loss"][1] < 0
     assert report["diff_ci95"]["rougeL"][0] > 0 and report["diff_ci95"]["chrf"][0] > 0
+
+
+def test_full_run_reports_whether_answers_end_per_language():
+    """stop_rate and stop_probability, each {"base": x, "tuned": y}, in the English and the Chinese section; the
+    stop token was trained (the pretrained base never produces it) and its probability rose, interval above zero."""
+    report = _shipped("medquad-full-gemma3-270m")
+    for part in (report, report["chinese"]):
+        for key in ("stop_rate", "stop_probability"):
+            assert set(part[key]) == {"base", "tuned"} and all(0 <= v <= 1 for v in part[key].values()), key
+    assert report["training"]["stop_token"]["trained_token_ids"] == [106]
+    assert report["stop_probability"]["base"] < 1e-9 < 0.3 < report["stop_probability"]["tuned"]
+    assert report["stop_ci95"]["stop_probability"][0] > 0
+    st = report["stopping"]["english"]
+    assert st["n_probability"] == report["n_test_loss"] and st["n_generated"] == report["n_generate"]
+    md = (QUALITY / "medquad-full-gemma3-270m.md").read_text(encoding="utf-8")
+    assert "## 答案有沒有說完就停" in md
 
 
 def test_bilingual_mix_keeps_english_and_answers_chinese_in_chinese():
