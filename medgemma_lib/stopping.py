@@ -129,8 +129,17 @@ class StopTokenCheck:
 def check_stop_token(
     model, tokenizer, records: list[dict], mode: str = "auto", max_length: int | None = None
 ) -> StopTokenCheck:
-    """Measure the base on up to :data:`CHECK_EXAMPLES` answers and decide which token rows to train."""
-    probs = stop_probabilities(model, tokenizer, records[:CHECK_EXAMPLES], max_length=max_length)
+    """Measure the base on up to :data:`CHECK_EXAMPLES` answers and decide which token rows to train.
+
+    The forward runs in train mode: bitsandbytes repacks NF4 weights into an inference-only layout on an eval-mode
+    pass on AVX512-BF16 CPUs (no backward afterwards), never on a train-mode one; Gemma 3 has no dropout to change.
+    """
+    was_training = model.training
+    model.train()
+    try:
+        probs = stop_probabilities(model, tokenizer, records[:CHECK_EXAMPLES], max_length=max_length)
+    finally:
+        model.train(was_training)
     measured = [p for p in probs if p is not None]
     check = StopTokenCheck(mode=mode, examples=len(measured), probabilities=[round(p, 8) for p in measured])
     if measured:

@@ -380,19 +380,13 @@ def stop_token_check(cfg: RunConfig, model, tokenizer, records, run_dir: Path, r
     stored = _read_json(path) if resume else None
     if stored:
         return stopping.StopTokenCheck.from_dict(stored)
-    models.use_trainable_4bit_layout(model)  # a no-grad pass must not repack NF4 weights into the inference layout
-    was_training = model.training
-    model.eval()
-    try:
-        check = stopping.check_stop_token(
-            model,
-            tokenizer,
-            [records[i] for i in range(min(len(records), stopping.CHECK_EXAMPLES))],
-            mode=cfg.lora.train_stop_token,
-            max_length=cfg.train.max_length,
-        )
-    finally:
-        model.train(was_training)
+    check = stopping.check_stop_token(
+        model,
+        tokenizer,
+        [records[i] for i in range(min(len(records), stopping.CHECK_EXAMPLES))],
+        mode=cfg.lora.train_stop_token,
+        max_length=cfg.train.max_length,
+    )
     if is_main_process():
         write_json(path, check.to_dict())
     return check

@@ -239,3 +239,18 @@ def test_liger_module_patches_are_undone_so_a_later_model_is_transformers_own(ti
         assert trainer.restore_liger_globals() == 0  # nothing left to undo
     finally:
         modeling_gemma3.apply_rotary_pos_emb, modeling_gemma3.Gemma3RMSNorm, modeling_gemma3.Gemma3MLP = originals
+
+
+def test_the_check_never_packs_nf4_weights_into_the_inference_layout(tiny_model_dir, demo_tokenizer):
+    """The check runs before training: on an AVX512-BF16 CPU an eval-mode pass would repack the NF4 weights into
+    bitsandbytes' inference-only layout (no backward). Forced flags put every CPU in that situation."""
+    from medgemma_lib.models import _linear4bit_layers, cpu_inference_packing_state, load_model
+
+    model = load_model(str(tiny_model_dir), "nf4", "cpu")
+    model.eval()
+    for layer in _linear4bit_layers(model):
+        layer.support_avx512bf16_for_cpu = True
+    stopping.check_stop_token(model, demo_tokenizer, RECORDS)
+    state = cpu_inference_packing_state(model)
+    assert state["layers"] > 0 and state["packed"] == 0, state
+    assert model.training is False  # the caller's mode is given back
