@@ -15,6 +15,21 @@ from test_no_secrets import FAKE_TOKEN, FAKE_TOKEN_CORE, files_containing, files
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _cli(args: list[str], env: dict, stdin: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m medgemma_lib ARGS`` from the repository root; it must exit 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "medgemma_lib", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_demo_command_trains_real_model_and_lowers_heldout_loss(demo_model_dir, tmp_path):
     import os
@@ -22,15 +37,7 @@ def test_demo_command_trains_real_model_and_lowers_heldout_loss(demo_model_dir, 
     started = time.time()
     hf_home = tmp_path / "hf-home"  # anything the Hub libraries write goes here, and is scanned
     env = {**os.environ, "HF_TOKEN": FAKE_TOKEN, "HUGGING_FACE_HUB_TOKEN": FAKE_TOKEN, "HF_HOME": str(hf_home)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", "demo", f"train.output_dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=1500,
-        cwd=ROOT,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _cli(["demo", f"train.output_dir={tmp_path}"], env, timeout=1500)
     run = tmp_path / "demo"
     summary = json.loads((run / "demo_summary.json").read_text())
     before, after = summary["validation_loss"]["before"], summary["validation_loss"]["after"]
@@ -49,16 +56,9 @@ def test_demo_command_trains_real_model_and_lowers_heldout_loss(demo_model_dir, 
     assert test["tuned"]["stop_probability"] >= 0.5, test
     assert "說完就停" in proc.stdout
     # What `chat --run results/demo` does with a MedQuAD-style question: the greedy answer ends by itself.
-    chat = subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", "chat", "--run", str(run), "--greedy", "--max-new-tokens", "128"],
-        input="What are the symptoms of diabetes ?\n",
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env=env,
+    chat = _cli(
+        ["chat", "--run", str(run), "--greedy", "--max-new-tokens", "128"], env, "What are the symptoms of diabetes ?\n"
     )
-    assert chat.returncode == 0, chat.stdout[-2000:] + chat.stderr[-2000:]
     from medgemma_lib.generation import generate_answers
     from medgemma_lib.runs import load_for_inference
 
