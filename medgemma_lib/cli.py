@@ -6,7 +6,7 @@ transformers or TRL import, and the step modules themselves import their depende
 Those handler imports are the only function-local imports of the project's own modules
 (``tests/test_architecture.py`` checks that).
 
-User errors (:class:`~medgemma_lib.errors.MedgemmaError`) are printed in Traditional Chinese and
+User errors (:class:`~medgemma_lib.core.errors.MedgemmaError`) are printed in Traditional Chinese and
 give exit code 2 with no traceback, unless ``--debug`` is given.
 """
 
@@ -20,7 +20,7 @@ import re
 import sys
 import time
 
-from medgemma_lib.errors import EXIT_USER_ERROR, ConfigError, MedgemmaError, ModelError, ResourceError
+from medgemma_lib.core.errors import EXIT_USER_ERROR, ConfigError, MedgemmaError, ModelError, ResourceError
 
 QUANTIZATIONS = ["nf4", "int8", "none"]
 
@@ -82,7 +82,7 @@ def _add_doctor(sub) -> None:
 def _run_doctor(args) -> int:
     from dataclasses import asdict
 
-    from medgemma_lib import env  # handler import: see the module docstring
+    from medgemma_lib.setup import env  # handler import: see the module docstring
 
     report = env.collect_environment()
     rec = env.recommend(report)
@@ -109,7 +109,7 @@ def _add_config(sub) -> None:
 def _run_config(args) -> int:
     import yaml
 
-    from medgemma_lib import config  # handler import: see the module docstring
+    from medgemma_lib.core import config  # handler import: see the module docstring
 
     cfg = config.load_config(args.config, args.overrides)
     config.validate_run(cfg)  # exactly what `train` checks before it creates anything
@@ -139,7 +139,7 @@ def _add_auth(sub) -> None:
 
 
 def _run_auth_check(args) -> int:
-    from medgemma_lib import auth  # handler import: see the module docstring
+    from medgemma_lib.setup import auth  # handler import: see the module docstring
 
     result = auth.check_access(args.model, timeout=auth.DEFAULT_TIMEOUT_S if args.timeout is None else args.timeout)
     print(result.format())
@@ -147,7 +147,7 @@ def _run_auth_check(args) -> int:
 
 
 def _run_auth_whoami(args) -> int:
-    from medgemma_lib import auth  # handler import: see the module docstring
+    from medgemma_lib.setup import auth  # handler import: see the module docstring
 
     info = auth.whoami()
     print(f"帳號：{info['name']}")
@@ -250,7 +250,7 @@ def _add_data(sub) -> None:
 
 def build_data_section(args: argparse.Namespace):
     """The DataSection from ``--config`` (or defaults) with command-line options on top."""
-    from medgemma_lib import config  # handler import: see the module docstring
+    from medgemma_lib.core import config  # handler import: see the module docstring
 
     cfg = config.load_config(args.config) if args.config else config.load_config(None)
     data = {f: getattr(cfg.data, f) for f in cfg.data.__dataclass_fields__}
@@ -278,7 +278,7 @@ def _data_tokenizer(choice: str):
     state: dict = {"note": None}
 
     def load():
-        from medgemma_lib import models  # handler import: see the module docstring
+        from medgemma_lib.models import loading as models  # handler import: see the module docstring
 
         name = choice
         if name == "auto":
@@ -295,7 +295,7 @@ def _data_tokenizer(choice: str):
 
 
 def _run_data_prepare(args) -> int:
-    from medgemma_lib import paths  # handler import: see the module docstring
+    from medgemma_lib.core import paths  # handler import: see the module docstring
 
     started = time.perf_counter()
     data_cfg = build_data_section(args)
@@ -345,9 +345,9 @@ def _add_models(sub) -> None:
 
 
 def _run_models(args) -> int:
-    from medgemma_lib import models  # handler import: see the module docstring
-    from medgemma_lib.paths import display_path
-    from medgemma_lib.profiles import PROFILES
+    from medgemma_lib.core.paths import display_path
+    from medgemma_lib.core.profiles import PROFILES
+    from medgemma_lib.models import loading as models  # handler import: see the module docstring
 
     if args.prepare_demo:
         started = time.time()
@@ -421,7 +421,7 @@ def _add_memory(sub) -> None:
 
 
 def _run_memory(args) -> int:
-    from medgemma_lib import memory  # handler import: see the module docstring
+    from medgemma_lib.setup import memory  # handler import: see the module docstring
 
     if args.batch < 1 or args.seq < 8 or args.lora_r < 1:
         raise ConfigError("--batch、--seq、--lora-r 必須是正整數（--seq 至少 8）。")
@@ -477,7 +477,7 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from medgemma_lib import config  # handler import: see the module docstring
+    from medgemma_lib.core import config  # handler import: see the module docstring
 
     overrides = list(args.overrides)
     if args.run_name:
@@ -486,7 +486,7 @@ def _run_train(args) -> int:
     # The checks run_training starts with, before torch, transformers and TRL are imported (10 s on a laptop):
     # a mistyped path or value is answered at once.
     config.validate_run(cfg)
-    from medgemma_lib import train  # handler import: see the module docstring
+    from medgemma_lib.training import train  # handler import: see the module docstring
 
     result = train.run_training(cfg, resume=args.resume)
     if (
@@ -564,7 +564,8 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
-    from medgemma_lib import MEDICAL_DISCLAIMER, evaluate  # handler import: see the module docstring
+    from medgemma_lib import MEDICAL_DISCLAIMER  # handler import: see the module docstring
+    from medgemma_lib.evaluation import evaluate
 
     result = evaluate.run_evaluation(
         args.run,
@@ -600,7 +601,8 @@ def _add_quality(sub) -> None:
 
 
 def _run_quality(args) -> int:
-    from medgemma_lib import MEDICAL_DISCLAIMER, quality  # handler import: see the module docstring
+    from medgemma_lib import MEDICAL_DISCLAIMER  # handler import: see the module docstring
+    from medgemma_lib.evaluation import quality
 
     quality.run_quality(args.config, list(args.overrides), args.report, args.compare)
     print(MEDICAL_DISCLAIMER)
@@ -662,11 +664,11 @@ def _run_chat(args) -> int:
         raise ConfigError(
             "--base 只能和 --run 一起用（匯出的模型已經合併了轉接器）。", hint="改用 --run 訓練結果資料夾。"
         )
-    from medgemma_lib import chat  # handler import: see the module docstring
+    from medgemma_lib.evaluation import chat  # handler import: see the module docstring
 
     thinking = args.thinking
     if thinking is None:
-        from medgemma_lib import runs
+        from medgemma_lib.training import runs
 
         thinking = bool(runs.open_run(args.run).config.eval.thinking) if args.run else False
     model, tokenizer = chat.load_chat_model(
@@ -710,7 +712,7 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
-    from medgemma_lib import export  # handler import: see the module docstring
+    from medgemma_lib.export import merge as export  # handler import: see the module docstring
 
     if args.push_to_hub is not None:
         export.check_repo_id(args.push_to_hub)  # fail before the minutes of merging
@@ -777,7 +779,7 @@ def _check_unsloth_inputs(tokenizer_xz: str) -> None:
     """Refuse `bench --unsloth` before anything is built: the tokenizer file and the optional package."""
     import importlib.util
 
-    from medgemma_lib.errors import DataError, ResourceError
+    from medgemma_lib.core.errors import DataError, ResourceError
 
     if not os.path.isfile(tokenizer_xz):
         raise DataError(
@@ -797,8 +799,9 @@ def _run_bench(args) -> int:
     if args.unsloth:
         _check_unsloth_inputs(args.unsloth)
         import unsloth  # noqa: F401 - optional (GPU only); Unsloth must be imported before transformers to patch it
-    from medgemma_lib import bench, models  # handler import: see the module docstring
-    from medgemma_lib.profiles import BENCH_ALIASES
+    from medgemma_lib.checks import bench  # handler import: see the module docstring
+    from medgemma_lib.core.profiles import BENCH_ALIASES
+    from medgemma_lib.models import loading as models
 
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
@@ -846,7 +849,7 @@ def _add_trainbench(sub) -> None:
         help="經由產品本身的 run_training 量測各 GPU 預設的速度與記憶體（隨機權重的真實架構；JSON 與 Markdown 表格）",
     )
     p.add_argument("--arch", default="4b", help="架構，逗號分隔：4b、27b、tiny；預設 4b")
-    p.add_argument("--only", default=None, help="只跑這些列（逗號分隔的列名，見 medgemma_lib.trainbench.ROWS）")
+    p.add_argument("--only", default=None, help="只跑這些列（逗號分隔的列名，見 medgemma_lib.checks.trainbench.ROWS）")
     p.add_argument("--out", default="results/trainbench", help="輸出資料夾（trainbench.json、trainbench.md）")
     p.add_argument("--steps", type=number(int, low=1, high=10000, example="--steps 8"), default=8, help="計時的步數")
     p.add_argument(
@@ -873,7 +876,7 @@ def _add_trainbench(sub) -> None:
 
 def _run_trainbench(args) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as every measured row
-    from medgemma_lib import trainbench  # handler import: see the module docstring
+    from medgemma_lib.checks import trainbench  # handler import: see the module docstring
 
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in archs if a not in trainbench.ROWS]
@@ -914,7 +917,7 @@ def _add_gradcheck(sub) -> None:
 
 
 def _run_gradcheck(args) -> int:
-    from medgemma_lib import gradcheck  # handler import: see the module docstring
+    from medgemma_lib.checks import gradcheck  # handler import: see the module docstring
 
     return gradcheck.check_and_report(args.overrides, json_path=args.json)
 

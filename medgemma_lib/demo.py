@@ -1,8 +1,8 @@
 """``python -m medgemma_lib demo``: the whole course in one command, on a laptop CPU, offline.
 
 Prepares the shipped MedQuAD sample, loads Gemma 3 270M in NF4 (real bitsandbytes), trains LoRA
-with :func:`medgemma_lib.train.run_training` (the same function as notebook 05 and ``train``),
-evaluates base vs fine-tuned on the held-out test split (``medgemma_lib.evaluate``), and prints
+with :func:`medgemma_lib.training.train.run_training` (the same function as notebook 05 and ``train``),
+evaluates base vs fine-tuned on the held-out test split (``medgemma_lib.evaluation.evaluate``), and prints
 where everything is. Settings: ``configs/demo.yaml`` (overrides on the command line win).
 """
 
@@ -12,15 +12,16 @@ import math
 import time
 from pathlib import Path
 
-from medgemma_lib import MEDICAL_DISCLAIMER, evaluate
-from medgemma_lib.atomic import write_json
-from medgemma_lib.config import load_config
+from medgemma_lib import MEDICAL_DISCLAIMER
+from medgemma_lib.core.atomic import write_json
+from medgemma_lib.core.config import load_config
+from medgemma_lib.core.errors import TrainingError
+from medgemma_lib.core.paths import REPO_ROOT, display_path, resolve_path
 from medgemma_lib.data import prepare_from_config
-from medgemma_lib.errors import TrainingError
-from medgemma_lib.models import ensure_demo_model, load_tokenizer
-from medgemma_lib.paths import REPO_ROOT, display_path, resolve_path
-from medgemma_lib.runs import DEMO_SUMMARY_FILE, EVAL_MD
-from medgemma_lib.train import run_training
+from medgemma_lib.evaluation import evaluate
+from medgemma_lib.models.loading import ensure_demo_model, load_tokenizer
+from medgemma_lib.training.runs import DEMO_SUMMARY_FILE, EVAL_MD
+from medgemma_lib.training.train import run_training
 
 DEMO_CONFIG = "configs/demo.yaml"
 
@@ -99,7 +100,7 @@ def run_demo(overrides: list[str] | None = None, evaluate: bool = True) -> dict:
 
 
 def _evaluate(result, tokenizer) -> dict:
-    """Base vs fine-tuned on the test split (:func:`medgemma_lib.evaluate.run_evaluation`), in a few numbers."""
+    """Base vs fine-tuned on the test split (``evaluate.run_evaluation``), in a few numbers."""
     model = result.trainer.model
     model.eval()
     out = evaluate.run_evaluation(result.run_dir, model=model, tokenizer=tokenizer, num_chinese_samples=2, verbose=True)

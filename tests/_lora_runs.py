@@ -28,7 +28,7 @@ def make_run(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from medgemma_lib.config import RunConfig, save_config
+    from medgemma_lib.core.config import RunConfig, save_config
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_source, dtype=torch.float32)

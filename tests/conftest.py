@@ -37,14 +37,14 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
-    from medgemma_lib.models import ensure_demo_model
+    from medgemma_lib.models.loading import ensure_demo_model
 
     return ensure_demo_model()
 
 
 @pytest.fixture(scope="session")
 def demo_tokenizer(demo_model_dir):
-    from medgemma_lib.models import load_tokenizer
+    from medgemma_lib.models.loading import load_tokenizer
 
     return load_tokenizer("demo")
 
@@ -54,7 +54,7 @@ def build_tiny_gemma3(folder: Path, tokenizer, seed: int = 0) -> Path:
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from medgemma_lib.models import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
+    from medgemma_lib.models.loading import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
 
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
@@ -81,7 +81,7 @@ def save_tiny(model, folder: Path, tokenizer) -> Path:
     """Save a tiny model with Gemma 3's stop tokens in its generation config, and the tokenizer beside it."""
     from transformers import GenerationConfig
 
-    from medgemma_lib.models import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
+    from medgemma_lib.models.loading import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
 
     model.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID], pad_token_id=PAD_ID, do_sample=False

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from medgemma_lib.atomic import atomic_folder
-from medgemma_lib.errors import OutputError
+from medgemma_lib.core.atomic import atomic_folder
+from medgemma_lib.core.errors import OutputError
 
 
 def _previous(tmp_path):
@@ -52,7 +52,7 @@ def test_interrupt_keeps_previous_results(tmp_path):
 
 
 def test_write_json_replaces_a_file_whole_and_keeps_the_suffix_for_writers_that_need_it(tmp_path):
-    from medgemma_lib.atomic import atomic_file, write_json
+    from medgemma_lib.core.atomic import atomic_file, write_json
 
     target = tmp_path / "eval.json"
     target.write_text("old", encoding="utf-8")
@@ -67,7 +67,7 @@ def test_write_json_replaces_a_file_whole_and_keeps_the_suffix_for_writers_that_
 
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
 def test_a_failed_file_write_keeps_the_old_file_and_no_temporary(tmp_path, failure):
-    from medgemma_lib.atomic import atomic_file, is_temporary
+    from medgemma_lib.core.atomic import atomic_file, is_temporary
 
     target = tmp_path / "config.yaml"
     target.write_text("old: 1\n", encoding="utf-8")
@@ -84,7 +84,7 @@ def test_a_failed_file_write_keeps_the_old_file_and_no_temporary(tmp_path, failu
 
 def test_the_product_writes_no_file_outside_the_atomic_helper():
     """Every ``write_text`` / ``json.dump`` / ``savefig`` / ``os.replace`` in the package goes through
-    medgemma_lib.atomic (the append-only training log and the helper itself are the exceptions)."""
+    medgemma_lib.core.atomic (the append-only training log and the helper itself are the exceptions)."""
     import re
     from pathlib import Path
 
@@ -98,4 +98,4 @@ def test_the_product_writes_no_file_outside_the_atomic_helper():
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if pattern.search(line) and "tmp" not in line and "atomic" not in line:
                 found.append(f"{path.relative_to(package)}:{n}: {line.strip()}")
-    assert not found, "write through medgemma_lib.atomic:\n" + "\n".join(found)
+    assert not found, "write through medgemma_lib.core.atomic:\n" + "\n".join(found)

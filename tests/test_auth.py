@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from medgemma_lib import auth
+from medgemma_lib.setup import auth
 
 GOOD = "hf_fake_accepted_token_0001"  # accepted the MedGemma terms
 NOT_ACCEPTED = "hf_fake_pending_token_0002"  # valid account, terms not accepted

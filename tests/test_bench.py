@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from medgemma_lib import bench
+from medgemma_lib.checks import bench
 from medgemma_lib.cli import main
 
 

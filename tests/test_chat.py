@@ -11,8 +11,9 @@ import sys
 import pytest
 from _lora_runs import ROOT, make_run
 
-from medgemma_lib import MEDICAL_DISCLAIMER, chat
-from medgemma_lib.errors import EXIT_USER_ERROR
+from medgemma_lib import MEDICAL_DISCLAIMER
+from medgemma_lib.core.errors import EXIT_USER_ERROR
+from medgemma_lib.evaluation import chat
 
 EMERGENCY = "我爸爸突然胸口劇痛、一直冒冷汗，怎麼辦？"
 
@@ -50,8 +51,8 @@ def test_piped_questions_each_get_answer_and_disclaimer(tiny_run):
 
 
 def test_greedy_stream_equals_evaluated_answer(tiny_pair):
-    from medgemma_lib.generation import generate_answers
-    from medgemma_lib.safety import present_answer
+    from medgemma_lib.evaluation.safety import present_answer
+    from medgemma_lib.models.generation import generate_answers
 
     model, tok = tiny_pair
     q = "How is high blood pressure treated?"

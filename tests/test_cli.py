@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from medgemma_lib.config import RunConfig, config_from_dict, load_config, save_config
-from medgemma_lib.errors import ConfigError
+from medgemma_lib.core.config import RunConfig, config_from_dict, load_config, save_config
+from medgemma_lib.core.errors import ConfigError
 
 
 def run_cli(*args, timeout=300):

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medgemma_lib import cli
-from medgemma_lib.config import RunConfig
+from medgemma_lib.core.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CJK = re.compile(r"[\u4e00-\u9fff]")
@@ -69,7 +69,9 @@ def heavy_work_stops():
     """Replace model loading and device choice (wherever a step module imported them) by :class:`Reached`."""
     import importlib
 
-    from medgemma_lib import bench, export, gradcheck, models, trainbench
+    from medgemma_lib.checks import bench, gradcheck, trainbench
+    from medgemma_lib.export import merge as export
+    from medgemma_lib.models import loading as models
 
     mods = [importlib.import_module(f"medgemma_lib.{m}") for m in _STEP_MODULES] + [bench, export, gradcheck]
     mods += [m for name, m in sys.modules.items() if name.startswith("medgemma_lib.") and m not in mods]

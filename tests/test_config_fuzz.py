@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medgemma_lib import cli
-from medgemma_lib.config import RunConfig
+from medgemma_lib.core.config import RunConfig
 
 SECTIONS = RunConfig().to_dict()
 CJK = re.compile(r"[\u4e00-\u9fff]")

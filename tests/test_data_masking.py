@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medgemma_lib.data import decoded_labels, format_masking, label_mask_example, to_record, token_lengths
-from medgemma_lib.models import BOS_ID, END_OF_TURN_ID
+from medgemma_lib.models.loading import BOS_ID, END_OF_TURN_ID
 
 RECORDS = [
     to_record(

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from medgemma_lib import cli
-from medgemma_lib.config import DataSection, config_from_dict
+from medgemma_lib.core.config import DataSection, config_from_dict
+from medgemma_lib.core.errors import ConfigError
 from medgemma_lib.data import format_report, load_prepared, mix_table, prepare_from_config, prepare_records
-from medgemma_lib.errors import ConfigError
 
 ZH_COLUMNS = {"question": "ask", "answer": "reply", "focus_area": "department"}
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from medgemma_lib.config import DataSection
+from medgemma_lib.core.config import DataSection
 from medgemma_lib.data import crossing_keys, load_prepared, prepare_from_config, split_by_focus_area
 
 SAMPLE = "data/medquad_sample.csv"
@@ -107,7 +107,7 @@ def test_system_prompt_opencc_and_column_mapping(repo_root):
 
 
 def test_deidentify_mask_and_refuse(tmp_path):
-    from medgemma_lib.errors import DataError
+    from medgemma_lib.core.errors import DataError
 
     rows = [f"問題{i},回答{i}：請多休息。\n" for i in range(30)] + [
         "我的電話是 0912-345-678 怎麼辦,請聯絡王小明醫師。\n"
@@ -169,7 +169,7 @@ def test_zero_fractions_give_empty_splits_with_the_same_columns(repo_root):
 def test_histogram_labels_never_render_as_boxes(repo_root):
     import re
 
-    from medgemma_lib import plots
+    from medgemma_lib.core import plots
     from medgemma_lib.data import plot_token_lengths
     from medgemma_lib.data.lengths import cut_table, length_summary, recommend_max_length
 

@@ -7,10 +7,10 @@ import random
 
 import pytest
 
+from medgemma_lib.core.errors import DataError
 from medgemma_lib.data import clean_rows, parse_column_mapping, read_table, truncate_at_sentence
 from medgemma_lib.data.clean import normalize_answer, resolve_columns
 from medgemma_lib.data.readers import decode_bytes
-from medgemma_lib.errors import DataError
 
 ROWS_ZH_T = [
     ("什麼是糖尿病？", "糖尿病是一種慢性代謝疾病，血糖長期偏高，需要飲食控制與規律運動。"),

@@ -49,7 +49,7 @@ def test_demo_command_trains_real_model_and_lowers_heldout_loss(demo_model_dir, 
     test = summary["test"]
     assert test["tuned"]["loss"] < test["base"]["loss"]
     # The answer a learner sees must be able to end: the pretrained base never produces <end_of_turn> after a
-    # complete answer, the tuned model does (medgemma_lib.stopping; with lora.train_stop_token=never: 1.8e-4).
+    # complete answer, the tuned model does (medgemma_lib.training.stopping; with lora.train_stop_token=never: 1.8e-4).
     check = json.loads((run / "stop_token.json").read_text())
     assert check["trained_token_ids"] == [106] and check["median"] < 1e-6, check
     assert test["base"]["stop_probability"] < 1e-6 and test["stop_examples"]["probability"] >= 12, test
@@ -59,8 +59,8 @@ def test_demo_command_trains_real_model_and_lowers_heldout_loss(demo_model_dir, 
     chat = _cli(
         ["chat", "--run", str(run), "--greedy", "--max-new-tokens", "128"], env, "What are the symptoms of diabetes ?\n"
     )
-    from medgemma_lib.generation import generate_answers
-    from medgemma_lib.runs import load_for_inference
+    from medgemma_lib.models.generation import generate_answers
+    from medgemma_lib.training.runs import load_for_inference
 
     model, tokenizer, _ = load_for_inference(run, verbose=False)
     lengths = []
@@ -122,7 +122,7 @@ def test_demo_summary_shows_an_example_after_the_disclaimer(capsys):
 
 
 def test_terminal_log_lines_are_chinese():
-    from medgemma_lib.trainer import format_log_line
+    from medgemma_lib.training.trainer import format_log_line
 
     assert (
         format_log_line({"loss": 3.1234, "learning_rate": 5e-4, "grad_norm": 2.0}, 4, 20)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from medgemma_lib import models
-from medgemma_lib.errors import ModelError
+from medgemma_lib.core.errors import ModelError
+from medgemma_lib.models import loading as models
 
 pytestmark = pytest.mark.slow
 

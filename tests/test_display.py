@@ -14,7 +14,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
-from medgemma_lib import MEDICAL_DISCLAIMER, display, generation, plots  # noqa: E402
+from medgemma_lib import MEDICAL_DISCLAIMER  # noqa: E402
+from medgemma_lib.core import display, plots
+from medgemma_lib.models import generation
 
 # ----------------------------------------------------------------------------------------------
 # Repeats
@@ -82,7 +84,8 @@ def test_frame_renames_and_never_shows_nan():
 
 
 def test_log_frame_and_profile_frame_have_chinese_headers_and_no_nan():
-    from medgemma_lib import models, monitor
+    from medgemma_lib.models import loading as models
+    from medgemma_lib.training import monitor
 
     records = [
         {"step": 0, "eval_loss": 2.8769, "cpu_rss_gib": 2.0},
@@ -146,7 +149,7 @@ def test_format_seconds():
 def test_notebook_trainer_progress_line():
     from types import SimpleNamespace
 
-    from medgemma_lib.trainer import NotebookChineseProgress
+    from medgemma_lib.training.trainer import NotebookChineseProgress
 
     cb = NotebookChineseProgress()
     cb.started = __import__("time").time() - 52
@@ -158,7 +161,7 @@ def test_notebook_trainer_progress_line():
 
 
 def test_widget_fallbacks_are_chinese():
-    from medgemma_lib import auth
+    from medgemma_lib.setup import auth
 
     widget = auth.token_widget("google/medgemma-4b-it", check=False)
     bundle = widget._repr_mimebundle_()
@@ -205,8 +208,9 @@ def _texts(fig) -> list[str]:
 
 
 def _library_figures():
-    from medgemma_lib import evaluate, monitor
     from medgemma_lib.data import plot_token_lengths
+    from medgemma_lib.evaluation import evaluate
+    from medgemma_lib.training import monitor
 
     records = [{"step": 0, "eval_loss": 2.9}, {"step": 2, "loss": 3.2}, {"step": 4, "loss": 2.1, "eval_loss": 2.0}]
     yield "loss", monitor.plot_loss_curve(records)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from medgemma_lib.env import EnvironmentReport, GPUInfo, collect_environment, format_report, recommend
+from medgemma_lib.setup.env import EnvironmentReport, GPUInfo, collect_environment, format_report, recommend
 
 GOOD_PACKAGES = {"transformers": "5.23.0", "bitsandbytes": "0.50.2", "torch": "2.13.0"}
 
@@ -61,7 +61,7 @@ def test_12gb_bf16_card_gets_4b():
 
 def test_doctor_refuses_transformers_older_than_5_6_for_multimodal_gemma3():
     """Known answers: 5.5.2 is refused with the Chinese reason (exit 2 from doctor), 5.6.0 and 5.23.0 pass."""
-    from medgemma_lib.env import refuses_training
+    from medgemma_lib.setup.env import refuses_training
 
     old = machine([GPUInfo("NVIDIA GeForce RTX 3060", 12.0, (8, 6), True)])
     old.packages["transformers"] = "5.5.2"
@@ -74,8 +74,8 @@ def test_doctor_refuses_transformers_older_than_5_6_for_multimodal_gemma3():
 
 
 def test_model_loading_refuses_old_transformers_before_loading(monkeypatch):
-    from medgemma_lib import models
-    from medgemma_lib.errors import ModelError
+    from medgemma_lib.core.errors import ModelError
+    from medgemma_lib.models import loading as models
 
     monkeypatch.setattr(models.transformers, "__version__", "5.5.0")  # the module object that loading reads
     with pytest.raises(ModelError) as err:

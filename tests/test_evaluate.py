@@ -9,9 +9,10 @@ import math
 import pytest
 from _lora_runs import make_run
 
-from medgemma_lib import MEDICAL_DISCLAIMER, cli, runs
-from medgemma_lib import evaluate as ev
-from medgemma_lib.errors import EXIT_USER_ERROR, ModelError
+from medgemma_lib import MEDICAL_DISCLAIMER, cli
+from medgemma_lib.core.errors import EXIT_USER_ERROR, ModelError
+from medgemma_lib.evaluation import evaluate as ev
+from medgemma_lib.training import runs
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,7 @@ def test_test_split_is_disjoint_from_training(tiny_pair):
 
 
 def test_run_evaluation_writes_reports_and_uses_one_base(tiny_run, monkeypatch):
-    from medgemma_lib import models
+    from medgemma_lib.models import loading as models
 
     loads = []
     real_load = models.load_model
@@ -184,7 +185,7 @@ def test_run_evaluation_writes_reports_and_uses_one_base(tiny_run, monkeypatch):
     assert set(result["by_source"]) and set(result["by_qtype"])
 
     # ... and "base" really is the base model: same loss as the plain model loaded on its own.
-    from medgemma_lib.models import load_tokenizer
+    from medgemma_lib.models.loading import load_tokenizer
 
     run = runs.open_run(tiny_run)
     plain = real_load(run.config.model.profile, "none")

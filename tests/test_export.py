@@ -9,8 +9,8 @@ import pytest
 from _lora_runs import make_run
 
 from medgemma_lib import cli
-from medgemma_lib import export as ex
-from medgemma_lib.errors import EXIT_USER_ERROR, AuthError, ConfigError, ModelError, OutputError
+from medgemma_lib.core.errors import EXIT_USER_ERROR, AuthError, ConfigError, ModelError, OutputError
+from medgemma_lib.export import merge as ex
 
 QUESTIONS = ["What are the symptoms of diabetes?", "糖尿病的症狀是什麼?"]
 
@@ -25,7 +25,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
 def _logits(model, tok, question):
     import torch
 
-    from medgemma_lib.generation import build_prompt
+    from medgemma_lib.models.generation import build_prompt
 
     ids = tok(build_prompt(tok, question), return_tensors="pt", add_special_tokens=False).input_ids
     with torch.inference_mode():
@@ -84,7 +84,7 @@ def test_existing_output_is_not_overwritten(tiny_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("dtype, error", [("float16", "float16"), ("int4", "不支援")])
 def test_bad_dtype(tiny_run, dtype, error):
-    from medgemma_lib.errors import MedgemmaError
+    from medgemma_lib.core.errors import MedgemmaError
 
     with pytest.raises(MedgemmaError, match=error):
         ex.merge_adapter(tiny_run, dtype=dtype, verbose=False)

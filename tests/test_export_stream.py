@@ -8,9 +8,9 @@ import pytest
 from _lora_runs import make_run
 
 from medgemma_lib import cli
-from medgemma_lib import export as ex
-from medgemma_lib.errors import EXIT_USER_ERROR, ModelError
-from medgemma_lib.weightfiles import model_shards
+from medgemma_lib.core.errors import EXIT_USER_ERROR, ModelError
+from medgemma_lib.core.weightfiles import model_shards
+from medgemma_lib.export import merge as ex
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

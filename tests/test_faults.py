@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from medgemma_lib import models
+from medgemma_lib.models import loading as models
 
 
 @pytest.mark.slow

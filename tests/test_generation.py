@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from medgemma_lib import MEDICAL_DISCLAIMER, generation
+from medgemma_lib import MEDICAL_DISCLAIMER
+from medgemma_lib.models import generation
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,7 @@ def _fake_generate_output(tokenizer, text_after_prompt: str):
     ],
 )
 def test_thought_and_answer_are_split(demo_tokenizer, generated, answer, thought):
-    from medgemma_lib.generation import decode_with_thought, fold_thought_markdown, fold_thought_text
+    from medgemma_lib.models.generation import decode_with_thought, fold_thought_markdown, fold_thought_text
 
     ids = _fake_generate_output(demo_tokenizer, generated)
     got_answer, got_thought = decode_with_thought(demo_tokenizer, ids)
@@ -138,8 +139,8 @@ def test_generate_answers_stores_thought_apart_and_scores_the_answer_only(demo_t
     """A fake model whose generate returns prompt + <unused94>thought…<unused95>answer, through the real pipeline."""
     import torch
 
-    from medgemma_lib.evaluate import text_metrics
-    from medgemma_lib.generation import THINKING_SYSTEM_PROMPT, generate_answers, system_prompt_for
+    from medgemma_lib.evaluation.evaluate import text_metrics
+    from medgemma_lib.models.generation import THINKING_SYSTEM_PROMPT, generate_answers, system_prompt_for
 
     tail = _fake_generate_output(
         demo_tokenizer, "<unused94>thought\nLong reasoning words.<unused95>High blood sugar.<end_of_turn>"

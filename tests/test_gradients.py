@@ -3,7 +3,7 @@
 The product's training step (real Gemma 3 270M weights in NF4, one TRL-packed batch of real MedQuAD
 rows, completion-only labels, the CPU label-only loss) is compared tensor by tensor with a plain
 reference: each example alone, unpacked, full logits, standard cross-entropy, dequantised weights,
-LoRA written out by hand (``medgemma_lib.gradcheck``).
+LoRA written out by hand (``medgemma_lib.checks.gradcheck``).
 
 bitsandbytes 0.50 packs NF4 weights into an inference-only layout (no backward) on CPUs with
 AVX512-BF16 after an eval-mode pass. The same code path is taken on any CPU when a layer's
@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from medgemma_lib import gradcheck
-from medgemma_lib.models import cpu_inference_packing_state
+from medgemma_lib.checks import gradcheck
+from medgemma_lib.models.loading import cpu_inference_packing_state
 
 pytestmark = pytest.mark.slow
 
 
 def _force_cpu_packing_flags(model) -> None:
     """Put the model in the state bitsandbytes gives it on an AVX512-BF16 CPU."""
-    from medgemma_lib.models import _linear4bit_layers
+    from medgemma_lib.models.loading import _linear4bit_layers
 
     layers = _linear4bit_layers(model)
     assert layers, "the demo model must load with bitsandbytes 4-bit layers"
@@ -44,7 +44,7 @@ def _assert_matches_reference(result) -> None:
     assert result.n_examples >= 3, "the batch must pack several examples, or packing is not tested"
     assert result.n_label_tokens > 100
     # every decoder layer of the 270M model, first and last included, and (-1) the stop token's embedding row, which
-    # the demo trains because its pretrained base never produces <end_of_turn> (medgemma_lib.stopping)
+    # the demo trains because its pretrained base never produces <end_of_turn> (medgemma_lib.training.stopping)
     assert set(result.per_layer) == set(range(18)) | {-1}, sorted(result.per_layer)
     assert abs(result.loss_product - result.loss_reference) < 1e-4 * result.loss_reference
     for layer, diff in result.per_layer.items():
@@ -70,7 +70,7 @@ def test_gradients_stay_right_after_an_evaluation_pass(trainer):
 def test_compiled_layers_are_a_cuda_lever_and_leave_cpu_training_as_it_was(demo_model_dir, tmp_path, capsys):
     """train.compile_layers on the CPU: no layer is compiled (inductor's AVX2 code gave NaN losses) and the
     gradients still equal the plain reference; on CUDA the same config compiles every decoder layer."""
-    from medgemma_lib import trainer as trainer_parts
+    from medgemma_lib.training import trainer as trainer_parts
 
     cfg = gradcheck.check_config(["train.compile_layers=true"])
     kept = gradcheck.build_trainer(cfg, tmp_path)
@@ -91,7 +91,7 @@ def test_fused_lora_layers_and_norms_give_the_reference_gradients(demo_model_dir
     lora_kernels.NF4LoRA, every RMSNorm through F.rms_norm (both counted), and the training step's gradients still
     equal the plain per-example reference (transformers' own norms, LoRA by hand), on this machine's CPU kernels.
     (Each alone against PEFT / transformers: tests/test_lora_kernels.py, tests/test_norm_kernels.py.)"""
-    from medgemma_lib import lora_kernels, norm_kernels
+    from medgemma_lib.models import lora_kernels, norm_kernels
 
     calls, norm_calls = [], []
     apply = lora_kernels.NF4LoRA.apply
@@ -116,7 +116,7 @@ def test_fused_lora_layers_and_norms_give_the_reference_gradients(demo_model_dir
 
 def test_check_detects_training_through_the_inference_layout(demo_model_dir, tmp_path, monkeypatch):
     """Without the protection (today's bug), the evaluation pass packs the weights and the check must fail."""
-    import medgemma_lib.models as models
+    import medgemma_lib.models.loading as models
 
     monkeypatch.setattr(models, "use_trainable_4bit_layout", lambda model: 0)
     broken = gradcheck.build_trainer(gradcheck.check_config(), tmp_path)
@@ -141,7 +141,7 @@ def test_check_detects_attention_across_packed_examples(trainer):
 
 def test_reference_examples_are_the_records_own_tokenisation(trainer, demo_tokenizer):
     """The packed row holds whole examples whose labels are exactly the completion (answer + <end_of_turn>)."""
-    from medgemma_lib.models import END_OF_TURN_ID
+    from medgemma_lib.models.loading import END_OF_TURN_ID
 
     inputs = gradcheck.first_packed_batch(trainer)
     examples = gradcheck.reference_examples(trainer, inputs)
@@ -163,9 +163,9 @@ def test_run_training_keeps_every_layer_trainable_at_every_step(tiny_model_dir, 
     from train_helpers import small_splits, tiny_overrides
     from transformers import TrainerCallback
 
-    from medgemma_lib.config import load_config
-    from medgemma_lib.models import load_model
-    from medgemma_lib.train import run_training
+    from medgemma_lib.core.config import load_config
+    from medgemma_lib.models.loading import load_model
+    from medgemma_lib.training.train import run_training
 
     seen = []
 
@@ -190,7 +190,7 @@ def test_a_packed_layer_is_restored_to_the_trainable_layout(demo_model_dir):
     """A model that already went through an inference pass on an AVX512-BF16 CPU (packed) is unpacked."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4bit
 
-    from medgemma_lib.models import _linear4bit_layers, load_model, use_trainable_4bit_layout
+    from medgemma_lib.models.loading import _linear4bit_layers, load_model, use_trainable_4bit_layout
 
     model = load_model("demo", "nf4", "cpu")
     layers = _linear4bit_layers(model)[:3]
@@ -211,14 +211,14 @@ def test_a_packed_layer_is_restored_to_the_trainable_layout(demo_model_dir):
 
 
 def test_gradcheck_cli_prints_a_table_and_writes_json(tmp_path):
-    """``python -m medgemma_lib.gradcheck`` is the command behind docs/correctness.md."""
+    """``python -m medgemma_lib gradcheck`` is the command behind docs/correctness.md."""
     import json
     import subprocess
     import sys
 
     out = tmp_path / "gc.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "medgemma_lib.gradcheck", "--json", str(out)],
+        [sys.executable, "-m", "medgemma_lib", "gradcheck", "--json", str(out)],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parents[1],

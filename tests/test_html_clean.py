@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from medgemma_lib.config import DataSection
+from medgemma_lib.core.config import DataSection
 from medgemma_lib.data import clean_rows, counts_table, format_report, prepare_records
 from medgemma_lib.data.clean import strip_html
 

@@ -12,9 +12,10 @@ import pytest
 from _lora_runs import make_run
 from conftest import build_tiny_gemma3
 
-from medgemma_lib import cli, runs
-from medgemma_lib.errors import EXIT_USER_ERROR, ModelError
-from medgemma_lib.profiles import base_identity
+from medgemma_lib import cli
+from medgemma_lib.core.errors import EXIT_USER_ERROR, ModelError
+from medgemma_lib.core.profiles import base_identity
+from medgemma_lib.training import runs
 
 COMMANDS = {
     "evaluate": lambda run: ["evaluate", "--run", str(run), "--num-generate", "1", "--no-chinese"],

@@ -124,8 +124,8 @@ def _write_trap(path: Path, sentinel: Path) -> None:
 
 
 def test_model_folder_with_only_pickle_weights_is_refused_unopened(tiny_model_dir, tmp_path):
-    from medgemma_lib.errors import ModelError
-    from medgemma_lib.models import load_model
+    from medgemma_lib.core.errors import ModelError
+    from medgemma_lib.models.loading import load_model
 
     folder = tmp_path / "pickled-model"
     shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.json.index"))
@@ -139,8 +139,8 @@ def test_model_folder_with_only_pickle_weights_is_refused_unopened(tiny_model_di
 
 
 def test_adapter_with_only_pickle_weights_is_refused_unopened(tmp_path):
-    from medgemma_lib.errors import ModelError
-    from medgemma_lib.runs import open_run
+    from medgemma_lib.core.errors import ModelError
+    from medgemma_lib.training.runs import open_run
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)

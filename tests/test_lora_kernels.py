@@ -11,7 +11,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from train_helpers import assert_same_step, rel, step_grads
 
-from medgemma_lib import bench, lora_kernels
+from medgemma_lib.checks import bench
+from medgemma_lib.models import lora_kernels
 
 
 def _lora_model(dropout: float = 0.0, seed: int = 0):

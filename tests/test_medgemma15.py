@@ -19,9 +19,10 @@ from _lora_runs import make_run
 from conftest import save_tiny, tiny_multimodal_config
 from train_helpers import ROOT, tiny_overrides
 
-from medgemma_lib import MEDICAL_DISCLAIMER, cli, models
-from medgemma_lib.generation import THINKING_SYSTEM_PROMPT, build_prompt, generate_answers
-from medgemma_lib.profiles import PROFILES
+from medgemma_lib import MEDICAL_DISCLAIMER, cli
+from medgemma_lib.core.profiles import PROFILES
+from medgemma_lib.models import loading as models
+from medgemma_lib.models.generation import THINKING_SYSTEM_PROMPT, build_prompt, generate_answers
 
 PRESET = ROOT / "configs" / "medgemma-1.5-4b-8gb.yaml"
 THOUGHT = "Sugar is high, so name the condition."
@@ -34,7 +35,7 @@ def build_tiny_medgemma15(folder, tokenizer, seed: int = 0):
     import torch
     from transformers import Gemma3ForConditionalGeneration
 
-    from medgemma_lib.models import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
+    from medgemma_lib.models.loading import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
 
     torch.manual_seed(seed)
     arch = PROFILES["medgemma-1.5-4b-it"].architecture
@@ -233,8 +234,8 @@ def test_chat_answer_pieces_give_the_thought_to_a_sink(thinking_run):
     import torch
     from transformers import Gemma3ForCausalLM
 
-    from medgemma_lib.chat import answer_pieces
-    from medgemma_lib.generation import fold_thought_html
+    from medgemma_lib.evaluation.chat import answer_pieces
+    from medgemma_lib.models.generation import fold_thought_html
 
     _, folder = thinking_run
     model = Gemma3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -258,7 +259,7 @@ def test_chat_answer_pieces_give_the_thought_to_a_sink(thinking_run):
 
 
 def test_evaluation_stores_the_thought_apart_and_scores_the_answer_only(thinking_run):
-    from medgemma_lib import evaluate as ev
+    from medgemma_lib.evaluation import evaluate as ev
 
     run, _ = thinking_run
     result = ev.run_evaluation(run, num_chinese_samples=1, verbose=False)

@@ -5,7 +5,7 @@ Data (every row of the three files is checked, allocated and reserved, within ±
 - medgemma_lib/resources/h200_bench_2026-11-29.json: this project's ``python -m medgemma_lib bench`` on one H200
   (docs/benchmarks.md, docs/bench/*.json), with LoRA dropout, attention, optimizer and allocator per row;
 - medgemma_lib/resources/h200_trainbench_2026-12-03.json and h200_trainbench_2026-12-04.json: ``python -m
-  medgemma_lib.trainbench`` (the presets through ``run_training``, with and without layer compilation and activation
+  medgemma_lib trainbench`` (the presets through ``run_training``, with and without layer compilation and activation
   offloading; 27B rows of 4096, 6144 and 8192 tokens without checkpointing).
 To add a measurement, append a group or a row to either file.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from medgemma_lib import memory
+from medgemma_lib.setup import memory
 
 DATA = Path(memory.__file__).resolve().parent / "resources"  # shipped with the package: memory reads it at run time
 REFERENCE = memory.reference_rows(DATA / "h200_reference.json")
@@ -262,7 +262,7 @@ def test_footprint_of_a_quantised_tiny_model(tiny_model_dir):
     import torch
     from transformers import Gemma3ForCausalLM
 
-    from medgemma_lib.models import quantization_config
+    from medgemma_lib.models.loading import quantization_config
 
     full = Gemma3ForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     q = Gemma3ForCausalLM.from_pretrained(

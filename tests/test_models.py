@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from medgemma_lib import models
-from medgemma_lib.errors import ModelError
+from medgemma_lib.core.errors import ModelError
+from medgemma_lib.models import loading as models
 
 
 def test_registry_knows_the_four_profiles():
@@ -64,7 +64,7 @@ def test_vision_profiles_keep_lora_out_of_the_vision_tower():
 
 
 def test_fp16_is_refused_with_reason():
-    from medgemma_lib.errors import ResourceError
+    from medgemma_lib.core.errors import ResourceError
 
     with pytest.raises(ResourceError) as info:
         models.check_dtype_allowed("float16")
@@ -89,7 +89,7 @@ def test_demo_model_loads_offline_fast_and_generates(demo_model_dir):
     assert manifest["files"]["model.safetensors"] > 500_000_000
     code = (
         "import time,torch;t=time.time();"
-        "from medgemma_lib.models import load_model,load_tokenizer;"
+        "from medgemma_lib.models.loading import load_model,load_tokenizer;"
         "tok=load_tokenizer('demo');m=load_model('demo',quantization='none',device='cpu');"
         "print('LOAD',time.time()-t);"
         "ids=tok('Diabetes is a disease in which',return_tensors='pt');"
@@ -151,7 +151,7 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 def test_unwritable_cache_is_a_chinese_resource_error(tmp_path, monkeypatch):
-    from medgemma_lib.errors import ResourceError
+    from medgemma_lib.core.errors import ResourceError
 
     blocker = tmp_path / "file-not-folder"
     blocker.write_text("x")

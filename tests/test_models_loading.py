@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 
-from medgemma_lib import models
-from medgemma_lib.errors import ResourceError
+from medgemma_lib.core.errors import ResourceError
+from medgemma_lib.models import loading as models
 
 PROMPT = "Diabetes is a chronic disease in which"
 
@@ -38,7 +38,7 @@ def test_demo_loads_offline_and_continues_a_medical_prompt(demo_model_dir, quant
         import bitsandbytes as bnb
 
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-        from medgemma_lib.memory import footprint
+        from medgemma_lib.setup.memory import footprint
 
         fp = footprint(model)
         nf4 = next(r for r in fp["rows"] if r["dtype"].startswith("nf4"))

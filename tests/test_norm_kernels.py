@@ -13,7 +13,8 @@ from train_helpers import assert_same_step, rel, step_grads
 from transformers import Gemma3ForCausalLM
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
-from medgemma_lib import bench, norm_kernels
+from medgemma_lib.checks import bench
+from medgemma_lib.models import norm_kernels
 
 N_NORMS = 2 * 6 + 1  # tiny: 2 decoder layers × (4 around attention and MLP + q_norm + k_norm) + the final norm
 
@@ -110,9 +111,9 @@ def test_norms_another_library_patched_keep_their_forward():
 def test_run_training_routes_the_norms_and_keeps_liger_off_them_only_when_asked(fused, monkeypatch):
     """prepare_model_for_training as on CUDA: with train.fused_rms_norm Liger is applied without its RMSNorm and
     every norm is routed; without it Liger keeps its RMSNorm and no norm is routed."""
-    from medgemma_lib import trainer
-    from medgemma_lib.config import load_config
-    from medgemma_lib.profiles import PROFILES
+    from medgemma_lib.core.config import load_config
+    from medgemma_lib.core.profiles import PROFILES
+    from medgemma_lib.training import trainer
 
     liger_calls = []
     monkeypatch.setattr(trainer, "apply_liger", lambda model, rms_norm=True: liger_calls.append(rms_norm))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from train_helpers import tiny_overrides
 
-from medgemma_lib import checkpoints
+from medgemma_lib.training import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def test_kernel_interrupt_stops_training_cleanly(tiny_model_dir, tmp_path):
     km, kc = start_new_kernel(kernel_name="python3", cwd=str(ROOT / "notebooks"))
     try:
         code = (
-            "from medgemma_lib.config import load_config\n"
+            "from medgemma_lib.core.config import load_config\n"
             "from medgemma_lib import train\n"
             f"cfg = load_config(None, {overrides!r})\n"
             "result = train.run_training(cfg, notebook=True)\n"

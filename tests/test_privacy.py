@@ -11,9 +11,9 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from medgemma_lib import privacy
-from medgemma_lib.errors import DataError
-from medgemma_lib.privacy import TYPE_LABELS, deidentify_frame, format_report, mask_text, scan_text
+from medgemma_lib.core.errors import DataError
+from medgemma_lib.data import privacy
+from medgemma_lib.data.privacy import TYPE_LABELS, deidentify_frame, format_report, mask_text, scan_text
 
 # ---------------------------------------------------------------------------------------------
 # Independent check-digit generator (written from the official description, not the library's code)

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from _lora_runs import make_run
 
-from medgemma_lib import MEDICAL_DISCLAIMER, cli, quality, stats
-from medgemma_lib import evaluate as ev
-from medgemma_lib.config import load_config
-from medgemma_lib.errors import EXIT_USER_ERROR
+from medgemma_lib import MEDICAL_DISCLAIMER, cli
+from medgemma_lib.core import stats
+from medgemma_lib.core.config import load_config
+from medgemma_lib.core.errors import EXIT_USER_ERROR
+from medgemma_lib.evaluation import evaluate as ev
+from medgemma_lib.evaluation import quality
 
 REPO = Path(__file__).resolve().parents[1]
 QUALITY = REPO / "docs" / "quality"

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from medgemma_lib import MEDICAL_DISCLAIMER, reference
-from medgemma_lib.checkpoints import verify_adapter
+from medgemma_lib import MEDICAL_DISCLAIMER
+from medgemma_lib.checks import reference
 from medgemma_lib.data import read_table
+from medgemma_lib.training.checkpoints import verify_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 REF = reference.REFERENCE_DIR
@@ -60,7 +61,7 @@ def test_heldout_questions_are_unseen_by_the_short_run():
 
 
 def test_heldout_questions_are_in_the_full_runs_test_split(shared_data):
-    from medgemma_lib.config import load_config
+    from medgemma_lib.core.config import load_config
     from medgemma_lib.data import prepare_from_config
 
     cfg = load_config(REPO / "configs/medquad-full.yaml")
@@ -112,7 +113,8 @@ def test_a_base_that_already_stops_trains_lora_only(demo_model_dir):
     <end_of_turn> (as an instruction-tuned MedGemma has), so a run on it would train LoRA only."""
     from peft import PeftModel
 
-    from medgemma_lib import models, stopping
+    from medgemma_lib.models import loading as models
+    from medgemma_lib.training import stopping
 
     base = models.load_model("demo", "none", "cpu")
     merged = PeftModel.from_pretrained(base, str(REF)).merge_and_unload().eval()

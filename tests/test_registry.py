@@ -1,12 +1,14 @@
-"""One model registry (``medgemma_lib.profiles``) read by loading, the memory estimator and the benchmark."""
+"""One model registry (``medgemma_lib.core.profiles``) read by loading, the memory estimator and the benchmark."""
 
 from __future__ import annotations
 
 import pytest
 
-from medgemma_lib import bench, memory, models
-from medgemma_lib.config import load_config
-from medgemma_lib.profiles import BENCH_ARCHITECTURES, LORA_LINEAR_LAYERS, PROFILES
+from medgemma_lib.checks import bench
+from medgemma_lib.core.config import load_config
+from medgemma_lib.core.profiles import BENCH_ARCHITECTURES, LORA_LINEAR_LAYERS, PROFILES
+from medgemma_lib.models import loading as models
+from medgemma_lib.setup import memory
 
 
 def test_every_reader_gets_the_same_architecture_objects():
@@ -66,7 +68,7 @@ def test_the_memory_setup_of_a_run_is_what_run_training_trains(repo_root):
 
 
 def test_the_settings_table_of_notebook_05_shows_the_config_values(repo_root):
-    from medgemma_lib.train import settings_table
+    from medgemma_lib.training.train import settings_table
 
     cfg = load_config(repo_root / "configs" / "demo.yaml", ["train.max_steps=7", "lora.r=4"])
     table = settings_table(cfg)
@@ -83,7 +85,7 @@ def test_quiet_library_warnings_hides_only_the_libraries_future_notices():
         warnings.simplefilter("always")
         quiet_library_warnings()
         warnings.warn_explicit("renamed in v6", FutureWarning, "x.py", 1, module="transformers.trainer")
-        warnings.warn_explicit("renamed in v6", FutureWarning, "x.py", 1, module="medgemma_lib.train")
+        warnings.warn_explicit("renamed in v6", FutureWarning, "x.py", 1, module="medgemma_lib.training.train")
         warnings.warn_explicit("something else", UserWarning, "x.py", 1, module="transformers.trainer")
     assert [(w.category, str(w.message)) for w in caught] == [
         (FutureWarning, "renamed in v6"),

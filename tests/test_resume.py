@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from train_helpers import tiny_overrides
 
-from medgemma_lib import checkpoints
+from medgemma_lib.training import checkpoints
 
 SCRIPT = Path(__file__).with_name("train_script.py")
 ROOT = SCRIPT.parents[1]
@@ -64,7 +64,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
     for key in wa:
         assert (wa[key] - wb[key]).abs().max().item() < 1e-3 * max(1e-3, wa[key].abs().max().item()), key
     # the resumed log continues the first attempt's log: every step 1..8 has a loss
-    from medgemma_lib.monitor import loss_series, read_log
+    from medgemma_lib.training.monitor import loss_series, read_log
 
     train, val = loss_series(read_log(tmp_path / "killed" / "train_log.jsonl"))
     assert [s for s, _ in train] == list(range(1, 9))
@@ -135,7 +135,7 @@ def test_old_size_only_markers_still_accepted(tmp_path):
 
 
 def test_adapter_problems_are_named(tmp_path):
-    from medgemma_lib.errors import ModelError
+    from medgemma_lib.core.errors import ModelError
 
     adapter = tmp_path / "run" / "adapter"
     adapter.mkdir(parents=True)
@@ -172,7 +172,7 @@ def test_adapter_problems_are_named(tmp_path):
 def test_graceful_stop_first_ctrl_c_requests_second_interrupts():
     import os
 
-    from medgemma_lib.trainer import GracefulStop
+    from medgemma_lib.training.trainer import GracefulStop
 
     before = signal.getsignal(signal.SIGINT)
     with GracefulStop(verbose=False) as stop:
@@ -269,9 +269,9 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tiny_model_d
 
     from transformers import Trainer
 
-    from medgemma_lib.config import load_config
-    from medgemma_lib.errors import OutputError
-    from medgemma_lib.train import run_training
+    from medgemma_lib.core.config import load_config
+    from medgemma_lib.core.errors import OutputError
+    from medgemma_lib.training.train import run_training
 
     overrides = tiny_overrides(
         tiny_model_dir, tmp_path, "full", max_steps=6, save_steps=2, eval_steps=100, save_total_limit=3

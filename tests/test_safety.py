@@ -6,9 +6,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from medgemma_lib import MEDICAL_DISCLAIMER, safety
-from medgemma_lib.errors import ConfigError, MedgemmaError
-from medgemma_lib.safety import check_emergency, emergency_rules, guard_question, present_answer
+from medgemma_lib import MEDICAL_DISCLAIMER
+from medgemma_lib.core.errors import ConfigError, MedgemmaError
+from medgemma_lib.evaluation import safety
+from medgemma_lib.evaluation.safety import check_emergency, emergency_rules, guard_question, present_answer
 
 # rule id -> questions that must trigger it: (Traditional Chinese, Simplified Chinese, English) x2
 MUST_TRIGGER = {

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from medgemma_lib import stats
+from medgemma_lib.core import stats
 
 HYPS_BASE = ["the cat sat on the mat", "a dog runs", "insulin lowers blood sugar", "take rest", "fever and cough"]
 HYPS_TUNED = [

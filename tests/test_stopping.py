@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from medgemma_lib import stopping
-from medgemma_lib.config import RunConfig
-from medgemma_lib.profiles import END_OF_TURN_ID, PROFILES
+from medgemma_lib.core.config import RunConfig
+from medgemma_lib.core.profiles import END_OF_TURN_ID, PROFILES
+from medgemma_lib.training import stopping
 
 
 def _record(question: str, answer: str) -> dict:
@@ -69,7 +69,7 @@ def test_the_stop_row_gets_the_gradient_of_the_full_tied_embedding(tiny_model_di
     import torch
 
     from medgemma_lib.data import label_mask_example
-    from medgemma_lib.trainer import prepare_model_for_training
+    from medgemma_lib.training.trainer import prepare_model_for_training
 
     ex = label_mask_example(demo_tokenizer, RECORDS[0])
     ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
@@ -97,7 +97,7 @@ def test_the_stop_row_gets_the_gradient_of_the_full_tied_embedding(tiny_model_di
 
 
 def test_the_lora_config_asks_peft_for_the_row_only_when_told(tiny_model_dir):
-    from medgemma_lib.trainer import lora_config
+    from medgemma_lib.training.trainer import lora_config
 
     cfg = RunConfig()
     assert lora_config(cfg, PROFILES["demo"]).trainable_token_indices is None
@@ -106,7 +106,7 @@ def test_the_lora_config_asks_peft_for_the_row_only_when_told(tiny_model_dir):
 
 def test_eval_rows_report_the_same_stop_probability_as_the_check(tiny_model_dir, demo_tokenizer):
     """Two methods: the evaluation's loss pass (label-position logits) and the check's own one-position forward."""
-    from medgemma_lib.evaluate import answer_losses
+    from medgemma_lib.evaluation.evaluate import answer_losses
 
     model = _tiny(tiny_model_dir)
     rows = answer_losses(model, demo_tokenizer, RECORDS)
@@ -116,7 +116,7 @@ def test_eval_rows_report_the_same_stop_probability_as_the_check(tiny_model_dir,
 
 
 def test_stop_metrics_count_stops_ratios_and_intervals(demo_tokenizer):
-    from medgemma_lib.evaluate import stop_metrics, stopping_rows
+    from medgemma_lib.evaluation.evaluate import stop_metrics, stopping_rows
 
     refs = ["one two three", "four five six seven", "eight"]
     n_ref = [len(demo_tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in refs]
@@ -155,9 +155,9 @@ def test_run_training_records_the_check_and_trains_the_row_with_its_own_rate(tin
     from train_helpers import small_splits, tiny_overrides
     from transformers import TrainerCallback
 
-    from medgemma_lib.config import load_config
-    from medgemma_lib.models import load_model, use_trainable_4bit_layout
-    from medgemma_lib.train import run_training
+    from medgemma_lib.core.config import load_config
+    from medgemma_lib.models.loading import load_model, use_trainable_4bit_layout
+    from medgemma_lib.training.train import run_training
 
     seen = []
 
@@ -213,7 +213,7 @@ def test_liger_module_patches_are_undone_so_a_later_model_is_transformers_own(ti
 
     from transformers.models.gemma3 import modeling_gemma3
 
-    from medgemma_lib import trainer
+    from medgemma_lib.training import trainer
 
     originals = (modeling_gemma3.apply_rotary_pos_emb, modeling_gemma3.Gemma3RMSNorm, modeling_gemma3.Gemma3MLP)
 
@@ -244,7 +244,7 @@ def test_liger_module_patches_are_undone_so_a_later_model_is_transformers_own(ti
 def test_the_check_never_packs_nf4_weights_into_the_inference_layout(tiny_model_dir, demo_tokenizer):
     """The check runs before training: on an AVX512-BF16 CPU an eval-mode pass would repack the NF4 weights into
     bitsandbytes' inference-only layout (no backward). Forced flags put every CPU in that situation."""
-    from medgemma_lib.models import _linear4bit_layers, cpu_inference_packing_state, load_model
+    from medgemma_lib.models.loading import _linear4bit_layers, cpu_inference_packing_state, load_model
 
     model = load_model(str(tiny_model_dir), "nf4", "cpu")
     model.eval()

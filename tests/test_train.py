@@ -8,7 +8,7 @@ import math
 import pytest
 from train_helpers import small_splits, tiny_overrides
 
-from medgemma_lib.config import load_config
+from medgemma_lib.core.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +17,8 @@ def tiny_splits(demo_tokenizer):
 
 
 def test_lora_config_stays_in_language_model():
-    from medgemma_lib.models import PROFILES
-    from medgemma_lib.trainer import lora_config
+    from medgemma_lib.models.loading import PROFILES
+    from medgemma_lib.training.trainer import lora_config
 
     cfg = load_config(None)
     text = lora_config(cfg, PROFILES["demo"])
@@ -34,7 +34,7 @@ def test_lora_config_stays_in_language_model():
 
 
 def test_sft_config_maps_our_settings(tmp_path):
-    from medgemma_lib.trainer import sft_config
+    from medgemma_lib.training.trainer import sft_config
 
     cfg = load_config("configs/demo.yaml")
     args = sft_config(cfg, tmp_path, "cpu")
@@ -53,10 +53,10 @@ def test_label_only_loss_equals_trl_loss(tiny_model_dir, tiny_splits, demo_token
     import torch
     from peft import get_peft_model
 
-    from medgemma_lib.models import PROFILES, load_model
-    from medgemma_lib.train import conversational_only
-    from medgemma_lib.trainer import build_trainer as _build_trainer
-    from medgemma_lib.trainer import lora_config
+    from medgemma_lib.models.loading import PROFILES, load_model
+    from medgemma_lib.training.train import conversational_only
+    from medgemma_lib.training.trainer import build_trainer as _build_trainer
+    from medgemma_lib.training.trainer import lora_config
 
     cfg = load_config(None, tiny_overrides(tiny_model_dir, tmp_path, "eq"))
     model = get_peft_model(load_model(str(tiny_model_dir), "none", "cpu"), lora_config(cfg, PROFILES["demo"]))
@@ -82,7 +82,7 @@ def test_label_only_loss_equals_trl_loss(tiny_model_dir, tiny_splits, demo_token
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tiny_splits, tmp_path_factory):
-    from medgemma_lib.train import run_training
+    from medgemma_lib.training.train import run_training
 
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config(None, tiny_overrides(tiny_model_dir, out, "tiny"))
@@ -92,7 +92,7 @@ def tiny_run(tiny_model_dir, tiny_splits, tmp_path_factory):
 def test_run_folder_has_everything_evaluation_needs(tiny_run):
     from pathlib import Path
 
-    from medgemma_lib import checkpoints
+    from medgemma_lib.training import checkpoints
 
     run = Path(tiny_run.run_dir)
     assert Path(tiny_run.adapter_dir) == run / "adapter"
@@ -117,7 +117,7 @@ def test_run_folder_has_everything_evaluation_needs(tiny_run):
 def test_log_shows_warmup_then_decay_and_eval(tiny_run):
     from pathlib import Path
 
-    from medgemma_lib.monitor import read_log
+    from medgemma_lib.training.monitor import read_log
 
     records = read_log(Path(tiny_run.run_dir) / "train_log.jsonl")
     lrs = [r["learning_rate"] for r in records if "learning_rate" in r]
@@ -135,7 +135,7 @@ def test_oom_is_retried_with_half_micro_batch(tiny_model_dir, tiny_splits, tmp_p
     import torch
     from transformers import TrainerCallback
 
-    from medgemma_lib.train import run_training
+    from medgemma_lib.training.train import run_training
 
     class FakeOOM(TrainerCallback):
         """Raise CUDA's out-of-memory error on the first step while the micro-batch is 2."""
@@ -155,8 +155,8 @@ def test_oom_without_retry_explains_in_chinese(tiny_model_dir, tiny_splits, tmp_
     import torch
     from transformers import TrainerCallback
 
-    from medgemma_lib.errors import ResourceError
-    from medgemma_lib.train import run_training
+    from medgemma_lib.core.errors import ResourceError
+    from medgemma_lib.training.train import run_training
 
     class FakeOOM(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -177,14 +177,14 @@ def test_oom_without_retry_explains_in_chinese(tiny_model_dir, tiny_splits, tmp_
 
 
 def _tiny_model(folder):
-    from medgemma_lib.models import load_model
+    from medgemma_lib.models.loading import load_model
 
     return load_model(str(folder), "nf4", "cpu")
 
 
 def test_resume_without_checkpoint_is_a_chinese_error(tmp_path):
-    from medgemma_lib.errors import TrainingError
-    from medgemma_lib.train import run_training
+    from medgemma_lib.core.errors import TrainingError
+    from medgemma_lib.training.train import run_training
 
     cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.run_name=nothing"])
     with pytest.raises(TrainingError, match="找不到完整的檢查點"):

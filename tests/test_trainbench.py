@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from medgemma_lib import bench, trainbench, trainer
-from medgemma_lib.config import load_config
-from medgemma_lib.errors import ConfigError
-from medgemma_lib.train import conversational_only
+from medgemma_lib.checks import bench, trainbench
+from medgemma_lib.core.config import load_config
+from medgemma_lib.core.errors import ConfigError
+from medgemma_lib.training import trainer
+from medgemma_lib.training.train import conversational_only
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["train.max_length=256", "train.max_example_length=128"]
@@ -184,7 +185,7 @@ def test_every_row_is_a_valid_config_of_a_shipped_preset():
 def test_unknown_architectures_and_rows_are_refused_before_anything_runs(args, fragment, tmp_path):
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "medgemma_lib.trainbench", *args, "--out", str(out)],
+        [sys.executable, "-m", "medgemma_lib", "trainbench", *args, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -200,7 +201,7 @@ def test_profile_says_which_library_spends_the_hosts_time():
     import torch
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
-    from medgemma_lib import norm_kernels
+    from medgemma_lib.models import norm_kernels
 
     norm = Gemma3RMSNorm(64)
     norm_kernels.fuse_rms_norms(norm)
@@ -215,7 +216,7 @@ def test_profile_says_which_library_spends_the_hosts_time():
     assert libs["medgemma_lib"] > 0
     ops = {o["op"]: o for o in out["top_cpu_ops"]}
     line = norm_kernels._fused_forward.__code__.co_firstlineno
-    assert ops[f"medgemma_lib/norm_kernels.py({line}): _fused_forward"]["calls"] == 20
+    assert ops[f"medgemma_lib/models/norm_kernels.py({line}): _fused_forward"]["calls"] == 20
     assert not any(" at 0x" in op for op in ops)  # built-ins merged over the objects they were called on
     assert trainbench.host_library("transformers/models/gemma3/modeling_gemma3.py(150): forward") == "transformers"
     assert trainbench.host_library("/tmp/site/peft/tuners/lora/bnb.py(501): forward") == "peft"

@@ -10,7 +10,7 @@ SAMPLE = ROOT / "data" / "medquad_sample.csv"
 
 def small_splits(n_train: int = 24, n_eval: int = 4, tokenizer=None):
     """Short real MedQuAD examples from the shipped sample, through the real data pipeline."""
-    from medgemma_lib.config import DataSection
+    from medgemma_lib.core.config import DataSection
     from medgemma_lib.data import prepare_from_config
 
     section = DataSection(

@@ -13,8 +13,8 @@ import sys
 
 from transformers import TrainerCallback
 
-from medgemma_lib.config import load_config
-from medgemma_lib.train import run_training
+from medgemma_lib.core.config import load_config
+from medgemma_lib.training.train import run_training
 
 
 class KillAtSave(TrainerCallback):

@@ -10,7 +10,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from medgemma_lib.errors import DataError
+from medgemma_lib.core.errors import DataError
 
 REQUIRED = ("question", "answer")
 OPTIONAL = ("source", "focus_area", "qtype")

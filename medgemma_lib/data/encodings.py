@@ -13,7 +13,7 @@ from pathlib import Path
 
 from charset_normalizer import from_bytes
 
-from medgemma_lib.errors import DataError
+from medgemma_lib.core.errors import DataError
 
 # Encodings we detect on our own (mapped to the superset codec); a detector result outside these needs --encoding.
 _SUPERSETS = {

@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import opencc
 
-from medgemma_lib.errors import DataError
+from medgemma_lib.core.errors import DataError
 
 CONVERSIONS = ("s2t", "s2tw", "s2twp", "t2s", "tw2s")
 # Columns TRL reads itself; an input column with one of these names would confuse it.

@@ -12,7 +12,7 @@ import math
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from medgemma_lib import plots
+from medgemma_lib.core import plots
 
 CANDIDATE_LENGTHS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 4096)
 

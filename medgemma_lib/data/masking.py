@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from medgemma_lib import display
+from medgemma_lib.core import display
 
 IGNORE_INDEX = -100
 

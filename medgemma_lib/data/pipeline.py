@@ -15,13 +15,13 @@ from pathlib import Path
 import pandas as pd
 from datasets import Dataset, DatasetDict
 
-from medgemma_lib.config import check_mix, mix_source_name
+from medgemma_lib.core.config import check_mix, mix_source_name
+from medgemma_lib.core.errors import DataError
+from medgemma_lib.core.paths import display_path, resolve_path
 from medgemma_lib.data import clean as _clean
 from medgemma_lib.data import formatting, readers, split, storage
 from medgemma_lib.data.lengths import length_report
-from medgemma_lib.errors import DataError
-from medgemma_lib.paths import display_path, resolve_path
-from medgemma_lib.privacy import deidentify_frame
+from medgemma_lib.data.privacy import deidentify_frame
 
 
 def file_sha256(path: Path) -> str:

@@ -15,9 +15,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medgemma_lib.core.errors import DataError
+from medgemma_lib.core.paths import require_input
 from medgemma_lib.data.encodings import decode_bytes, read_text_file  # noqa: F401 - re-exported
-from medgemma_lib.errors import DataError
-from medgemma_lib.paths import require_input
 
 FORMATS = ("csv", "jsonl", "xml")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections import Counter, defaultdict
 
-from medgemma_lib.errors import DataError
+from medgemma_lib.core.errors import DataError
 
 SPLITS = ("train", "validation", "test")
 

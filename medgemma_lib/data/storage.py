@@ -15,8 +15,8 @@ from pathlib import Path
 import datasets
 from datasets import load_from_disk
 
-from medgemma_lib.atomic import atomic_folder
-from medgemma_lib.errors import DataError, OutputError
+from medgemma_lib.core.atomic import atomic_folder
+from medgemma_lib.core.errors import DataError, OutputError
 
 REPORT_NAME = "prepare_report.json"
 
