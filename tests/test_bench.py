@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from medgemma_lib.checks import bench
+from medgemma_lib.checks import bench, random_models
 from medgemma_lib.cli import main
+from medgemma_lib.models.attention import register_varlen_attention
 
 
 def test_shipped_lengths_are_full_medquad():
@@ -118,14 +119,14 @@ def test_varlen_attention_finds_examples_from_position_ids_alone():
     """TRL's padding-free collator sends position ids only; the varlen attention must split on them."""
     import torch
 
-    model, _ = bench.build_model("tiny", "cpu", quantize=False)
+    model, _ = random_models.build_model("tiny", "cpu", quantize=False)
     model.float().eval()
     batch = bench.Batch("packed", [[(6, 1), (9, 1), (4, 1)]], 19)
     inputs = bench.batch_tensors(batch, model.config.vocab_size, "cpu", varlen=False)
     with torch.no_grad():
         model.config._attn_implementation = "sdpa"
         reference = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"]).logits
-        model.config._attn_implementation = bench.register_varlen_attention()
+        model.config._attn_implementation = register_varlen_attention()
         packed = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"]).logits
         # a padded batch with a mask still works (falls back to sdpa with the mask)
         ids = inputs["input_ids"][:, :6].repeat(2, 1)
@@ -145,7 +146,7 @@ def test_prequantised_checkpoint_loads_to_the_same_model_without_quantising_agai
     import torch
     from transformers import AutoModelForCausalLM
 
-    info = bench.save_prequantised("tiny", tmp_path, "cpu", seed=3, shard_gib=0.001)
+    info = random_models.save_prequantised("tiny", tmp_path, "cpu", seed=3, shard_gib=0.001)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text(encoding="utf-8"))
     assert info["shards"] > 1 and len(set(index["weight_map"].values())) == info["shards"]
     assert "lm_head.weight" not in index["weight_map"]  # tied to the embedding, as the config says
@@ -154,8 +155,8 @@ def test_prequantised_checkpoint_loads_to_the_same_model_without_quantising_agai
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     assert config["quantization_config"]["bnb_4bit_use_double_quant"] is True
 
-    built, _ = bench.build_model("tiny", "cpu", seed=3, storage=torch.uint8)
-    other, _ = bench.build_model("tiny", "cpu", seed=4, storage=torch.uint8)
+    built, _ = random_models.build_model("tiny", "cpu", seed=3, storage=torch.uint8)
+    other, _ = random_models.build_model("tiny", "cpu", seed=4, storage=torch.uint8)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map={"": "cpu"})
     down = loaded.model.layers[0].mlp.down_proj
     assert down.__class__.__name__ == "Linear4bit" and down.weight.dtype == torch.uint8

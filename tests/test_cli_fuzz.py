@@ -60,7 +60,18 @@ def leaf_commands(parser: argparse.ArgumentParser, prefix: tuple = ()):
 
 COMMANDS = dict(leaf_commands(cli.build_parser()))
 
-_STEP_MODULES = ("env", "auth", "data", "memory", "models", "train", "demo", "evaluate", "quality", "chat")
+_STEP_MODULES = (
+    "setup.env",
+    "setup.auth",
+    "data",
+    "setup.memory",
+    "models.loading",
+    "training.train",
+    "demo",
+    "evaluation.evaluate",
+    "evaluation.quality",
+    "evaluation.chat",
+)
 _HEAVY = ("load_model", "load_tokenizer", "ensure_demo_model", "default_device")
 
 
@@ -69,7 +80,7 @@ def heavy_work_stops():
     """Replace model loading and device choice (wherever a step module imported them) by :class:`Reached`."""
     import importlib
 
-    from medgemma_lib.checks import bench, gradcheck, trainbench
+    from medgemma_lib.checks import bench, gradcheck, trainbench, unsloth
     from medgemma_lib.export import merge as export
     from medgemma_lib.models import loading as models
 
@@ -86,7 +97,7 @@ def heavy_work_stops():
                 saved.append((mod, name, getattr(mod, name)))
     for mod, name in [
         (bench, "run_bench"),
-        (bench, "run_unsloth"),
+        (unsloth, "run_unsloth"),
         (bench, "packed_matches_unpacked"),
         (trainbench, "run"),
     ]:

@@ -243,3 +243,9 @@ def test_bundled_font_file_is_the_noto_package():
     path = plots.cjk_font_file()
     assert path and path.endswith("NotoSansCJK-Regular.ttc") and "noto_cjk_sans_otc" in path
     assert math.isclose(_tc_face().units_per_EM, 1000)
+
+
+def test_bullets_lists_a_mapping_or_a_sequence():
+    assert display.bullets({"english": "字詞", "loss": "答案 token"}) == "- english：字詞\n- loss：答案 token"
+    assert display.bullets(["loss 下降", "ROUGE-L 上升"]) == "- loss 下降\n- ROUGE-L 上升"
+    assert display.bullets([]) == ""

@@ -130,3 +130,12 @@ def test_doctor_json_is_data():
     data = json.loads(proc.stdout)
     assert set(data) == {"report", "recommendation"}
     assert data["recommendation"]["profile"] in {"demo", "medgemma-4b-it", "medgemma-27b-text-it"}
+
+
+def test_missing_packages_names_the_required_ones_not_found():
+    from medgemma_lib.setup.env import REQUIRED_PACKAGES, missing_packages
+
+    full = dict.fromkeys(REQUIRED_PACKAGES, "1.0")
+    assert missing_packages(machine(packages=full)) == []
+    assert missing_packages(machine(packages={**full, "peft": None, "trl": None})) == ["peft", "trl"]
+    assert missing_packages(machine(packages={"torch": "2.13.0"}), required=("torch", "opencc")) == ["opencc"]

@@ -165,3 +165,10 @@ def test_generate_answers_stores_thought_apart_and_scores_the_answer_only(demo_t
     scored = text_metrics(answers, ref)
     assert scored["rougeL"] == text_metrics(["High blood sugar."], ref)["rougeL"]
     assert scored["rougeL"] != text_metrics(["Long reasoning words. High blood sugar."], ref)["rougeL"]
+
+
+def test_show_saved_answers_from_a_start():
+    saved = {"answers": [{"question": f"Q{i}?", "answer": f"A{i}."} for i in range(4)]}
+    shown = generation.show_saved_answers(saved, start=2, note="小模型常常答錯。")
+    assert shown.startswith(MEDICAL_DISCLAIMER + "\n小模型常常答錯。")
+    assert "問：Q2?" in shown and "答：A3." in shown and "Q1?" not in shown

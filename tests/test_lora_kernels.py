@@ -11,12 +11,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from train_helpers import assert_same_step, rel, step_grads
 
-from medgemma_lib.checks import bench
+from medgemma_lib.checks import random_models
 from medgemma_lib.models import lora_kernels
 
 
 def _lora_model(dropout: float = 0.0, seed: int = 0):
-    base, _ = bench.build_model("tiny", "cpu", seed=seed, storage=torch.uint8)
+    base, _ = random_models.build_model("tiny", "cpu", seed=seed, storage=torch.uint8)
     for p in base.parameters():
         p.requires_grad_(False)
     for m in base.modules():  # the state bitsandbytes gives the layers on an AVX512-BF16 CPU, on every machine
@@ -87,7 +87,7 @@ def test_layers_the_fused_function_would_get_wrong_keep_pefts_forward(ids, monke
     with plain.disable_adapter():
         off = plain(input_ids=ids).logits
     assert not calls
-    base, _ = bench.build_model("tiny", "cpu", seed=0, storage=torch.uint8)
+    base, _ = random_models.build_model("tiny", "cpu", seed=0, storage=torch.uint8)
     assert torch.equal(off, base(input_ids=ids).logits)
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from medgemma_lib.setup import memory
 
-DATA = Path(memory.__file__).resolve().parent / "resources"  # shipped with the package: memory reads it at run time
+DATA = Path(memory.__file__).resolve().parents[1] / "resources"  # shipped with the package: memory reads it at run time
 REFERENCE = memory.reference_rows(DATA / "h200_reference.json")
 BENCH = memory.reference_rows(DATA / "h200_bench_2026-11-29.json")
 TRAINBENCH_1203 = memory.reference_rows(DATA / "h200_trainbench_2026-12-03.json")  # through run_training
@@ -282,3 +282,13 @@ def test_footprint_of_a_quantised_tiny_model(tiny_model_dir):
     assert linear * 0.5 < nf4["bytes"] < linear * 4
     table = memory.footprint_table(fp_q)
     assert table.iloc[-1]["資料型別"] == "合計"
+
+
+def test_comparison_setups_are_the_six_notebook_04_compares():
+    setups = memory.comparison_setups()
+    assert len(setups) == 6 and len({(s.profile, s.label()) for s in setups}) == 6
+    assert setups[0].lora_targets == ("q_proj", "v_proj") and not setups[0].liger
+    assert [s.profile for s in setups].count("medgemma-27b-text-it") == 4
+    assert all(s.packing == (s.seq_len == 4096) for s in setups)
+    table = memory.breakdown_table(setups)
+    assert (table["峰值（allocated）"] < table["需要的顯示卡"]).all()

@@ -13,7 +13,7 @@ from train_helpers import assert_same_step, rel, step_grads
 from transformers import Gemma3ForCausalLM
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
-from medgemma_lib.checks import bench
+from medgemma_lib.checks import random_models
 from medgemma_lib.models import norm_kernels
 
 N_NORMS = 2 * 6 + 1  # tiny: 2 decoder layers × (4 around attention and MLP + q_norm + k_norm) + the final norm
@@ -21,7 +21,7 @@ N_NORMS = 2 * 6 + 1  # tiny: 2 decoder layers × (4 around attention and MLP + q
 
 def _model(seed: int = 0):
     torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(bench.text_config("tiny")).float().eval()
+    model = Gemma3ForCausalLM(random_models.text_config("tiny")).float().eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
@@ -121,7 +121,7 @@ def test_run_training_routes_the_norms_and_keeps_liger_off_them_only_when_asked(
     cfg = load_config(
         "configs/medgemma-4b-8gb.yaml", [f"train.fused_rms_norm={str(fused).lower()}", "train.fused_lora=false"]
     )
-    model, _ = bench.build_model("tiny", "cpu", seed=0, storage=torch.uint8)
+    model, _ = random_models.build_model("tiny", "cpu", seed=0, storage=torch.uint8)
     model = trainer.prepare_model_for_training(cfg, model, PROFILES["demo"], "cuda", verbose=False)
     assert liger_calls == [not fused]
     routed = [m for m in model.modules() if hasattr(m, "_hf_forward")]

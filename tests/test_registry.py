@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medgemma_lib.checks import bench
+from medgemma_lib.checks import bench, random_models
 from medgemma_lib.core.config import load_config
 from medgemma_lib.core.profiles import BENCH_ARCHITECTURES, LORA_LINEAR_LAYERS, PROFILES
 from medgemma_lib.models import loading as models
@@ -17,7 +17,7 @@ def test_every_reader_gets_the_same_architecture_objects():
         assert models.PROFILES[name] is profile
     for name, arch in BENCH_ARCHITECTURES.items():
         assert memory.architecture(name) is arch
-        cfg = bench.text_config(name)
+        cfg = random_models.text_config(name)
         assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size) == (
             arch.hidden,
             arch.layers,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from medgemma_lib.checks import bench, trainbench
+from medgemma_lib.checks import bench, random_models, trainbench
 from medgemma_lib.core.config import load_config
 from medgemma_lib.core.errors import ConfigError
 from medgemma_lib.training import trainer
@@ -33,7 +33,7 @@ def lengths():
 
 def test_synthetic_records_tokenise_to_their_medquad_lengths(lengths):
     full, prompt = lengths
-    vocab = bench.text_config("tiny").vocab_size
+    vocab = random_models.text_config("tiny").vocab_size
     tok = trainbench.synthetic_tokenizer(vocab)
     ds, drawn = trainbench.synthetic_datasets(full, prompt, 60, vocab, seed=3)
     assert len(ds["train"]) == len(drawn) == 60
@@ -48,11 +48,11 @@ def test_synthetic_records_tokenise_to_their_medquad_lengths(lengths):
 
 def test_packing_keeps_every_token_of_the_records(lengths, tmp_path):
     full, prompt = lengths
-    config = bench.text_config("tiny")
+    config = random_models.text_config("tiny")
     folder = trainbench.model_folder(config, tmp_path)
     cfg = load_config("configs/demo.yaml", [f"model.profile={folder}", f"train.output_dir={tmp_path}", *TINY])
     ds, drawn = trainbench.synthetic_datasets(full, prompt, 80, config.vocab_size, seed=1)
-    model, _ = bench.build_model("tiny", "cpu")
+    model, _ = random_models.build_model("tiny", "cpu")
     tok = trainbench.synthetic_tokenizer(config.vocab_size)
     tr = trainer.build_trainer(cfg, tmp_path, "cpu", model, tok, conversational_only(ds["train"]), None, [], 1, 1)
     rows = tr.train_dataset["input_ids"]

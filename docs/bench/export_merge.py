@@ -28,8 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Gemma3ForCausalLM
 
-from medgemma_lib.bench import text_config
-from medgemma_lib.profiles import LORA_LINEAR_LAYERS
+from medgemma_lib.checks.random_models import text_config
+from medgemma_lib.core.profiles import LORA_LINEAR_LAYERS
 
 R, ALPHA = 16, 32
 
@@ -105,7 +105,7 @@ def hwm():  # this process's own peak RSS (VmHWM starts afresh at exec; ru_maxrs
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print("IMPORTS_KIB", hwm())  # the interpreter and torch alone
 if path.startswith("stream"):
-    from medgemma_lib.export import stream_merge
+    from medgemma_lib.export.merge import stream_merge
     out_p = Path(out); out_p.mkdir(parents=True)
     info = stream_merge(base, adapter, out_p, dtype="bfloat16", device="cuda" if path == "stream-cuda" else "cpu")
 else:  # the in-memory path of `export --merge memory`: PEFT merge_and_unload on the whole bf16 model

@@ -2,7 +2,7 @@
 
     python docs/bench/gradcheck_bf16_floor.py --json out.json [overrides]     # on CUDA
 
-Same packed batch and weights as ``python -m medgemma_lib.gradcheck``; the plain per-example reference is computed
+Same packed batch and weights as ``python -m medgemma_lib gradcheck``; the plain per-example reference is computed
 twice, in fp32 and in bf16, and compared tensor by tensor. A bf16 product whose distance to the fp32 reference is
 of this size is as right as bf16 allows.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from medgemma_lib import gradcheck
+from medgemma_lib.checks import gradcheck
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--json")

@@ -14,7 +14,7 @@ import time
 import torch
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
-from medgemma_lib import norm_kernels
+from medgemma_lib.models import norm_kernels
 
 
 def _variants():

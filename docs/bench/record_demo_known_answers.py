@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, Gemma3ForCausalLM
 
-from medgemma_lib import models
+from medgemma_lib.models import loading as models
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "medgemma_lib" / "resources" / "demo_known_answers.json"

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from medgemma_lib import bench, checkpoints
-from medgemma_lib.config import load_config
-from medgemma_lib.models import load_tokenizer
-from medgemma_lib.monitor import read_log
-from medgemma_lib.train import run_training
+from medgemma_lib.checks import bench, random_models
+from medgemma_lib.core.config import load_config
+from medgemma_lib.models.loading import load_tokenizer
+from medgemma_lib.training import checkpoints
+from medgemma_lib.training.monitor import read_log
+from medgemma_lib.training.train import run_training
 
 out_dir = Path(sys.argv[1])
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,10 +36,10 @@ for spec in sys.argv[2:]:
     (folder / "tokenizer.json").write_bytes(lzma.decompress((tok / "tokenizer.json.xz").read_bytes()))
     for f in ("tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(tok / f, folder / f)
-    cfgobj = bench.text_config(arch)
+    cfgobj = random_models.text_config(arch)
     cfgobj.architectures = ["Gemma3ForCausalLM"]
     cfgobj.save_pretrained(folder)
-    model, info = bench.build_model(arch, device)
+    model, info = random_models.build_model(arch, device)
     tokenizer = load_tokenizer(str(folder))
     run_name = f"{arch}-{Path(preset).stem}"
     cfg = load_config(

@@ -2,10 +2,10 @@
 
 ``python -m medgemma_lib bench`` builds the architecture of a profile (``27b``: medgemma-27b-text-it,
 ``4b``: the language model of medgemma-4b-it, ``tiny``: a small stand-in for CPU tests) with
-random weights, quantises every decoder linear layer to NF4 exactly as
-:func:`medgemma_lib.models.loading.quantization_config` would when loading the checkpoint, adds LoRA with
+random weights in NF4 (:mod:`medgemma_lib.checks.random_models`), adds LoRA with
 peft, and times training steps on batches whose example lengths are drawn from the real MedQuAD
 token lengths (``resources/medquad_token_lengths.json``: Gemma 3 tokenizer + chat template).
+``bench --unsloth`` times Unsloth on the same batches (:mod:`medgemma_lib.checks.unsloth`).
 
 What counts: **useful tokens** are real input tokens; padding never counts. Each variant reports
 useful tokens/s over the measured steps (warm-up steps excluded), the median step time, and the
@@ -31,16 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import importlib.metadata as md
 import json
-import lzma
 import math
 import os
-import platform
 import random
-import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import date
@@ -51,38 +46,21 @@ from typing import Any
 import pandas as pd
 import torch
 from peft import LoraConfig, get_peft_model
-from torch import nn
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.models.gemma3 import modeling_gemma3
 
+from medgemma_lib.checks.random_models import build_model
 from medgemma_lib.core.atomic import write_json, write_text
 from medgemma_lib.core.errors import ConfigError, DataError, ResourceError
-from medgemma_lib.core.profiles import (
-    BENCH_ALIASES,
-    BENCH_ARCHITECTURES,
-    BENCH_EXTRA_FROZEN_PARAMS,
-    BOS_ID,
-    EOS_ID,
-    LORA_LINEAR_LAYERS,
-    PAD_ID,
-)
-from medgemma_lib.models.attention import (  # noqa: F401 - shared with train.py; re-exported for existing callers
-    VARLEN_ATTN,
-    _varlen_fn,
-    register_varlen_attention,
-    varlen_attention_forward,
-    varlen_support,
-)
-from medgemma_lib.models.loading import compute_dtype, default_device, load_tokenizer, quantization_config
+from medgemma_lib.core.machine import machine_facts, package_versions
+from medgemma_lib.core.profiles import BENCH_ALIASES, LORA_LINEAR_LAYERS
+from medgemma_lib.models.attention import register_varlen_attention, varlen_support
+from medgemma_lib.models.loading import default_device, load_tokenizer
 
 # Full MedQuAD (16,423 answered pairs) under the Gemma 3 chat template: 4,614,001 tokens.
 LENGTHS_RESOURCE = "resources/medquad_token_lengths.json"
 MATMUL_TFLOPS_H200 = 790.0  # bf16 8192^3 on random data, measured on this card (KINDS.md); remeasured per run on CUDA
 
-# Architectures: the model registry (profiles.BENCH_ARCHITECTURES). The 4B's vision tower (SigLIP + projector,
-# 419.6 M bf16 parameters) is a frozen placeholder, so memory matches loading Gemma3ForConditionalGeneration.
-EXTRA_FROZEN_PARAMS = BENCH_EXTRA_FROZEN_PARAMS
-ARCH_ALIASES = BENCH_ALIASES
+BENCH_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "accelerate", "triton")
 QV = ["q_proj", "v_proj"]
 ALL_LINEAR = list(LORA_LINEAR_LAYERS)
 
@@ -122,7 +100,8 @@ class Variant:
         )
 
 
-def _original(steps: int = 25, warmup: int = 3) -> Variant:
+def original_variant(steps: int = 25, warmup: int = 3) -> Variant:
+    """The original guide's recipe, the row every other is compared with (``× original``)."""
     return Variant(
         "original",
         "原始指南：q,v LoRA、4 筆 group_by_length、截斷 512、補齊到最長",
@@ -145,13 +124,13 @@ def default_variants(arch: str) -> list[Variant]:
     """The side-by-side set for one architecture: original recipe, the lever ladder, default and presets."""
     if arch == "tiny":
         return [
-            dataclasses.replace(_original(steps=3, warmup=1), micro_batch=2, max_length=64),
+            dataclasses.replace(original_variant(steps=3, warmup=1), micro_batch=2, max_length=64),
             Variant(
                 "packed", "packed rows", micro_batch=2, max_length=96, row_length=128, steps=3, warmup=1, role="default"
             ),
         ]
     ladder = [
-        _original(),
+        original_variant(),
         Variant("packed-sdpa", "+ packing, all-linear", row_length=4096, lora_dropout=0.05, optim="adamw", role="step"),
         Variant("packed-liger", "+ Liger", row_length=4096, lora_dropout=0.05, liger=True, optim="adamw", role="step"),
         Variant("packed-liger-nodrop", "+ dropout 0, fused AdamW", row_length=4096, liger=True, role="step"),
@@ -421,211 +400,11 @@ def batch_tensors(batch: Batch, vocab_size: int, device: str, seed: int = 0, var
 
 
 # ----------------------------------------------------------------------------------------------
-# Model: random weights, NF4 like the real thing
-
-
-def text_config(arch: str):
-    if arch not in BENCH_ARCHITECTURES:
-        raise ConfigError(
-            f"不認識的架構 {arch!r}。",
-            hint=f"可用：{', '.join(BENCH_ARCHITECTURES)}（或設定檔名稱 {', '.join(ARCH_ALIASES)}）",
-        )
-    cfg = Gemma3TextConfig(
-        **BENCH_ARCHITECTURES[arch].text_config_kwargs(),
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-        use_cache=False,
-    )
-    cfg._attn_implementation = "sdpa"
-    return cfg
-
-
-def build_model(arch: str, device: str, quantize: bool = True, seed: int = 0, storage: torch.dtype | None = None):
-    """A Gemma3ForCausalLM of ``arch`` with random weights, decoder linears in NF4 (double quant).
-
-    Built on the meta device and materialised one decoder layer at a time, each quantised right
-    away, so the 27B model never holds more than one layer in bf16. ``storage`` overrides the packed
-    weights' dtype (loading's choice: bf16 on CUDA, uint8 on CPU). Returns (model, info).
-    """
-
-    started = time.perf_counter()
-    torch.manual_seed(seed)
-    dtype = compute_dtype(device)
-    config = text_config(arch)
-    with torch.device("meta"):
-        model = Gemma3ForCausalLM(config)
-    qcfg = quantization_config("nf4", device) if quantize else None
-    if qcfg is not None and storage is not None:
-        qcfg.bnb_4bit_quant_storage = storage
-    if qcfg is not None:
-        import bitsandbytes as bnb
-
-    def materialise(module: nn.Module) -> None:
-        module.to_empty(device=device, recurse=True)
-        for _name, p in module.named_parameters(recurse=True):
-            with torch.no_grad():
-                if p.dim() >= 2:
-                    p.normal_(0.0, config.initializer_range)
-                else:
-                    p.normal_(0.0, 0.1)  # Gemma norms scale by (1 + w)
-
-    model.model.embed_tokens.to_empty(device=device)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.normal_(0.0, config.initializer_range)
-    model.model.embed_tokens.to(dtype)
-    for layer in model.model.layers:
-        materialise(layer)
-        layer.to(dtype)
-        if qcfg is None:
-            continue
-        for parent in [layer.self_attn, layer.mlp]:
-            for cname, child in list(parent.named_children()):
-                if not isinstance(child, nn.Linear):
-                    continue
-                q = bnb.nn.Linear4bit(
-                    child.in_features,
-                    child.out_features,
-                    bias=False,
-                    compute_dtype=qcfg.bnb_4bit_compute_dtype,
-                    compress_statistics=qcfg.bnb_4bit_use_double_quant,
-                    quant_type=qcfg.bnb_4bit_quant_type,
-                    quant_storage=qcfg.bnb_4bit_quant_storage,
-                    device="meta",
-                )
-                q.weight = bnb.nn.Params4bit(
-                    child.weight.data,
-                    requires_grad=False,
-                    compress_statistics=qcfg.bnb_4bit_use_double_quant,
-                    quant_type=qcfg.bnb_4bit_quant_type,
-                    quant_storage=qcfg.bnb_4bit_quant_storage,
-                    module=q,
-                ).to(device)
-                setattr(parent, cname, q)
-                del child
-    materialise(model.model.norm)
-    model.model.norm.to(dtype)
-    _rebuild_computed_buffers(model, config, device)
-    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in the checkpoints
-    extra = EXTRA_FROZEN_PARAMS.get(arch, 0)
-    if extra:
-        # Frozen stand-in for the vision tower + projector that Gemma3ForConditionalGeneration keeps in bf16.
-        model.register_buffer(
-            "_vision_tower_placeholder", torch.empty(extra, dtype=dtype, device=device), persistent=False
-        )
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if qcfg is not None:
-        model.is_loaded_in_4bit = True
-    model.config.use_cache = False
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-    leftovers = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if leftovers:
-        raise RuntimeError(f"parameters left on meta: {leftovers[:3]}")
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-        b.numel() * b.element_size() for b in model.buffers()
-    )
-    matmul_params = sum(
-        m.in_features * m.out_features
-        for m in model.modules()
-        if isinstance(m, nn.Linear) or m.__class__.__name__ == "Linear4bit"
-    )
-    info = {
-        "arch": arch,
-        "config": BENCH_ARCHITECTURES[arch].text_config_kwargs(),
-        "build_seconds": round(time.perf_counter() - started, 2),
-        "weights_gib": round(weight_bytes / 2**30, 2),
-        "matmul_params": matmul_params,  # decoder linears + lm_head
-        "extra_frozen_params": extra,
-        "quantization": "nf4 double-quant (medgemma_lib.models.loading.quantization_config)"
-        if qcfg is not None
-        else "none",
-    }
-    return model, info
-
-
-def save_prequantised(arch: str, folder: str | os.PathLike, device: str, seed: int = 0, shard_gib: float = 4.0) -> dict:
-    """Random weights of ``arch`` written as a bitsandbytes NF4 checkpoint (the Hub's ``*-bnb-4bit`` format).
-
-    The model is built as :func:`build_model` builds it (one decoder layer in bf16 at a time), its
-    packed weights stored as uint8 (bitsandbytes' default, that of published 4-bit checkpoints), each
-    saved with its quantisation state (``weight.absmax``, ``weight.quant_map``, …) and the config's
-    ``quantization_config``; ``from_pretrained`` then loads it without quantising again. For the 27B
-    this writes 15 GiB instead of 54 GB of bf16. The tied ``lm_head`` is not written (the config ties
-    it). Returns {"seconds", "gib", "shards"}."""
-    from safetensors.torch import save_file
-    from transformers import BitsAndBytesConfig
-
-    started = time.perf_counter()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model, _info = build_model(arch, device, seed=seed, storage=torch.uint8)
-    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    limit = int(shard_gib * 2**30)
-    groups: list[list[str]] = [[]]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if groups[-1] and size + nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(key)
-        size += nbytes
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i, keys in enumerate(groups, 1):
-        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        # clone: bitsandbytes' quantisation states share their code tables, which safetensors refuses to save twice
-        shard = {k: state[k].detach().to("cpu").contiguous().clone() for k in keys}
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-        weight_map.update(dict.fromkeys(keys, name))
-        del shard
-    write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    config = model.config.to_dict()
-    config.update(
-        architectures=["Gemma3ForCausalLM"],
-        dtype=str(model.model.embed_tokens.weight.dtype).removeprefix("torch."),  # bf16 on CUDA, fp32 on CPU
-        tie_word_embeddings=True,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype(device),
-            bnb_4bit_quant_storage=torch.uint8,
-        ).to_dict(),
-    )
-    write_json(folder / "config.json", config)
-    del model, state
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return {"seconds": round(time.perf_counter() - started, 1), "gib": round(total / 2**30, 2), "shards": len(groups)}
-
-
-def _rebuild_computed_buffers(model, config, device: str) -> None:
-    """Recreate the non-persistent buffers (rotary frequencies, embedding scale) that meta init left empty."""
-
-    for name, module in list(model.named_modules()):
-        if "Rotary" in type(module).__name__:
-            parent_name, _, attr = name.rpartition(".")
-            setattr(
-                model.get_submodule(parent_name) if parent_name else model, attr, type(module)(config=config).to(device)
-            )
-        elif hasattr(module, "scalar_embed_scale"):
-            module.embed_scale = torch.tensor(module.scalar_embed_scale, device=device)
-    meta = [n for n, b in model.named_buffers() if b.device.type == "meta"]
-    if meta:
-        raise RuntimeError(f"buffers left on meta: {meta[:3]}")
-
-
-# ----------------------------------------------------------------------------------------------
 # Running one variant
 
 
-def _make_optimizer(params, name: str, device: str):
+def make_optimizer(params, name: str, device: str):
+    """AdamW (fused on CUDA when ``name`` says so) or bitsandbytes' 8-bit AdamW, at the presets' learning rate."""
     if name == "adamw_8bit":
         import bitsandbytes as bnb
 
@@ -688,7 +467,7 @@ def run_variant(
     peft_model = get_peft_model(model, lora)
     peft_model.train()
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    optimizer = _make_optimizer([p for p in peft_model.parameters() if p.requires_grad], variant.optim, device)
+    optimizer = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], variant.optim, device)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -797,25 +576,19 @@ def measure_matmul_tflops(device: str) -> float | None:
 
 
 def environment() -> dict:
-    versions = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "accelerate", "triton"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
+    """The header of every benchmark file: date, Python, GPU, the versions that decide speed, attention, allocator."""
+    facts = machine_facts()
+    gpu = facts["gpus"][0] if facts["gpus"] else None
     env = {
         "date": date.today().isoformat(),
-        "python": platform.python_version(),
-        "versions": versions,
+        "python": facts["python"],
+        "versions": package_versions(BENCH_PACKAGES),
         "varlen": varlen_support(),
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        "gpu": gpu["name"] if gpu else None,
     }
-
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    else:
-        env["gpu"] = None
+    if gpu:
+        env["gpu_memory_gib"] = gpu["memory_gib"]
     return env
 
 
@@ -847,7 +620,7 @@ def run_bench(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for arch in archs:
-        arch = ARCH_ALIASES.get(arch, arch)
+        arch = BENCH_ALIASES.get(arch, arch)
         model, info = build_model(arch, device, seed=seed)
         info["matmul_tflops"] = tflops or MATMUL_TFLOPS_H200
         log(f"[{arch}] 建立模型 {info['build_seconds']} 秒，權重 {info['weights_gib']} GiB")
@@ -871,18 +644,18 @@ def run_bench(
                 liger.apply(model)
             r = run_variant(model, info, v, full, prompt, device, seed=seed, log=log)
             rows.append(r)
-            log(_row_line(arch, r))
+            log(row_line(arch, r))
             results["archs"][arch] = {"model": info, "variants": rows}
-            _write(results, out)
+            write_results(results, out)
         if liger is not None:
             liger.restore()
         _add_ratios(results["archs"][arch])
-        _write(results, out)
+        write_results(results, out)
         del model, chosen, liger
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    log(markdown_table(results))
+    log(render_markdown(results))
     return results
 
 
@@ -893,7 +666,8 @@ def _add_ratios(arch_result: dict) -> None:
             r["x_original"] = round(r["useful_tokens_per_s"] / base["useful_tokens_per_s"], 2)
 
 
-def _row_line(arch: str, r: dict) -> str:
+def row_line(arch: str, r: dict) -> str:
+    """One variant's result as the log line printed while the benchmark runs."""
     if r.get("oom"):
         return f"  [{arch}] {r['name']}: OOM"
     mem = f"，峰值 {r.get('peak_allocated_gib')}/{r.get('peak_reserved_gib')} GiB" if "peak_reserved_gib" in r else ""
@@ -903,8 +677,8 @@ def _row_line(arch: str, r: dict) -> str:
     )
 
 
-def markdown_table(results: dict) -> str:
-    """The results as a Markdown table (one row per arch and variant)."""
+def render_markdown(results: dict) -> str:
+    """``bench.md``: the environment line, then one table row per arch and variant."""
     env = results["environment"]
     v = env["versions"]
     head = (
@@ -935,9 +709,10 @@ def markdown_table(results: dict) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def _write(results: dict, out: Path) -> None:
+def write_results(results: dict, out: Path) -> None:
+    """``bench.json`` and ``bench.md`` in ``out`` (after every variant, so a killed run keeps what it measured)."""
     write_json(out / "bench.json", results)
-    write_text(out / "bench.md", markdown_table(results))
+    write_text(out / "bench.md", render_markdown(results))
 
 
 def packed_matches_unpacked(
@@ -981,176 +756,3 @@ def packed_matches_unpacked(
             worst = max(worst, diff.item())
             start += n
     return worst
-
-
-# ----------------------------------------------------------------------------------------------
-# Unsloth, as a peer, on the same architecture and batches (its own process: it patches on import)
-
-
-def _unsloth(name: str, description: str, **shape) -> Variant:
-    return Variant(name, description, attn="unsloth", optim="adamw_fused", role="peer", **shape)
-
-
-UNSLOTH_VARIANTS = {
-    v.name: v
-    for v in [
-        _unsloth("unsloth-8192", "Unsloth, 1×8192 rows, its offloaded checkpointing", row_length=8192),
-        # the shape of the 27B 24 GB preset, and the 27B 141 GB preset's former one (1×4096 without checkpointing)
-        _unsloth("unsloth-4096", "Unsloth, 1×4096 rows, its offloaded checkpointing", row_length=4096),
-        _unsloth("unsloth-4096-nockpt", "Unsloth, 1×4096 rows, no checkpointing", row_length=4096, grad_ckpt=False),
-        _unsloth(
-            "unsloth-4x4096-nockpt",
-            "Unsloth, 4×4096 rows, no checkpointing",
-            micro_batch=4,
-            row_length=4096,
-            grad_ckpt=False,
-        ),
-    ]
-}
-
-
-def run_unsloth(
-    arch: str, names: list[str] | None, tokenizer_xz: str, out_dir: str | os.PathLike, seed: int = 0, log=print
-) -> dict:
-    """Time Unsloth's FastModel (NF4, LoRA, its kernels) on the same random architecture and packed batches.
-
-    Unsloth loads from a folder, so the random weights of ``arch`` are written first as an NF4 checkpoint
-    (:func:`save_prequantised`, the format of Unsloth's own ``*-bnb-4bit`` models: 15 GiB for the 27B
-    instead of 54 GB of bf16), with the Gemma 3 tokenizer from ``tokenizer_xz``. The 4B row holds the same
-    frozen bf16 stand-in for the vision tower as our rows (``EXTRA_FROZEN_PARAMS``), so memory compares.
-    """
-    import unsloth  # noqa: F401  optional, GPU only; the CLI imports it before transformers, as it asks
-    from unsloth import FastModel
-
-    device = "cuda"
-    full, prompt = load_token_lengths(None)
-    folder = tmp_model = Path(tempfile.mkdtemp(prefix=f"random-{arch}-"))  # a scratch model for Unsloth, removed below
-    started = time.perf_counter()
-    config = text_config(arch)
-    saved = save_prequantised(arch, folder, device, seed=seed)
-    (tmp_model / "tokenizer.json").write_bytes(lzma.decompress(Path(tokenizer_xz).read_bytes()))
-    (tmp_model / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "backend": "tokenizers",
-                "bos_token": "<bos>",
-                "eos_token": "<eos>",
-                "pad_token": "<pad>",
-                "unk_token": "<unk>",
-                "mask_token": "<mask>",
-                "tokenizer_class": "GemmaTokenizer",
-            }
-        ),
-        encoding="utf-8",
-    )
-    save_s = time.perf_counter() - started
-    log(f"[{arch}] NF4 checkpoint for Unsloth: {saved['gib']} GiB in {saved['shards']} shards, {save_s:.1f} s")
-    results: dict[str, Any] = {
-        "command": "python -m medgemma_lib bench --unsloth",
-        "environment": environment(),
-        "archs": {},
-    }
-
-    for pkg in ("unsloth", "unsloth_zoo", "xformers", "trl"):
-        try:
-            results["environment"]["versions"][pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            results["environment"]["versions"][pkg] = None
-    rows = []
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in names or list(UNSLOTH_VARIANTS):
-        v = UNSLOTH_VARIANTS[name]
-        t0 = time.perf_counter()
-        model, _tok = FastModel.from_pretrained(
-            str(folder),
-            use_safetensors=True,
-            max_seq_length=v.row_length,
-            load_in_4bit=True,
-            dtype=torch.bfloat16,
-            full_finetuning=False,
-        )
-        load_s = time.perf_counter() - t0
-        extra = EXTRA_FROZEN_PARAMS.get(arch, 0)
-        if extra:  # the vision tower our 4B rows hold in bf16 (Gemma3ForConditionalGeneration keeps it so)
-            model.register_buffer(
-                "_vision_tower_placeholder", torch.empty(extra, dtype=torch.bfloat16, device=device), persistent=False
-            )
-        model = FastModel.get_peft_model(
-            model,
-            r=v.lora_r,
-            lora_alpha=2 * v.lora_r,
-            lora_dropout=0.0,
-            target_modules=list(v.lora_targets),
-            bias="none",
-            use_gradient_checkpointing="unsloth" if v.grad_ckpt else False,
-            random_state=seed,
-        )
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = _make_optimizer(params, v.optim, device)
-        batches = make_batches(v, full, prompt, v.warmup + v.steps, seed=seed)
-        torch.cuda.synchronize()
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        times, useful, losses = [], [], []
-        row: dict[str, Any] = {
-            "name": v.name,
-            "variant": dataclasses.asdict(v),
-            "summary": v.short().replace("unsloth", "Unsloth kernels"),
-            "trainable_params": sum(p.numel() for p in params),
-            "load_seconds": round(load_s, 1),
-            "save_random_weights_seconds": round(save_s, 1),
-            "checkpoint": {"format": "bitsandbytes NF4, uint8 storage, double quant", **saved},
-            "vision_tower_placeholder_params": extra,
-        }
-        try:
-            for i, batch in enumerate(batches):
-                inputs = batch_tensors(batch, config.vocab_size, device, seed=seed * 100_003 + i)
-                torch.cuda.synchronize()
-                t1 = time.perf_counter()
-                outp = model(**inputs)
-                outp.loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                torch.cuda.synchronize()
-                dt = time.perf_counter() - t1
-                if i >= v.warmup:
-                    times.append(dt)
-                    useful.append(batch.useful_tokens)
-                losses.append(float(outp.loss.detach()))
-                del outp, inputs
-            row["oom"] = False
-        except torch.OutOfMemoryError:
-            row["oom"] = True
-        row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
-        if not row["oom"]:
-            tok_s = sum(useful) / sum(times)
-            row.update(
-                {
-                    "steps_measured": len(times),
-                    "warmup_steps": v.warmup,
-                    "useful_tokens_per_step": round(sum(useful) / len(times), 1),
-                    "padding_share": 0.0,
-                    "useful_tokens_per_s": round(tok_s, 1),
-                    "step_s_median": round(statistics.median(times), 4),
-                    "loss_first": round(losses[0], 4),
-                    "loss_last": round(losses[-1], 4),
-                    "loss_finite": all(math.isfinite(x) for x in losses),
-                    "share_of_ceiling": 0.0,
-                    "epoch_hours": round(sum(min(n, v.max_length) for n in full) / tok_s / 3600, 2),
-                }
-            )
-        rows.append(row)
-        log(_row_line(arch, row))
-        results["archs"][arch] = {"model": {"arch": arch, "save_seconds": round(save_s, 1)}, "variants": rows}
-        _write(results, out)
-        del model, optimizer, params
-        gc.collect()
-        torch.cuda.empty_cache()
-    shutil.rmtree(folder, ignore_errors=True)
-    log(markdown_table(results))
-    return results

@@ -28,12 +28,12 @@ from medgemma_lib.core.atomic import atomic_folder, write_json, write_text
 from medgemma_lib.core.errors import ModelError, OutputError
 from medgemma_lib.core.paths import REPO_ROOT, display_path
 from medgemma_lib.data import answer_of, question_of
+from medgemma_lib.evaluation import quality
 from medgemma_lib.evaluation.evaluate import (
     METRIC_NAMES,
     STOPPING_NOTE,
     answer_losses,
     fmt_interval,
-    markdown_table,
     paired_intervals,
     stopping_rows,
     summarize_losses,
@@ -150,9 +150,9 @@ def model_card(report: dict, n_heldout: int) -> str:
             f"- `heldout.jsonl`：{n_heldout} 題兩次訓練都沒看過的測試題（notebook 06 用）",
             "- `eval.json`：每一筆測試資料的 loss 與每一題的答案；`report.json`：完整報告（同 docs/quality/）\n",
             "## 測試結果（英文，完整測試集）\n",
-            markdown_table(_rows(report, fmt_interval)),
+            display.markdown_table(_rows(report, fmt_interval)).data + "\n",
             *(
-                ["## 答案有沒有說完就停\n", markdown_table(stopping_rows(report)), STOPPING_NOTE]
+                ["## 答案有沒有說完就停\n", display.markdown_table(stopping_rows(report)).data + "\n", STOPPING_NOTE]
                 if stopping_rows(report)
                 else []
             ),
@@ -290,23 +290,16 @@ def side_by_side(result: dict, labels: dict[str, str], n: int | None = None, cli
     parts = [f"> {MEDICAL_DISCLAIMER}\n"]
     for i, row in enumerate(result["answers"][:n], 1):
         parts.append(f"**{i}. {row['question']}**\n")
-        parts.append(f"- 參考答案：{_clip(row['reference'], clip)}")
+        parts.append(f"- 參考答案：{display.clip(row['reference'], clip, markdown=True)}")
         for name, label in labels.items():
-            parts.append(f"- {label}：{_clip(row['answers'].get(name, ''), clip) or '（空白）'}")
+            parts.append(f"- {label}：{display.clip(row['answers'].get(name, ''), clip, markdown=True) or '（空白）'}")
         parts.append("")
     return "\n".join(parts)
 
 
-def _clip(text: str, limit: int) -> str:
-    """Model or reference text inside Markdown: repeats collapsed, whitespace joined, clipped, escaped."""
-    return display.md_escape(display.clip(text, limit))
-
-
 def load_report(folder: str | Path = REFERENCE_DIR) -> dict:
-    path = Path(folder) / REPORT_JSON
-    if not path.is_file():
-        raise OutputError(f"找不到 {display_path(path)}。", hint="請確認專案完整（git status），或重新 clone。")
-    return json.loads(path.read_text(encoding="utf-8"))
+    """The quality report shipped beside the reference adapter (``report.json``, read by the quality module)."""
+    return quality.load_report(Path(folder) / REPORT_JSON, hint="請確認專案完整（git status），或重新 clone。")
 
 
 __all__ = [

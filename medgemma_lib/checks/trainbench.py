@@ -1,12 +1,13 @@
 """The product's own training path, timed: ``training.train.run_training`` on random-weight architectures.
 
-``python -m medgemma_lib bench --arch 4b --preset configs/medgemma-4b-8gb.yaml`` (see :mod:`medgemma_lib.checks.bench`)
+``python -m medgemma_lib trainbench`` (beside the throughput benchmark, :mod:`medgemma_lib.checks.bench`)
 lands here. Each row is one ``run_training`` call: the preset's YAML with a few overrides, the same
 ``LeanSFTTrainer``, collator, packing, Liger kernels, varlen attention, loss and optimizer as a real run.
 What is not the product's:
 
-* the model: :func:`medgemma_lib.checks.bench.build_model` (the real architecture, random weights, NF4 exactly as
-  loading quantises a checkpoint), presented to ``run_training`` through a folder holding its ``config.json``;
+* the model: :func:`medgemma_lib.checks.random_models.build_model` (the real architecture, random weights, NF4
+  exactly as loading quantises a checkpoint), presented to ``run_training`` through a folder holding its
+  ``config.json``;
 * the data: prompt/completion records whose token lengths are those of the real MedQuAD pairs under the
   Gemma 3 chat template (``resources/medquad_token_lengths.json``), written in a word-level tokenizer
   (:func:`synthetic_tokenizer`) where each word is one token, so a record tokenises to exactly its MedQuAD
@@ -39,6 +40,7 @@ from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 
 from medgemma_lib.checks import bench
+from medgemma_lib.checks.random_models import build_model, text_config
 from medgemma_lib.core.atomic import write_json, write_text
 from medgemma_lib.core.config import load_config
 from medgemma_lib.core.profiles import BOS_ID, EOS_ID, PAD_ID
@@ -300,7 +302,7 @@ def run_preset(
     cuda = device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        config = bench.text_config(arch)
+        config = text_config(arch)
         folder = model_folder(config, root)
         cfg = load_config(
             preset,
@@ -319,7 +321,7 @@ def run_preset(
         need = int((warmup + steps + 2) * row_tokens / (statistics.mean(full) * 0.97)) + 64
         datasets, lengths = synthetic_datasets(full, prompt, need, config.vocab_size, seed=seed)
         tokenizer = synthetic_tokenizer(config.vocab_size)
-        model, info = bench.build_model(arch, device, seed=seed)
+        model, info = build_model(arch, device, seed=seed)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -437,7 +439,7 @@ def lever_gradients(
     out: dict = {"arch": arch, "preset": preset, "levers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        config = bench.text_config(arch)
+        config = text_config(arch)
         folder = model_folder(config, root)
         base_overrides = [
             f"model.profile={folder}",
@@ -448,7 +450,7 @@ def lever_gradients(
         cfg = load_config(preset, base_overrides)
         datasets, _ = synthetic_datasets(full, prompt, 400, config.vocab_size, seed=seed)
         tokenizer = synthetic_tokenizer(config.vocab_size)
-        model, _info = bench.build_model(arch, device, seed=seed)
+        model, _info = build_model(arch, device, seed=seed)
         profile, _ = models.resolve_profile(str(folder))
         model = trainer.prepare_model_for_training(cfg, model, profile, device, verbose=False)
         gen = torch.Generator().manual_seed(seed)
@@ -658,9 +660,9 @@ def run(
             )
             save()
         if original and time_left():
-            model, info = bench.build_model(arch, device)
+            model, info = build_model(arch, device)
             info["matmul_tflops"] = tflops
-            variant = bench._original(steps=3, warmup=1) if arch == "tiny" else bench._original()
+            variant = bench.original_variant(steps=3, warmup=1) if arch == "tiny" else bench.original_variant()
             row = bench.run_variant(model, info, variant, full, prompt, device, log=log)
             row.update({"path": "bench loop (reference)", "short": variant.short()})
             res["original"] = row

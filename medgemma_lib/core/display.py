@@ -29,6 +29,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 MISSING = "—"
+NO_ROWS = "（無資料）"  # a table without rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +140,8 @@ def _cell(value) -> str:
 
 
 def markdown_table(rows: Sequence[Mapping] | object, columns: Sequence[str] | None = None) -> Markdown:
-    """A left-aligned Markdown table from a list of dicts or a DataFrame; missing values show as ``—``."""
+    """A left-aligned Markdown table from a list of dicts or a DataFrame; missing values show as ``—``, no rows as
+    「（無資料）」. In a Markdown document, ``.data`` followed by a blank line (a line right after a table joins it)."""
     if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # a DataFrame: its index becomes a column
         df = rows
         if df.index.name is not None or not _is_range_index(df):
@@ -147,7 +149,9 @@ def markdown_table(rows: Sequence[Mapping] | object, columns: Sequence[str] | No
         rows = df.to_dict("records")
         columns = columns or [str(c) for c in df.columns]
     rows = list(rows)
-    columns = list(columns or (rows[0].keys() if rows else []))
+    if not rows:
+        return Markdown(NO_ROWS)
+    columns = list(columns or rows[0].keys())
     lines = ["| " + " | ".join(_cell(c) for c in columns) + " |", "|" + "|".join(":---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
     return Markdown("\n".join(lines))
@@ -349,11 +353,13 @@ def collapse_repeats(text: str, min_repeats: int = 3, min_span: int = 12, max_un
     return "".join(out)
 
 
-def clip(text: str, limit: int = 600) -> str:
-    """An answer for display: repeats collapsed (:func:`collapse_repeats`), whitespace joined, cut at ``limit``."""
+def clip(text: str, limit: int = 600, markdown: bool = False) -> str:
+    """An answer for display: repeats collapsed (:func:`collapse_repeats`), whitespace joined, cut at ``limit``;
+    with ``markdown``, escaped (:func:`md_escape`) to sit inside a Markdown report as the model wrote it."""
     text = collapse_repeats(text or "")
     text = collapse_repeats(" ".join(text.split()))
-    return text if len(text) <= limit else text[:limit] + "…"
+    text = text if len(text) <= limit else text[:limit] + "…"
+    return md_escape(text) if markdown else text
 
 
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|])")
@@ -398,3 +404,10 @@ def wrap_display(pieces: Iterable[str], width: int = 80) -> list[str]:
     if current or not lines:
         lines.append(current)
     return lines
+
+
+def bullets(items: Mapping | Iterable) -> str:
+    """A plain-text list, one ``- `` line per item; a mapping shows as ``- key：value`` (a notebook prints it)."""
+    if isinstance(items, Mapping):
+        return "\n".join(f"- {key}：{value}" for key, value in items.items())
+    return "\n".join(f"- {item}" for item in items)

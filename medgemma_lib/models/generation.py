@@ -76,11 +76,6 @@ def _thought_ids(tokenizer) -> tuple[int | None, int | None]:
     return start, end
 
 
-def has_thinking_tokens(tokenizer) -> bool:
-    """True when the tokenizer has both ``<unused94>`` and ``<unused95>`` (every Gemma 3 tokenizer does)."""
-    return _thought_ids(tokenizer)[0] is not None
-
-
 @dataclass
 class ThinkingSplit:
     """Generated ids split into the answer (outside the spans) and the thought (inside), in order."""
@@ -141,7 +136,7 @@ def fold_thought_markdown(answer: str, thought: str | None) -> str:
     """Markdown (HTML ``<details>``) that shows the thought folded away above the answer (notebooks, eval.md)."""
     if not thought:
         return answer
-    body = display.md_escape(display.clip(thought, 2000))
+    body = display.clip(thought, 2000, markdown=True)
     return f"<details><summary>{THOUGHT_SUMMARY}</summary>\n\n{body}\n\n</details>\n\n{answer}"
 
 
@@ -190,10 +185,6 @@ def _generate_kwargs(model, tokenizer, max_new_tokens: int, do_sample: bool, tem
     else:  # silence "generation flags are not valid" warnings from checkpoints that ship sampling defaults
         kw.update(temperature=None, top_p=None, top_k=None)
     return kw
-
-
-def _decode(tokenizer, ids: list[int]) -> str:
-    return decode_with_thought(tokenizer, ids)[0]
 
 
 def _length(ids: list[int], stop_ids) -> dict:
@@ -414,3 +405,9 @@ def load_before_answers(profile: str, folder: str | Path | None = None) -> dict:
             f"找不到微調前的答案 {path.name}。", hint="請先執行 notebook 04（或 generation.save_before_answers）。"
         )
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def show_saved_answers(saved: dict, start: int = 0, note: str | None = None) -> str:
+    """:func:`show_answers` of what :func:`load_before_answers` read, from answer number ``start`` on (0-based)."""
+    rows = saved["answers"][start:]
+    return show_answers([row["question"] for row in rows], [row["answer"] for row in rows], note=note)

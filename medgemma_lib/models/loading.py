@@ -1,4 +1,7 @@
-"""Model registry, the offline demo model, and loading (bf16 / NF4 / int8) for every profile.
+"""Loading every profile of the model registry (bf16 / NF4 / int8), and the offline demo model.
+
+The registry itself (names, Hub ids, classes, architectures) is :mod:`medgemma_lib.core.profiles`; this module
+resolves a name or folder to what to load, converts the demo on first use, and loads tokenizers and models.
 
 Profiles:
 
@@ -14,13 +17,14 @@ Profiles:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
 import shutil
 import time
 import warnings
-from importlib import metadata, resources
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ from transformers.utils import logging as hf_logging
 from medgemma_lib.core import display
 from medgemma_lib.core.atomic import TMP_TAG, atomic_folder, write_json
 from medgemma_lib.core.errors import ModelError, ResourceError
+from medgemma_lib.core.machine import package_versions
 from medgemma_lib.core.paths import CACHE_ENV, cache_dir
 from medgemma_lib.core.profiles import (
     BOS_ID,
@@ -43,8 +48,9 @@ from medgemma_lib.core.profiles import (
     PROFILES,
     WRONG_IDS,
     ModelProfile,
-    model_source,
+    ResolvedModel,
     multimodal_transformers_problem,
+    resolve_source,
 )
 
 __all__ = [
@@ -56,6 +62,7 @@ __all__ = [
     "PROFILES",
     "WRONG_IDS",
     "ModelProfile",
+    "ResolvedModel",
 ]  # re-exported
 
 # transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing*; TRL 1.16 and PEFT still call the
@@ -75,16 +82,25 @@ def chat_template() -> str:
     return resources.files("medgemma_lib").joinpath("resources/gemma3_chat_template.jinja").read_text(encoding="utf-8")
 
 
-def resolve_profile(name_or_path: str) -> tuple[ModelProfile, str]:
-    """Return the profile and the path or Hub id to load for ``name_or_path``.
+def resolve_model(model: str | ResolvedModel) -> ResolvedModel:
+    """``model`` resolved once, ready to load: pass the result on and nothing checks it again.
 
     Accepts a profile name, a Hub id of a known profile, or a local folder (whose ``config.json``
     decides the model class, and whose safetensors files must be whole): the checks of
     :func:`medgemma_lib.core.profiles.model_source`, which ``config check`` runs too. The demo is
-    converted on first use.
+    converted on first use. A :class:`ResolvedModel` that has a source is returned as it is; one
+    without (the demo as ``config check`` resolved it) only gets its converted folder.
     """
-    profile, source = model_source(name_or_path)
-    return profile, (str(ensure_demo_model()) if profile.is_demo else source)
+    resolved = resolve_source(model)
+    if resolved.source is None:  # the demo: converted on first use
+        resolved = dataclasses.replace(resolved, source=str(ensure_demo_model()))
+    return resolved
+
+
+def resolve_profile(name_or_path: str | ResolvedModel) -> tuple[ModelProfile, str]:
+    """The profile and the path or Hub id to load for ``name_or_path`` (:func:`resolve_model` as a pair)."""
+    resolved = resolve_model(name_or_path)
+    return resolved.profile, resolved.source
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,13 +274,7 @@ def _verify_demo_folder(folder: Path, reference: Any) -> dict:
 
 def library_versions() -> dict[str, str | None]:
     """Installed versions of the libraries that decide what the demo conversion produces."""
-    found = {}
-    for name in _CONVERSION_LIBRARIES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+    return package_versions(_CONVERSION_LIBRARIES)
 
 
 def demo_known_answers() -> dict:
@@ -427,14 +437,18 @@ def device_map_for(device: str) -> dict | str:
     return {"": "cpu"}
 
 
-def load_tokenizer(profile_or_path: str = "demo"):
-    """The Gemma 3 tokenizer with the turn template and right padding for training."""
+def load_tokenizer(profile_or_path: str | ResolvedModel = "demo"):
+    """The Gemma 3 tokenizer with the turn template and right padding for training.
+
+    ``profile_or_path``: a name (resolved here) or a :class:`ResolvedModel` (not checked again).
+    """
     display.quiet_progress_bars()  # in a notebook only: stored notebooks would show their bars frozen at 0 %
-    profile, source = resolve_profile(profile_or_path)
+    resolved = resolve_model(profile_or_path)
+    profile, source = resolved.profile, resolved.source
     try:
         tok = transformers.AutoTokenizer.from_pretrained(source)
     except OSError as exc:
-        raise _load_error(profile_or_path, exc) from None
+        raise _load_error(resolved.name, exc) from None
     if not tok.chat_template:
         tok.chat_template = chat_template()
     if tok.pad_token_id is None:
@@ -445,7 +459,7 @@ def load_tokenizer(profile_or_path: str = "demo"):
 
 
 def load_model(
-    profile_or_path: str = "demo",
+    profile_or_path: str | ResolvedModel = "demo",
     quantization: str = "nf4",
     device: str | None = None,
     attn_implementation: str | None = None,
@@ -455,13 +469,15 @@ def load_model(
 
     ``quantization`` is ``nf4`` (default), ``int8`` or ``none``. On CUDA the compute dtype is bf16,
     on CPU fp32; fp16 is refused for Gemma 3. Multimodal checkpoints load with their vision tower
-    kept in bf16 and frozen (text-only use).
+    kept in bf16 and frozen (text-only use). ``profile_or_path``: a name (resolved here) or a
+    :class:`ResolvedModel` (not checked again).
     """
 
     display.quiet_progress_bars()  # in a notebook only
     if dtype is not None:
         check_dtype_allowed(dtype)
-    profile, source = resolve_profile(profile_or_path)
+    resolved = resolve_model(profile_or_path)
+    profile, source = resolved.profile, resolved.source
     check_transformers_for(profile)
     device = device or default_device()
     torch_dtype = getattr(torch, dtype) if dtype else compute_dtype(device)
@@ -479,7 +495,7 @@ def load_model(
         with quiet_loading():
             model = cls.from_pretrained(source, **kwargs)
     except OSError as exc:
-        raise _load_error(profile_or_path, exc) from None
+        raise _load_error(resolved.name, exc) from None
     except torch.OutOfMemoryError:
         raise ResourceError(
             f"載入 {profile.name} 時 GPU 記憶體不足。",
@@ -610,3 +626,13 @@ def profile_frame():
         row["gated"] = "是" if row["gated"] else "否"
         rows.append(row)
     return display.frame(rows, PROFILE_COLUMNS, digits=2, index="設定檔")
+
+
+def count_4bit_layers(model) -> int:
+    """How many bitsandbytes 4-bit (NF4) linear layers ``model`` has: 0 for a model loaded without quantization."""
+    return len(_linear4bit_layers(model))
+
+
+def count_lora_layers(model) -> int:
+    """How many layers of ``model`` carry a LoRA adapter (PEFT's ``lora_A`` modules): 0 for a plain model."""
+    return sum(1 for name, _ in model.named_modules() if name.endswith("lora_A"))

@@ -7,12 +7,10 @@ so tests can feed described hardware (a 24 GB Ampere card, a 16 GB T4, no GPU) t
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
-import platform
 import shutil
 from dataclasses import asdict, dataclass, field
 
+from medgemma_lib.core.machine import machine_facts, package_versions
 from medgemma_lib.core.paths import cache_dir, display_path
 from medgemma_lib.core.profiles import multimodal_transformers_problem
 
@@ -70,59 +68,33 @@ class Recommendation:
     ok: bool = True
 
 
-def _version(pkg: str) -> str | None:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _ram_gib() -> float | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 1024**2, 1)
-    except OSError:
-        pass
-    return None
-
-
 def collect_environment() -> EnvironmentReport:
     """Inspect this machine (imports torch; takes a few seconds)."""
-    # Local imports: the doctor must still report on a machine whose torch (which models imports) is broken or missing.
+    # Local import: the doctor must still report on a machine whose torch (which models imports) is broken or missing.
     from medgemma_lib.models.loading import demo_model_cached  # local: see above
 
-    gpus: list[GPUInfo] = []
-    torch_version = cuda_version = None
-    try:
-        import torch  # local: see above
-
-        torch_version = torch.__version__
-        cuda_version = torch.version.cuda
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                props = torch.cuda.get_device_properties(i)
-                cc = (props.major, props.minor)
-                gpus.append(GPUInfo(props.name, round(props.total_memory / 1024**3, 1), cc, cc >= (8, 0)))
-    except ImportError:
-        pass
+    facts = machine_facts()
+    gpus = [
+        GPUInfo(g["name"], g["memory_gib"], g["compute_capability"], g["compute_capability"] >= (8, 0))
+        for g in facts["gpus"]
+    ]
+    packages = package_versions(KEY_PACKAGES)
     bnb_backend = None
-    if _version("bitsandbytes"):
+    if packages["bitsandbytes"]:
         bnb_backend = "cuda" if gpus else "cpu"
     target = cache_dir()
     probe = target if target.exists() else target.parent if target.parent.exists() else target.anchor or "/"
     free = shutil.disk_usage(probe).free / 1024**3
     return EnvironmentReport(
-        python=platform.python_version(),
-        platform=f"{platform.system()} {platform.machine()}",
-        cpu_count=os.cpu_count() or 1,
-        ram_gib=_ram_gib(),
-        torch=torch_version,
-        cuda=cuda_version,
+        python=facts["python"],
+        platform=facts["platform"],
+        cpu_count=facts["cpu_count"],
+        ram_gib=facts["ram_gib"],
+        torch=facts["torch"],
+        cuda=facts["cuda"],
         gpus=gpus,
         bitsandbytes_backend=bnb_backend,
-        packages={p: _version(p) for p in KEY_PACKAGES},
+        packages=packages,
         free_disk_gib=round(free, 1),
         demo_model_cached=demo_model_cached(),
         cache_dir=display_path(target),
@@ -243,3 +215,12 @@ def format_report(report: EnvironmentReport, rec: Recommendation) -> str:
     else:
         lines.append("沒有發現問題 ✓")
     return "\n".join(lines)
+
+
+# What the course cannot run without (notebook 01 stops here); the rest of KEY_PACKAGES is reported, not required.
+REQUIRED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets")
+
+
+def missing_packages(report: EnvironmentReport, required: tuple[str, ...] = REQUIRED_PACKAGES) -> list[str]:
+    """The ``required`` packages that ``report`` found no version of (empty: all installed)."""
+    return [name for name in required if report.packages.get(name) is None]

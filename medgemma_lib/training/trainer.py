@@ -1,12 +1,14 @@
-"""The trainer and its parts: everything :func:`medgemma_lib.training.train.run_training` assembles.
-
-* :func:`sft_config` / :func:`lora_config`: the only place our config is mapped onto TRL's and PEFT's.
-* :class:`LeanSFTTrainer`: TRL's ``SFTTrainer`` with label-only logits on CPU, ``token_type_ids`` for the
-  multimodal class, per-example truncation before packing, and the 4-bit layout guard.
-* :func:`prepare_model_for_training`: the trainable 4-bit layout, Liger and varlen attention on CUDA, LoRA.
-* :class:`GracefulStop`: Ctrl+C finishes the step, saves a checkpoint and stops (every DDP rank agrees).
-* :class:`ChineseProgressCallback`: Chinese log lines under the terminal progress bar.
-* :func:`oom_error` / :func:`write_error`: Chinese explanations of out-of-memory and failed writes.
+"""The SFT trainer that :func:`medgemma_lib.training.train.run_training` builds, and what it is built from: our
+config mapped onto TRL's and PEFT's (:func:`sft_config`, :func:`lora_config`, the only place this happens); the
+model made trainable (:func:`prepare_model_for_training`: 4-bit layers in their trainable layout, LoRA, and the
+speed levers: Liger's kernels (:func:`apply_liger`), attention within each packed example
+(:func:`use_varlen_attention`), fused RMSNorm and LoRA kernels, compiled decoder layers
+(:func:`compile_decoder_layers`)); :class:`LeanSFTTrainer` (TRL's ``SFTTrainer`` with label-only logits on CPU,
+``token_type_ids`` for the multimodal class, per-example truncation before packing, the stop-token row's own
+learning rate, the 4-bit layout guard) and :func:`build_trainer`; the callbacks it runs with (Ctrl+C through
+:class:`GracefulStop` / :class:`StopOnInterrupt`: finish the step, save, stop, on every DDP rank; Chinese progress
+in a terminal and in a notebook; TensorBoard); CPU threads and the DDP world size; and what a failed run says in
+Chinese (:func:`oom_error`, :func:`write_error`), with :func:`free_memory` between runs.
 
 Speed on CPU (the demo): the 262,144-token output layer costs as much per position as the rest of
 the 270M model, so :class:`LeanSFTTrainer` projects only the positions that carry a label
