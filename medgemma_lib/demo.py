@@ -38,10 +38,8 @@ def demo_config_path() -> Path:
 
 
 def load_demo_config(overrides: list[str] | None = None):
-    """The demo config, with the sample data path made absolute when run from elsewhere."""
-    cfg = load_config(demo_config_path(), overrides)
-    cfg.data.input = str(resolve_path(cfg.data.input))
-    return cfg
+    """The demo config (its relative data path is found by :func:`~medgemma_lib.core.paths.resolve_path`)."""
+    return load_config(demo_config_path(), overrides)
 
 
 def run_demo(overrides: list[str] | None = None, evaluate: bool = True) -> dict:
@@ -62,18 +60,18 @@ def run_demo(overrides: list[str] | None = None, evaluate: bool = True) -> dict:
     print("== 2/4 準備資料 ==", flush=True)
     t = time.time()
     tokenizer = load_tokenizer("demo")
-    splits, _report = prepare_from_config(cfg.data, output_dir=None, tokenizer=tokenizer)
+    splits, report = prepare_from_config(cfg.data, output_dir=None, tokenizer=tokenizer)
     counts = {name: len(ds) for name, ds in splits.items()}
     timings["data_s"] = round(time.time() - t, 1)
     print(
-        f"資料：{display_path(cfg.data.input)} → 訓練 {counts.get('train', 0)}、"
+        f"資料：{display_path(resolve_path(cfg.data.input))} → 訓練 {counts.get('train', 0)}、"
         f"驗證 {counts.get('validation', 0)}、測試 {counts.get('test', 0)} 筆"
         f"（答案 ≤ {cfg.data.max_answer_chars} 字元）。",
         flush=True,
     )
 
     print("== 3/4 QLoRA 訓練 ==", flush=True)
-    result = run_training(cfg, datasets=splits, tokenizer=tokenizer)
+    result = run_training(cfg, datasets=splits, tokenizer=tokenizer, data_report=report)
     timings["train_total_s"] = round(time.time() - t - timings["data_s"], 1)
     if result.final_eval_loss is None or result.initial_eval_loss is None:
         raise TrainingError("示範訓練沒有得到驗證集 loss。", hint="請確認 data.validation_fraction 大於 0。")

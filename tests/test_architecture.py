@@ -20,7 +20,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medgemma_lib"
 # ``__init__`` is its folder name, and the ``data`` folder is one unit (its modules import each other).
 PACKAGES = {"core", "setup", "models", "training", "evaluation", "export", "checks"}
 LAYERS: list[set[str]] = [
-    {"medgemma_lib", "core.errors", "core.paths", "core.weightfiles", "core.profiles", *PACKAGES},  # base
+    {
+        "medgemma_lib",
+        "core.errors",
+        "core.paths",
+        "core.weightfiles",
+        "core.profiles",
+        "core.machine",
+        *PACKAGES,
+    },  # base
     {
         "core.atomic",
         "core.plots",
@@ -30,13 +38,20 @@ LAYERS: list[set[str]] = [
         "models.lora_kernels",
         "models.norm_kernels",
         "evaluation.safety",
+        "evaluation.report",
     },  # helpers
     {"core.config", "setup.memory", "setup.auth", "data"},  # configuration, estimates, Hub access, data preparation
     {"models.loading", "models.generation", "training.checkpoints", "training.monitor", "training.stopping"},
-    {"training.runs", "setup.env"},  # the run folder; the environment report
+    {"training.runs", "setup.env", "checks.random_models"},  # the run folder; the environment report; random models
     {"training.trainer"},  # the trainer's parts
     {"training.train"},  # the training recipe
-    {"evaluation.evaluate", "evaluation.chat", "export.merge", "checks.bench"},  # what reads a finished run
+    {
+        "evaluation.evaluate",
+        "evaluation.chat",
+        "export.merge",
+        "checks.bench",
+        "checks.unsloth",
+    },  # finished runs, bench
     {"demo", "evaluation.quality", "checks.reference", "checks.trainbench"},  # whole jobs
     {"checks.gradcheck"},  # the gradient reference check (uses the demo's config)
     {"cli", "__main__"},  # the command line, above everything

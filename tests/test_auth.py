@@ -13,12 +13,11 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from cli_helpers import run_cli
 
 from medgemma_lib.setup import auth
 
@@ -280,9 +279,7 @@ def _cli(url: str | None, *args: str, token: str | None = None, home=None, offli
         env["HF_TOKEN"] = token
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", "auth", *args], env=env, capture_output=True, text=True, timeout=120
-    )
+    return run_cli("auth", *args, env=env, timeout=120)
 
 
 def test_cli_exit_codes_and_no_token_echo(fake_hub, tmp_path):
@@ -341,3 +338,13 @@ def test_token_widget_clears_box_and_prints_only_masked(fake_hub, monkeypatch, c
     assert "hf_…0001" in printed and "可以存取" in printed
     assert GOOD not in printed
     monkeypatch.delenv("HF_TOKEN")
+
+
+def test_format_suggestions_one_line_per_wrong_id():
+    lines = auth.format_suggestions(
+        ["google/medgemma-4b-multimodal", "google/medgema-4b-it", "x/unrelated"]
+    ).splitlines()
+    assert len(lines) == 3 and all(" → " in line for line in lines)
+    assert lines[0].endswith(auth.suggest_model_id("google/medgemma-4b-multimodal"))
+    assert lines[1].endswith("google/medgemma-4b-it") and lines[2].endswith("None")
+    assert lines[0].index("→") == 33  # ids padded to 32 columns, so the arrows line up

@@ -6,15 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import run_cli
 
 from medgemma_lib.core.config import RunConfig, config_from_dict, load_config, save_config
 from medgemma_lib.core.errors import ConfigError
-
-
-def run_cli(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 def test_help_lists_commands():

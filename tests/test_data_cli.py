@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 ZH = [
     ("什麼是糖尿病？", "糖尿病是一種慢性代謝疾病，血糖長期偏高，需要飲食控制與規律運動。"),
@@ -20,14 +21,7 @@ ZH = [
 
 def _run(args, cwd):
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "MEDGEMMA_DEBUG": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", "data", "prepare", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli("data", "prepare", *args, cwd=cwd, env=env, timeout=300)
 
 
 def _tree_digest(folder: Path) -> str:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import io
 import re
 
 import pytest
 import yaml
+from cli_helpers import run_cli_here
 
-from medgemma_lib import cli
 from medgemma_lib.core.config import DataSection, config_from_dict
 from medgemma_lib.core.errors import ConfigError
 from medgemma_lib.data import format_report, load_prepared, mix_table, prepare_from_config, prepare_records
@@ -187,13 +185,6 @@ def test_no_mix_keeps_three_splits(files):
     assert list(splits) == ["train", "validation", "test"] and "mix" not in report
 
 
-def _run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
 @pytest.mark.parametrize(
     "mix, message",
     [
@@ -217,7 +208,7 @@ def _run(argv):
 def test_invalid_mix_is_a_chinese_error(files, tmp_path, mix, message):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"data": {"input": str(files["main"]), "mix": mix}}), encoding="utf-8")
-    code, _, err = _run(["config", "check", "--config", str(path)])
+    code, _, err = run_cli_here("config", "check", "--config", str(path))
     assert code == 2 and message in err and "解決方法" in err
     if "/no/such" not in str(mix):
         with pytest.raises(ConfigError, match="data.mix"):
@@ -228,7 +219,7 @@ def test_config_show_prints_the_mix(files, tmp_path):
     path = tmp_path / "c.yaml"
     mix = [{"input": str(files["zh"]), "fraction": 0.1, "chinese_conversion": "s2twp"}]
     path.write_text(yaml.safe_dump({"data": {"input": str(files["main"]), "mix": mix}}), encoding="utf-8")
-    code, out, _ = _run(["config", "show", "--config", str(path)])
+    code, out, _ = run_cli_here("config", "show", "--config", str(path))
     assert code == 0 and "設定檢查通過" in out
     shown = yaml.safe_load(out.split("設定檢查通過")[0])["data"]["mix"]
     assert shown == [
@@ -275,3 +266,13 @@ def test_real_bilingual_mix(shared_data):
         assert seen and all(len(v) == 1 for v in seen.values())
     assert {r["mix_source"] for r in by_split["test_mix"]} == set(fractions)
     assert report["leakage"] == {"focus_areas_in_two_splits": 0, "questions_in_two_splits": 0}
+
+
+def test_mix_problems_agree_with_the_report_and_name_a_mismatch(files):
+    from medgemma_lib.data import mix_problems
+
+    splits, report = prepare_records(_cfg(files, [_zh(files, 0.1)]))
+    assert mix_problems(splits, report) == []
+    broken = {**splits, "train": splits["train"][1:], "test_mix": splits["test_mix"][:-1]}
+    problems = mix_problems(broken, report)
+    assert any("訓練集" in p for p in problems) and any("test_mix" in p for p in problems)

@@ -4,30 +4,14 @@ and a Hugging Face token in the environment never reaches any file it wrote or a
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 from test_no_secrets import FAKE_TOKEN, FAKE_TOKEN_CORE, files_containing, files_under
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cli(args: list[str], env: dict, stdin: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m medgemma_lib ARGS`` from the repository root; it must exit 0."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.mark.slow
@@ -37,7 +21,7 @@ def test_demo_command_trains_real_model_and_lowers_heldout_loss(demo_model_dir, 
     started = time.time()
     hf_home = tmp_path / "hf-home"  # anything the Hub libraries write goes here, and is scanned
     env = {**os.environ, "HF_TOKEN": FAKE_TOKEN, "HUGGING_FACE_HUB_TOKEN": FAKE_TOKEN, "HF_HOME": str(hf_home)}
-    proc = _cli(["demo", f"train.output_dir={tmp_path}"], env, timeout=1500)
+    proc = run_cli("demo", f"train.output_dir={tmp_path}", env=env, timeout=1500, expect=0)
     run = tmp_path / "demo"
     summary = json.loads((run / "demo_summary.json").read_text())
     before, after = summary["validation_loss"]["before"], summary["validation_loss"]["after"]
@@ -56,9 +40,8 @@ def test_demo_command_trains_real_model_and_lowers_heldout_loss(demo_model_dir, 
     assert test["tuned"]["stop_probability"] >= 0.5, test
     assert "說完就停" in proc.stdout
     # What `chat --run results/demo` does with a MedQuAD-style question: the greedy answer ends by itself.
-    chat = _cli(
-        ["chat", "--run", str(run), "--greedy", "--max-new-tokens", "128"], env, "What are the symptoms of diabetes ?\n"
-    )
+    question = "What are the symptoms of diabetes ?\n"
+    chat = run_cli("chat", "--run", str(run), "--greedy", "--max-new-tokens", "128", env=env, stdin=question, expect=0)
     from medgemma_lib.models.generation import generate_answers
     from medgemma_lib.training.runs import load_for_inference
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import run_cli
 
 from medgemma_lib.setup.env import EnvironmentReport, GPUInfo, collect_environment, format_report, recommend
 
@@ -117,7 +118,7 @@ def test_collect_environment_on_this_machine():
 
 
 def test_doctor_cli_prints_chinese_report_and_exits_0():
-    proc = subprocess.run([sys.executable, "-m", "medgemma_lib", "doctor"], capture_output=True, text=True, timeout=300)
+    proc = run_cli("doctor", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "環境檢查" in proc.stdout and "建議" in proc.stdout
 

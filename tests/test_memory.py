@@ -12,11 +12,10 @@ To add a measurement, append a group or a row to either file.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 from medgemma_lib.setup import memory
 
@@ -217,22 +216,17 @@ def test_advice_table_shape():
     assert table.loc["80 GB", "medgemma-27b-text-it"].startswith("可以")
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", "memory", *args], capture_output=True, text=True, timeout=120
-    )
-
-
 def test_cli_prints_breakdown_and_advice():
-    run = _cli("--profile", "medgemma-27b-text-it", "--gpu-gib", "24", "--batch", "4", "--seq", "512")
+    run = run_cli("memory", "--profile", "medgemma-27b-text-it", "--gpu-gib", "24", "--batch", "4", "--seq", "512")
     assert run.returncode == 0, run.stderr
     for word in ("量化後權重", "LoRA", "啟動值", "logits", "峰值", "放不下", "建議"):
         assert word in run.stdout
-    liger = _cli("--profile", "medgemma-27b-text-it", "--gpu-gib", "24", "--liger")
+    liger = run_cli("memory", "--profile", "medgemma-27b-text-it", "--gpu-gib", "24", "--liger")
     assert "放得下" in liger.stdout
-    bad = _cli("--profile", "medgemma-70b")
+    bad = run_cli("memory", "--profile", "medgemma-70b")
     assert bad.returncode == 2 and "不認識" in bad.stderr and "Traceback" not in bad.stderr
-    lean = _cli(
+    lean = run_cli(
+        "memory",
         "--profile",
         "medgemma-27b-text-it",
         "--batch",
@@ -252,9 +246,9 @@ def test_cli_prints_breakdown_and_advice():
     )
     assert lean.returncode == 0, lean.stderr
     assert '"lora_dropout": 0.0' in lean.stdout and '"attn_implementation": "varlen"' in lean.stdout
-    bad_dropout = _cli("--lora-dropout", "1.5")
+    bad_dropout = run_cli("memory", "--lora-dropout", "1.5")
     assert bad_dropout.returncode == 2 and "dropout" in bad_dropout.stderr
-    table = _cli("--profile", "medgemma-4b-it", "--table")
+    table = run_cli("memory", "--profile", "medgemma-4b-it", "--table")
     assert table.returncode == 0 and "141 GB" in table.stdout
 
 

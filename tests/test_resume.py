@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 from train_helpers import tiny_overrides
 
 from medgemma_lib.training import checkpoints
@@ -184,9 +185,7 @@ def test_graceful_stop_first_ctrl_c_requests_second_interrupts():
 
 
 def _cli(args, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", *args], capture_output=True, text=True, timeout=900, cwd=ROOT, **kw
-    )
+    return run_cli(*args, timeout=900, **kw)
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ import yaml
 from medgemma_lib.core.atomic import write_text
 from medgemma_lib.core.errors import ConfigError, OutputError
 from medgemma_lib.core.paths import resolve_path
-from medgemma_lib.core.profiles import model_source
+from medgemma_lib.core.profiles import ResolvedModel, resolve_source
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
@@ -513,16 +513,12 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     )
 
 
-def check_paths(cfg: RunConfig, root: str | os.PathLike | None = None) -> None:
-    """Fail early, in Chinese, when the input is missing or the output folder is not writable."""
-    base = Path(root) if root else Path.cwd()
+def check_paths(cfg: RunConfig) -> None:
+    """Fail early, in Chinese, when the input is missing or the output folder is not writable.
 
-    def locate(path) -> Path:  # as the data step finds it: the working folder, then the repository
-        p = Path(path)
-        return (p if p.is_absolute() else base / p) if root else resolve_path(p)
-
+    Data paths are found as the data step finds them (:func:`~medgemma_lib.core.paths.resolve_path`)."""
     if cfg.data.prepared_dir is None:
-        src = locate(cfg.data.input)
+        src = resolve_path(cfg.data.input)
         if src.exists() and not os.access(src, os.R_OK):
             raise ConfigError(
                 f"資料檔 data.input = {cfg.data.input} 無法讀取（沒有讀取權限）。", hint="請檢查檔案權限。"
@@ -533,19 +529,19 @@ def check_paths(cfg: RunConfig, root: str | os.PathLike | None = None) -> None:
                 hint="請確認路徑（相對於目前資料夾），例如 data/medquad_sample.csv。",
             )
         for i, entry in enumerate(cfg.data.mix):
-            if not locate(entry["input"]).exists():
+            if not resolve_path(entry["input"]).exists():
                 raise ConfigError(
                     f"找不到資料檔 data.mix[{i}].input = {entry['input']}。",
                     hint="請確認路徑（規則與 data.input 相同），或從 data.mix 移除這個來源。",
                 )
     else:
-        prepared = locate(cfg.data.prepared_dir)
+        prepared = resolve_path(cfg.data.prepared_dir)
         if not prepared.is_dir():
             raise ConfigError(
                 f"找不到已準備的資料夾 data.prepared_dir = {cfg.data.prepared_dir}。",
                 hint="請先執行 python -m medgemma_lib data prepare，或把 data.prepared_dir 留空。",
             )
-    _check_output(cfg, base)
+    _check_output(cfg, Path.cwd())
 
 
 def _check_output(cfg: RunConfig, base: Path) -> None:
@@ -561,26 +557,35 @@ def _check_output(cfg: RunConfig, base: Path) -> None:
         )
 
 
-def check_model_source(profile: str) -> None:
+def check_model_source(profile: str) -> ResolvedModel:
     """Refuse, in Chinese, a model that loading would refuse: unknown name, a folder without a readable
     ``config.json``, or with missing or truncated safetensors files.
 
-    The one check :func:`medgemma_lib.models.loading.resolve_profile` runs before loading
+    The one check :func:`medgemma_lib.models.loading.resolve_model` runs before loading
     (:func:`medgemma_lib.core.profiles.model_source`), here without loading or converting anything.
+    Returns the model resolved, for loading to use without checking it again.
     """
-    model_source(profile)
+    return resolve_source(profile)
 
 
-def validate_run(cfg: RunConfig, *, check_data: bool = True, check_model: bool = True) -> None:
+def validate_run(
+    cfg: RunConfig, *, check_data: bool = True, check_model: bool = True, model: ResolvedModel | None = None
+) -> ResolvedModel | None:
     """The one validation of a training run, before anything is created: ``config check`` and ``train`` call it.
 
     The config itself was validated when it was built (:func:`config_from_dict`); this adds what
     lies outside it: the model (known profile, or a folder with a readable ``config.json``), the
     input files (``check_data``; off when the caller passes prepared datasets) and a writable
     output location (including the run folder when ``train.run_name`` is set).
+
+    Returns the model resolved once (None when ``check_model`` is off): hand it to ``run_training`` and
+    loading so that nothing reads the model folder again. ``model``: one this function returned earlier
+    for the same ``cfg.model.profile``; it is reused, not checked again.
     """
+    resolved = None
     if check_model:
-        check_model_source(cfg.model.profile)
+        reuse = model is not None and model.name == cfg.model.profile
+        resolved = model if reuse else check_model_source(cfg.model.profile)
     if check_data:
         check_paths(cfg)
     else:
@@ -594,12 +599,13 @@ def validate_run(cfg: RunConfig, *, check_data: bool = True, check_model: bool =
             )
         if run_dir.is_dir() and not os.access(run_dir, os.W_OK | os.X_OK):
             raise OutputError(f"執行資料夾 {run_dir} 無法寫入。", hint="請換一個 train.run_name 或檢查權限。")
+    return resolved
 
 
-def field_help(section: str, key: str) -> str:
-    """The Chinese help text of one config field (used for YAML comments and docs)."""
-    sec = getattr(RunConfig(), section)
-    for f in dataclasses.fields(sec):
-        if f.name == key:
-            return f.metadata.get("help", "")
-    raise KeyError(f"{section}.{key}")
+def config_headlines(folder: str | os.PathLike) -> str:
+    """Each ``*.yaml`` in ``folder`` beside its first line, the comment that says what it is for (notebook 05)."""
+    lines = []
+    for path in sorted(Path(folder).glob("*.yaml")):
+        first = path.read_text(encoding="utf-8").splitlines()[0].lstrip("# ") if path.stat().st_size else ""
+        lines.append(f"{path.name:<28}{first}")
+    return "\n".join(lines)

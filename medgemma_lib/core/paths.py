@@ -42,6 +42,8 @@ def resolve_path(path: str | os.PathLike) -> Path:
     """``path`` as given; a relative path missing from the working folder is tried against the repository.
 
     So ``data/medquad_sample.csv`` (the config default) works from the repository root and from ``notebooks/``.
+    The one rule for the paths a config names (``data.input``, ``data.mix[].input``, ``data.prepared_dir``):
+    the config check, the data step, evaluation and the run's data record all find a data file through it.
     """
     p = Path(path).expanduser()
     if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
@@ -68,3 +70,17 @@ def cache_dir() -> Path:
     """Where converted models live: ``$MEDGEMMA_CACHE`` or ``~/.cache/medgemma_lib``."""
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "medgemma_lib"
+
+
+def folder_names(folder: str | os.PathLike, mark_folders: bool = True) -> list[str]:
+    """The names in ``folder``, sorted; a sub-folder's name ends in ``/`` unless ``mark_folders`` is off.
+
+    What a notebook lists of a folder it wrote (prepared data, a run folder), without a machine path.
+    """
+    return [p.name + ("/" if mark_folders and p.is_dir() else "") for p in sorted(Path(folder).iterdir())]
+
+
+def missing_files(folder: str | os.PathLike, names: list[str] | tuple[str, ...]) -> list[str]:
+    """Those of ``names`` that are not a non-empty file in ``folder``; empty when every one was written."""
+    paths = {name: Path(folder) / name for name in names}
+    return [name for name, p in paths.items() if not p.is_file() or p.stat().st_size == 0]

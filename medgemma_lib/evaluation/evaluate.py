@@ -25,7 +25,6 @@ Results go to ``results/<run>/eval.json``, ``eval.md`` and ``eval.png``.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import re
@@ -63,7 +62,18 @@ from medgemma_lib.models.generation import (
     load_before_answers,
     system_prompt_for,
 )
-from medgemma_lib.training.runs import EVAL_JSON, EVAL_MD, EVAL_PNG, Run, find_adapter_dir, load_for_inference, open_run
+from medgemma_lib.training.runs import (
+    DATA_SPLIT_FILE,
+    EVAL_JSON,
+    EVAL_MD,
+    EVAL_PNG,
+    Run,
+    changed_sources,
+    find_adapter_dir,
+    load_for_inference,
+    open_run,
+    read_data_split,
+)
 from medgemma_lib.training.stopping import stop_probability_at_end
 from medgemma_lib.training.train import run_training
 
@@ -95,7 +105,7 @@ def find_or_train_run(run_dir: str | Path, config: str | Path = "configs/demo.ya
     run_dir = Path(run_dir)
     if find_adapter_dir(run_dir) is not None:
         return run_dir
-    cfg_path = Path(config) if Path(config).is_file() else REPO_ROOT / config
+    cfg_path = resolve_path(config)
     if verbose:
         print(
             f"找不到 {run_dir.name} 的訓練結果（通常由 notebook 05 產生）。現在用 {cfg_path.name} 快速訓練一次，"
@@ -103,7 +113,6 @@ def find_or_train_run(run_dir: str | Path, config: str | Path = "configs/demo.ya
             flush=True,
         )
     cfg = load_config(cfg_path, [f"train.output_dir={run_dir.parent.resolve()}", f"train.run_name={run_dir.name}"])
-    cfg.data.input = str(resolve_path(cfg.data.input))
     run_training(cfg, verbose=verbose)
     return run_dir
 
@@ -112,26 +121,47 @@ def find_or_train_run(run_dir: str | Path, config: str | Path = "configs/demo.ya
 # Data
 
 
-def held_out_records(run: Run) -> tuple[list[dict], list[dict]]:
-    """The run's held-out ``test`` split and the ``test_mix`` split of its data mix (same config and seed)."""
+def held_out_records(run: Run, verbose: bool = True) -> tuple[list[dict], list[dict], str | None]:
+    """The run's held-out ``test`` split, the ``test_mix`` split of its data mix, and a note (None: nothing to say).
 
-    data_cfg = copy.deepcopy(run.config.data)
-    data_cfg.input = str(resolve_path(data_cfg.input))
-    if data_cfg.prepared_dir:
-        data_cfg.prepared_dir = str(resolve_path(data_cfg.prepared_dir))
-    splits, _ = prepare_from_config(data_cfg, output_dir=None, tokenizer=None)
-    if "test" not in splits or len(splits["test"]) == 0:
+    Both splits are what training recorded in the run's ``data_split.json`` (:func:`~.runs.write_data_split`):
+    when the recorded data has changed or is gone the note says so, and the recorded split is still what is
+    scored. A run from before that record is split again from its config and seed, with a note. ``verbose``:
+    print the note.
+    """
+    record = read_data_split(run.path)
+    if record is None:
+        splits, _ = prepare_from_config(run.config.data, output_dir=None, tokenizer=None)
+        held = {name: [dict(r) for r in ds] for name, ds in splits.items() if name != "train"}
+        note = (
+            f"這個執行資料夾沒有訓練時的資料切分紀錄（{DATA_SPLIT_FILE}，較早的版本訓練），測試集依 config.yaml 的"
+            "資料設定與種子重新切分；資料若在訓練後改過，測試題可能不是訓練時保留的那些。"
+        )
+    else:
+        held = record["held_out"]
+        note = changed_data_note(changed_sources(record), len(held.get("test") or []))
+    if not held.get("test"):
         raise DataError(
             "這次執行的資料沒有測試集（test split 是空的）。",
             hint="請把 data.test_fraction 設為大於 0（例如 0.1）後重新訓練。",
         )
-    mix = [dict(r) for r in splits["test_mix"]] if "test_mix" in splits else []
-    return [dict(r) for r in splits["test"]], mix
+    if verbose and note:
+        print(note, flush=True)
+    return held["test"], held.get("test_mix") or [], note
 
 
-def test_records(run: Run, tokenizer=None, limit: int | None = None) -> list[dict]:
-    """The held-out test split of the run (same data config and seed as training)."""
-    records = held_out_records(run)[0]
+def changed_data_note(changes: list[tuple[str, str]], n_test: int) -> str | None:
+    """One Chinese sentence: which recorded data files changed or are gone, and that the recorded split is scored."""
+    if not changes:
+        return None
+    what = {"changed": "已修改（SHA-256 與訓練時不同）", "missing": "已不在原處"}
+    files = "、".join(f"{display_path(resolve_path(path))} {what[kind]}" for path, kind in changes)
+    return f"注意：訓練時的資料 {files}；評估的仍是訓練時記錄的測試集（{n_test} 筆），沒有重新切分。"
+
+
+def test_records(run: Run, tokenizer=None, limit: int | None = None, verbose: bool = True) -> list[dict]:
+    """The held-out test split of the run (what training recorded; see :func:`held_out_records`)."""
+    records = held_out_records(run, verbose=verbose)[0]
     return records[:limit] if limit else records
 
 
@@ -500,7 +530,7 @@ def run_evaluation(
             hint="請用 runs.load_for_inference(執行資料夾) 載入模型。",
         )
 
-    records, mix_records = held_out_records(run)
+    records, mix_records, split_note = held_out_records(run, verbose=verbose)
     loss_set = records[:max_loss_examples] if max_loss_examples else records
     gen_set = records[:num_generate]
     zh_from_mix = bool(chinese and num_generate_chinese and mix_chinese_set(mix_records, 1))
@@ -623,6 +653,7 @@ def run_evaluation(
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": {
             "test_examples": len(records),
+            "test_split": split_note or f"訓練時記錄的測試集（{DATA_SPLIT_FILE}）",
             "loss_examples": len(loss_set),
             "generated_english": n_en,
             "generated_chinese": len(zh_rows),

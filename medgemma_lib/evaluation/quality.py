@@ -17,17 +17,17 @@ per metric), ``chinese`` (the same for the held-out Chinese questions), ``langua
 from __future__ import annotations
 
 import json
-import platform
 import shlex
 import time
-from importlib import metadata
 from pathlib import Path
 
 from medgemma_lib import MEDICAL_DISCLAIMER
 from medgemma_lib.core import display
 from medgemma_lib.core.atomic import write_json, write_text
 from medgemma_lib.core.config import load_config
+from medgemma_lib.core.display import markdown_table
 from medgemma_lib.core.errors import ConfigError, DataError, OutputError
+from medgemma_lib.core.machine import machine_facts, package_versions
 from medgemma_lib.core.paths import display_path, resolve_path
 from medgemma_lib.data import prepare_from_config
 from medgemma_lib.evaluation.evaluate import (
@@ -36,7 +36,6 @@ from medgemma_lib.evaluation.evaluate import (
     decoding_rows,
     fmt_interval,
     language_rows,
-    markdown_table,
     run_evaluation,
     stopping_rows,
 )
@@ -46,6 +45,7 @@ from medgemma_lib.training.trainer import free_memory
 
 METRICS = ("loss", "perplexity", "rougeL", "bleu", "chrf", "length")
 PACKAGES = (*KEY_PACKAGES, *(p for p in ("liger-kernel", "rouge-score") if p not in KEY_PACKAGES))
+ANSWER_CLIP = 400  # characters of an answer shown in the report's side-by-side
 VERDICT_METRICS = {"loss": "測試集 loss", "rougeL": "ROUGE-L", "chrf": "chrF", "bleu": "BLEU"}
 
 
@@ -85,25 +85,14 @@ def check_inputs(cfg, report: str | Path) -> tuple[Path, Path]:
 
 def environment() -> dict:
     """GPU (or CPU), Python and the versions of the packages that decide the numbers."""
-    import torch
-
-    hardware = {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        hardware.update(
-            gpu=torch.cuda.get_device_name(0),
-            gpu_memory_gib=round(props.total_memory / 2**30, 1),
-            cuda=torch.version.cuda,
-        )
+    facts = machine_facts()
+    hardware = {"python": facts["python"], "cpu": facts["cpu"]}
+    if facts["gpus"]:
+        gpu = facts["gpus"][0]
+        hardware.update(gpu=gpu["name"], gpu_memory_gib=gpu["memory_gib"], cuda=facts["cuda"])
     else:
         hardware["gpu"] = None
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {"hardware": hardware, "versions": versions}
+    return {"hardware": hardware, "versions": package_versions(PACKAGES)}
 
 
 def _metrics(models: dict, name: str) -> dict:
@@ -258,30 +247,36 @@ def render_markdown(report: dict, compare: list[dict] | None = None) -> str:
         *[f"- {line}" for line in report["verdict"]],
         "",
         "## 英文測試題：基礎模型 vs 微調後\n",
-        markdown_table(_rows(report, fmt_interval)),
+        markdown_table(_rows(report, fmt_interval)).data + "\n",
         "## 中文題\n",
         f"題目：{report['chinese']['questions']}\n",
-        markdown_table(_rows(report["chinese"], fmt_interval)),
+        markdown_table(_rows(report["chinese"], fmt_interval)).data + "\n",
     ]
     lang = language_rows({"language": report.get("language")})
     if lang:
-        lines += ["## 答案的語言\n", markdown_table(lang), f"判定方式：{report['language'].get('rule', '')}。\n"]
+        lines += [
+            "## 答案的語言\n",
+            markdown_table(lang).data + "\n",
+            f"判定方式：{report['language'].get('rule', '')}。\n",
+        ]
     stop = stopping_rows({"stopping": report.get("stopping")})
     if stop:
-        lines += ["## 答案有沒有說完就停\n", markdown_table(stop), STOPPING_NOTE]
+        lines += ["## 答案有沒有說完就停\n", markdown_table(stop).data + "\n", STOPPING_NOTE]
     dec = decoding_rows({"decoding": report.get("decoding")})
     if dec:
-        lines += ["## 解碼上限截掉了什麼\n", markdown_table(dec)]
+        lines += ["## 解碼上限截掉了什麼\n", markdown_table(dec).data + "\n"]
     for key, label in (("by_source", "依來源"), ("by_qtype", "依問題類型")):
-        lines += [f"## {label}\n", markdown_table(_breakdown_rows(report[key]))]
+        lines += [f"## {label}\n", markdown_table(_breakdown_rows(report[key])).data + "\n"]
     if compare:
-        lines += ["## 與其他完整訓練比較\n", markdown_table(compare_rows([*compare, report]))]
+        lines += ["## 與其他完整訓練比較\n", markdown_table(compare_rows([*compare, report])).data + "\n"]
     lines += ["## 答案並排（前幾題）\n", f"> {MEDICAL_DISCLAIMER}\n"]
     for row in report["answers"][:3] + report["chinese_answers"][:3]:
-        lines.append(f"**問：{_clip(row['question'], 300)}**\n")
-        lines.append(f"- 參考答案：{_clip(row['reference'])}")
+        lines.append(f"**問：{display.clip(row['question'], 300, markdown=True)}**\n")
+        lines.append(f"- 參考答案：{display.clip(row['reference'], ANSWER_CLIP, markdown=True)}")
         for name, label in (("base", "基礎模型"), ("tuned", "微調後")):
-            lines.append(f"- {label}：{_clip(row['answers'].get(name, '')) or '（空白）'}")
+            lines.append(
+                f"- {label}：{display.clip(row['answers'].get(name, ''), ANSWER_CLIP, markdown=True) or '（空白）'}"
+            )
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -352,11 +347,6 @@ def _num(value, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
-def _clip(text: str, limit: int = 400) -> str:
-    """Model or reference text inside Markdown: repeats collapsed, whitespace joined, clipped, escaped."""
-    return display.md_escape(display.clip(text, limit))
-
-
 def write_report(report: dict, report_path: str | Path, compare: list[dict] | None = None) -> tuple[Path, Path]:
     json_path, md_path = report_paths(report_path)
     report = {**report, "name": json_path.stem}
@@ -365,10 +355,11 @@ def write_report(report: dict, report_path: str | Path, compare: list[dict] | No
     return json_path, md_path
 
 
-def load_report(path: str | Path) -> dict:
+def load_report(path: str | Path, hint: str = "請確認路徑（docs/quality/*.json）。") -> dict:
+    """A quality report's JSON (``docs/quality/*.json``, or the copy beside the shipped reference adapter)."""
     json_path, _ = report_paths(path)
     if not json_path.is_file():
-        raise OutputError(f"找不到品質報告 {display_path(json_path)}。", hint="請確認路徑（docs/quality/*.json）。")
+        raise OutputError(f"找不到品質報告 {display_path(json_path)}。", hint=hint)
     return json.loads(json_path.read_text(encoding="utf-8"))
 
 
@@ -384,9 +375,8 @@ def run_quality(
     command += "".join(" " + shlex.quote(o) for o in overrides or [])
     command += " --report " + shlex.quote(str(report))
     command += "".join(" --compare " + shlex.quote(str(c)) for c in compare or [])
-    cfg.data.input = str(resolve_path(cfg.data.input))
     splits, prep = prepare_from_config(cfg.data)
-    result = run_training(cfg, datasets=splits)
+    result = run_training(cfg, datasets=splits, data_report=prep)
     # Evaluate what was saved, loaded afresh (as `evaluate` and notebook 06 do), not the training-time model
     # (Liger kernels, packed attention): the report then describes the shipped adapter.
     result.trainer = None

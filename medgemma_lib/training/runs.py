@@ -1,6 +1,8 @@
 """The run folder: its layout, opening a finished run, and loading it for inference.
 
-``train`` writes it; ``evaluate``, ``chat`` and ``export`` read it, all through this module::
+``train`` writes it; ``evaluate``, ``chat`` and ``export`` read it, all through this module. A finished run is
+opened once (:func:`open_run`: config read, adapter verified and hashed, base model resolved) and the
+:class:`Run` is passed on; nothing after the opening reads, verifies or resolves those again::
 
     results/<run-name>/
         adapter/                 LoRA weights (adapter_model.safetensors) + adapter_config.json + completion marker
@@ -10,6 +12,7 @@
         memory.json              peak memory and the advice derived from it
         train_summary.json       initial and final validation loss, steps, timings, tokens/s
         initial_eval.json        validation loss before training (a resumed run reuses it)
+        data_split.json          what it trained on (ids) and is tested on (held-out records), the data's SHA-256
         tensorboard/             TensorBoard event files
         checkpoints/checkpoint-N resumable checkpoints (the last K), each marked complete when fully written
         eval.json, eval.md, eval.png   written by ``evaluate``
@@ -31,14 +34,25 @@ from pathlib import Path
 from peft import PeftModel
 from safetensors import safe_open
 
+from medgemma_lib.core.atomic import write_json
 from medgemma_lib.core.config import RunConfig, load_config
-from medgemma_lib.core.errors import ConfigError, ModelError, OutputError
-from medgemma_lib.core.paths import display_path
-from medgemma_lib.core.profiles import architecture, architecture_shape, base_identity, folder_shape, model_source
+from medgemma_lib.core.errors import ConfigError, DataError, ModelError, OutputError
+from medgemma_lib.core.paths import display_path, resolve_path
+from medgemma_lib.core.profiles import (
+    ResolvedModel,
+    architecture,
+    architecture_shape,
+    base_identity,
+    folder_shape,
+    resolve_source,
+)
 from medgemma_lib.core.weightfiles import folder_fingerprint
+from medgemma_lib.data import answer_of, question_of
+from medgemma_lib.data.formatting import record_id
+from medgemma_lib.data.pipeline import file_sha256
 from medgemma_lib.models import loading as models
 from medgemma_lib.training import stopping
-from medgemma_lib.training.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, verify_adapter
+from medgemma_lib.training.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, sha256_of, verify_adapter
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
@@ -49,6 +63,8 @@ MEMORY_FILE = "memory.json"
 SUMMARY_FILE = "train_summary.json"
 INITIAL_EVAL_FILE = "initial_eval.json"
 STOP_TOKEN_FILE = "stop_token.json"  # the check before training: can the base end an answer, what was trained
+DATA_SPLIT_FILE = "data_split.json"  # the split trained and tested on, the source data's SHA-256, the prepare report
+DATA_SPLIT_FORMAT = 1
 TENSORBOARD_DIR = "tensorboard"
 DEMO_SUMMARY_FILE = "demo_summary.json"
 EVAL_JSON, EVAL_MD, EVAL_PNG = "eval.json", "eval.md", "eval.png"
@@ -67,6 +83,7 @@ RUN_ARTEFACTS = (
     CONFIG_FILE,
     INITIAL_EVAL_FILE,
     STOP_TOKEN_FILE,
+    DATA_SPLIT_FILE,
     DEMO_SUMMARY_FILE,
     EVAL_JSON,
     EVAL_MD,
@@ -121,15 +138,35 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
 
 @dataclass
 class Run:
-    """A training run folder: where its adapter is and the config it was trained with."""
+    """A finished run, opened once by :func:`open_run`: pass it to evaluate, chat and export instead of the path.
+
+    ``config`` is the run's ``config.yaml`` as read at opening; ``adapter_dir`` holds the adapter verified at
+    opening (:func:`~medgemma_lib.training.checkpoints.verify_adapter`), whose weights' SHA-256 is
+    ``adapter_sha256`` (from that verification; None for an adapter without a completion marker until
+    :meth:`adapter_digest` hashes it, once); ``base`` is the base model resolved at opening.
+    """
 
     path: Path
     adapter_dir: Path
     config: RunConfig
+    base: ResolvedModel | None = None
+    adapter_sha256: str | None = None
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    def base_model(self) -> ResolvedModel:
+        """The base model ready to load (the demo converted on first use), resolved once for this run."""
+        if self.base is None or self.base.source is None:
+            self.base = models.resolve_model(self.base or self.config.model.profile)
+        return self.base
+
+    def adapter_digest(self) -> str:
+        """SHA-256 of the adapter weights: the one verified at opening, or computed here once (no marker)."""
+        if self.adapter_sha256 is None:
+            self.adapter_sha256 = sha256_of(self.adapter_dir / ADAPTER_WEIGHTS)
+        return self.adapter_sha256
 
 
 def find_adapter_dir(run_dir: str | Path) -> Path | None:
@@ -142,13 +179,14 @@ def find_adapter_dir(run_dir: str | Path) -> Path | None:
     return None
 
 
-def check_adapter_file(adapter_dir: Path, run_dir: Path | None = None) -> None:
+def check_adapter_file(adapter_dir: Path, run_dir: Path | None = None) -> dict[str, str]:
     """Refuse a damaged adapter with a ModelError (what is wrong, and how to get it back).
 
     :func:`medgemma_lib.training.checkpoints.verify_adapter` checks the files (safetensors only, header and
-    size, and the SHA-256 recorded when training saved it); then two tensors are read for real.
+    size, and the SHA-256 recorded when training saved it); then two tensors are read for real. Returns the
+    verified ``{file: SHA-256}`` (``{}`` without a completion marker).
     """
-    verify_adapter(adapter_dir, run_dir=run_dir)
+    hashes = verify_adapter(adapter_dir, run_dir=run_dir)
     weights = adapter_dir / ADAPTER_WEIGHTS
     try:
         with safe_open(str(weights), framework="pt") as handle:
@@ -166,10 +204,12 @@ def check_adapter_file(adapter_dir: Path, run_dir: Path | None = None) -> None:
         ) from None
     if not names:
         raise ModelError(f"LoRA 轉接器權重檔 {weights.name} 是空的（沒有任何權重）。", hint="請重新訓練。")
+    return hashes
 
 
 def open_run(run_dir: str | Path) -> Run:
-    """Check a run folder (exists, has an intact adapter and config.yaml) and read its config."""
+    """Open a run folder once: check it (exists, has an intact adapter and config.yaml), read its config,
+    verify and hash the adapter, and resolve the base model. Pass the :class:`Run` on (see :func:`as_run`)."""
     path = Path(run_dir).expanduser()
     if not path.is_dir():
         parent = path.parent if str(path.parent) not in ("", ".") else Path("results")
@@ -190,7 +230,7 @@ def open_run(run_dir: str | Path) -> Run:
             f"執行資料夾 {path} 裡沒有 LoRA 轉接器（找不到 adapter/{ADAPTER_CONFIG} 與 adapter/{ADAPTER_WEIGHTS}）。",
             hint="訓練可能沒有完成；請重新訓練，或指向含有 adapter/ 的執行資料夾（results/<執行名稱>）。",
         )
-    check_adapter_file(adapter_dir, path)
+    hashes = check_adapter_file(adapter_dir, path)
     cfg_file = path / CONFIG_FILE
     recorded = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
     if cfg_file.is_file():
@@ -199,10 +239,15 @@ def open_run(run_dir: str | Path) -> Run:
         config = RunConfig()
         if recorded:
             config.model.profile = recorded
-    model_source(config.model.profile)  # known, or a local folder whose files are whole: before anything loads
+    base = resolve_source(config.model.profile)  # known, or a local folder whose files are whole: before any load
     if isinstance(recorded, str) and recorded:
         check_adapter_base(config.model.profile, recorded, path)
-    return Run(path=path, adapter_dir=adapter_dir, config=config)
+    return Run(path=path, adapter_dir=adapter_dir, config=config, base=base, adapter_sha256=hashes.get(ADAPTER_WEIGHTS))
+
+
+def as_run(run: str | Path | Run) -> Run:
+    """``run`` itself when it is an opened :class:`Run`; a path is opened here (once) with :func:`open_run`."""
+    return run if isinstance(run, Run) else open_run(run)
 
 
 def check_adapter_base(profile: str, recorded: str, run_dir: Path) -> None:
@@ -248,10 +293,88 @@ def read_stop_token_check(run_dir: str | Path) -> stopping.StopTokenCheck | None
     return stopping.StopTokenCheck.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
-def attach_adapter(base, adapter_dir: str | Path):
-    """``PeftModel`` around ``base`` with the adapter from ``adapter_dir`` (inference mode)."""
-    adapter_dir = Path(adapter_dir)
-    verify_adapter(adapter_dir)  # safetensors only, whole, as saved
+# ----------------------------------------------------------------------------------------------
+# What the run trained on and is tested on (data_split.json)
+
+
+def data_sources(cfg: RunConfig) -> list[tuple[str, str]]:
+    """The files (or the prepared folder) a run's data section reads: ``(config key, path as given)``."""
+    data = cfg.data
+    if data.prepared_dir:
+        return [("data.prepared_dir", str(data.prepared_dir))]
+    mix = [(f"data.mix[{i}].input", str(entry["input"])) for i, entry in enumerate(data.mix or [])]
+    return [("data.input", str(data.input)), *mix]
+
+
+def _record_key(record: dict) -> str:
+    return record.get("id") or record_id(question_of(record), answer_of(record))
+
+
+def write_data_split(run_dir: str | Path, cfg: RunConfig, datasets, report: dict | None = None) -> Path:
+    """Record in the run folder what it trains on and is tested on (``data_split.json``, written atomically).
+
+    The held-out splits (``validation``, ``test``, the mix's ``test_mix``) in full, as evaluation scores them;
+    the train split as record ids (a content hash of question and answer,
+    :func:`~medgemma_lib.data.formatting.record_id`);
+    each source's path as given and SHA-256; the prepare report when the caller has it. ``evaluate`` reads
+    this instead of cleaning and splitting the data again, so a changed file cannot change the test set.
+    """
+    sources = []
+    for key, given in data_sources(cfg):
+        path = resolve_path(given)
+        sources.append({"key": key, "path": given, "sha256": file_sha256(path) if path.exists() else None})
+    record = {
+        "format": DATA_SPLIT_FORMAT,
+        "sources": sources,
+        "counts": {name: len(ds) for name, ds in datasets.items()},
+        "train_ids": [_record_key(r) for r in datasets["train"]],
+        "held_out": {name: [dict(r) for r in ds] for name, ds in datasets.items() if name != "train"},
+        "prepare_report": report,
+    }
+    return write_json(Path(run_dir) / DATA_SPLIT_FILE, record, indent=None)  # one line: the file can be MBs
+
+
+def read_data_split(run_dir: str | Path) -> dict | None:
+    """The run's ``data_split.json`` (:func:`write_data_split`), or None for a run trained before runs kept one."""
+    path = Path(run_dir) / DATA_SPLIT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        record, reason = None, str(exc).splitlines()[0][:120]
+    else:
+        reason = "格式不符"
+    if not isinstance(record, dict) or record.get("format") != DATA_SPLIT_FORMAT or "held_out" not in record:
+        raise DataError(
+            f"執行資料夾裡的資料切分紀錄 {display_path(path)} 無法使用（{reason}）。",
+            hint="這個檔案由訓練寫入，記錄測試集；請從備份還原整個執行資料夾，或重新訓練。",
+        )
+    return record
+
+
+def changed_sources(record: dict) -> list[tuple[str, str]]:
+    """``(path as given, "missing" | "changed")`` for each recorded source that is gone or whose SHA-256 differs."""
+    changes = []
+    for source in record.get("sources", []):
+        path = resolve_path(source["path"])
+        if not path.exists():
+            changes.append((source["path"], "missing"))
+        elif source.get("sha256") and file_sha256(path) != source["sha256"]:
+            changes.append((source["path"], "changed"))
+    return changes
+
+
+def attach_adapter(base, adapter: str | Path | Run):
+    """``PeftModel`` around ``base`` with the adapter of an opened :class:`Run` or from a folder (inference mode).
+
+    A folder is verified here; a :class:`Run`'s adapter was verified when it was opened.
+    """
+    if isinstance(adapter, Run):
+        adapter_dir = adapter.adapter_dir
+    else:
+        adapter_dir = Path(adapter)
+        verify_adapter(adapter_dir)  # safetensors only, whole, as saved
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     except Exception as exc:  # mismatched shapes, wrong base model, damaged file
@@ -268,20 +391,20 @@ def load_for_inference(
 ):
     """Load the base model once and attach the run's adapter. Returns ``(model, tokenizer, run)``.
 
+    ``run_dir``: an opened :class:`Run` (nothing is read or verified again) or a folder (opened here once).
     ``quantization`` defaults to the one the run was trained with (usually ``nf4``): the adapter
     is measured on the base it learned on.
     """
-    run = run_dir if isinstance(run_dir, Run) else open_run(run_dir)
+    run = as_run(run_dir)
     quantization = quantization or run.config.model.quantization
     device = device or models.default_device()
     started = time.time()
     if verbose:
         print(f"載入基礎模型 {run.config.model.profile}（{quantization}，{device}），只載入一次…", flush=True)
-    tokenizer = models.load_tokenizer(run.config.model.profile)
-    base = models.load_model(
-        run.config.model.profile, quantization, device, attn_implementation=run.config.model.attn_implementation
-    )
-    model = attach_adapter(base, run.adapter_dir)
+    source = run.base_model()
+    tokenizer = models.load_tokenizer(source)
+    base = models.load_model(source, quantization, device, attn_implementation=run.config.model.attn_implementation)
+    model = attach_adapter(base, run)
     if verbose:
         print(f"已掛上 LoRA 轉接器 {run.name}/{run.adapter_dir.name}（{time.time() - started:.0f} 秒）。", flush=True)
     return model, tokenizer, run

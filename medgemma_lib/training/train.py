@@ -41,6 +41,7 @@ from medgemma_lib.training.runs import (
     is_main_process,
     prepare_run_dir,
     run_dir_for,
+    write_data_split,
 )
 from medgemma_lib.training.trainer import (
     GracefulStop,
@@ -161,19 +162,25 @@ def run_training(
     tokenizer=None,
     evaluate_before: bool = True,
     verbose: bool = True,
+    model_source: models.ResolvedModel | None = None,
+    data_report: dict | None = None,
 ) -> TrainResult:
     """Train LoRA on ``cfg`` and write the run folder; the CLI, the demo and notebook 05 all call this.
 
     ``datasets``: a prepared ``DatasetDict`` (train/validation[/test]); when None the data is prepared
-    from ``cfg.data``. ``model``/``tokenizer``: already loaded ones (e.g. a notebook that loaded them
-    earlier); when None they are loaded from ``cfg.model``. ``resume``: continue from the newest
-    complete checkpoint of ``results/<run_name>/``. ``notebook``: draw the loss curve live, show Chinese
-    status lines instead of the progress bars of TRL, datasets and transformers.
+    from ``cfg.data``; ``data_report``: its prepare report, kept in the run's ``data_split.json`` with the
+    held-out splits, the train ids and the data's SHA-256 (:func:`~medgemma_lib.training.runs.write_data_split`).
+    ``model``/``tokenizer``: already loaded ones (e.g. a notebook that loaded them earlier); when None they
+    are loaded from ``cfg.model``. ``resume``: continue from the newest complete checkpoint of
+    ``results/<run_name>/``. ``notebook``: draw the loss curve live, show Chinese
+    status lines instead of the progress bars of TRL, datasets and transformers. ``model_source``: what
+    :func:`~medgemma_lib.core.config.validate_run` returned for ``cfg`` (the CLI checked it already); the model
+    is resolved once and that one object is loaded, so a local folder is not read again.
     """
     if notebook:
         display.quiet_progress_bars()
     # Everything `config check` checks, before anything is created (no run folder for a refused config).
-    validate_run(cfg, check_data=datasets is None)
+    model_source = validate_run(cfg, check_data=datasets is None, model=model_source)
     if resume and not cfg.train.run_name:
         raise ConfigError(
             "--resume 需要知道要接續哪一次執行。",
@@ -200,11 +207,12 @@ def run_training(
 
     device = models.default_device()
     threads = set_cpu_threads(cfg, device)
-    profile, _ = models.resolve_profile(cfg.model.profile)
+    model_source = models.resolve_model(model_source)  # the demo converted once; nothing below resolves it again
+    profile = model_source.profile
     if tokenizer is None:
-        tokenizer = models.load_tokenizer(cfg.model.profile)
+        tokenizer = models.load_tokenizer(model_source)
     if datasets is None:
-        datasets, _report = prepare_from_config(cfg.data, output_dir=None, tokenizer=tokenizer)
+        datasets, data_report = prepare_from_config(cfg.data, output_dir=None, tokenizer=tokenizer)
     train_ds = conversational_only(datasets["train"])
     eval_ds = (
         conversational_only(datasets["validation"])
@@ -216,12 +224,13 @@ def run_training(
     prepare_run_dir(run_dir, resume)  # only now: data and tokenizer were accepted
     if is_main_process():
         save_config(cfg, run_dir / CONFIG_FILE)
+        write_data_split(run_dir, cfg, datasets, data_report)  # evaluation scores this split, not a new one
 
     if model is None:
         if verbose:
             print(f"載入模型 {cfg.model.profile}（{cfg.model.quantization}，{device}）…", flush=True)
         model = models.load_model(
-            cfg.model.profile, cfg.model.quantization, device, attn_implementation=cfg.model.attn_implementation
+            model_source, cfg.model.quantization, device, attn_implementation=cfg.model.attn_implementation
         )
     check = stop_token_check(cfg, model, tokenizer, eval_ds if eval_ds is not None else train_ds, run_dir, resume)
     if check is not None and verbose:
