@@ -203,3 +203,39 @@ def test_full_medquad_xml_tarball(shared_data):
     assert c["kept"] == 16423 - 48
     _assert_adds_up(report)
     _no_leakage(splits)
+
+
+def test_notebook_helpers_sizes_records_focus_areas_and_lookup():
+    """What notebook 03 calls instead of looping: sizes, all records, focus areas per split, one record by field."""
+    from medgemma_lib import data
+
+    a, b, c = (
+        {"id": i, "focus_area": f, "title": t} for i, f, t in ((1, "Flu", "x"), (2, "Acne", "y"), (3, "Flu", "z"))
+    )
+    splits = {"train": [a, c], "test": [b]}
+    assert data.split_sizes(splits) == {"train": 2, "test": 1}
+    assert data.all_records(splits) == [a, c, b]
+    assert data.focus_areas_by_split(splits) == {"train": ["Flu"], "test": ["Acne"]}
+    assert data.find_record(splits, title="y") is b and data.find_record([a, b], focus_area="Flu", title="x") is a
+    assert data.find_record(splits, title="nope") is None
+    record = {"prompt": [{"role": "user", "content": "糖尿病？"}], "id": "abc", "extra": 1}
+    shown = data.format_record(record)
+    assert "糖尿病" in shown and '"id": "abc"' in shown and "extra" not in shown and not shown.endswith("…")
+    assert data.format_record(record, limit=30) == shown[:30] + " …"
+
+
+def test_cut_length_table_and_round_trip_check(repo_root, demo_tokenizer, tmp_path):
+    from medgemma_lib import data
+
+    splits, _ = prepare_from_config(_cfg(repo_root, max_train_examples=40, max_eval_examples=10))
+    lengths = data.length_report(demo_tokenizer, data.all_records({"train": splits["train"].to_list()}))
+    table = data.cut_length_table(lengths)
+    assert table.index.name == "max_length" and list(table.columns) == [
+        "被截斷的樣本數",
+        "被截斷的樣本 %",
+        "損失的 token %",
+    ]
+    assert table["被截斷的樣本數"].is_monotonic_decreasing
+    assert data.differing_splits(splits, splits) == []
+    assert data.differing_splits(splits, {**splits, "test": splits["validation"]}) == ["test"]
+    assert data.differing_splits({"train": splits["train"]}, splits) == ["test", "validation"]

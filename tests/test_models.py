@@ -159,3 +159,15 @@ def test_unwritable_cache_is_a_chinese_resource_error(tmp_path, monkeypatch):
     with pytest.raises(ResourceError) as info:
         models.ensure_demo_model()
     assert models.CACHE_ENV in str(info.value)
+
+
+def test_count_4bit_and_lora_layers():
+    import torch
+    from bitsandbytes.nn import Linear4bit
+    from peft import LoraConfig, inject_adapter_in_model
+
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    assert models.count_4bit_layers(plain) == 0 and models.count_lora_layers(plain) == 0
+    assert models.count_4bit_layers(torch.nn.Sequential(Linear4bit(8, 8), torch.nn.Linear(8, 8))) == 1
+    lora = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0", "1"]), plain)
+    assert models.count_lora_layers(lora) == 2

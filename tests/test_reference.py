@@ -58,6 +58,11 @@ def test_heldout_questions_are_unseen_by_the_short_run():
         assert _key(rec["prompt"][-1]["content"]) not in questions
         assert _key(rec["focus_area"]) not in focus
         assert len(rec["completion"][0]["content"]) <= 400
+    # the library's count (notebook 06) agrees with the plain check above, and sees a planted leak
+    assert reference.overlap(held, sample) == {"questions": 0, "focus_areas": 0}
+    leaked = [dict(sample[0], question=held[0]["prompt"][-1]["content"].upper()), dict(sample[1], focus_area="")]
+    leaked[1]["focus_area"] = held[1]["focus_area"] + "  "
+    assert reference.overlap(held, sample + leaked) == {"questions": 1, "focus_areas": 1}
 
 
 def test_heldout_questions_are_in_the_full_runs_test_split(shared_data):

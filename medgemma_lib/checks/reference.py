@@ -56,25 +56,41 @@ SHIPPED_FILES = ("adapter_model.safetensors", "adapter_config.json", "config.yam
 # Questions held out from both runs
 
 
+def _key(text: str) -> str:
+    return " ".join((text or "").casefold().split())
+
+
+def _seen(sample_rows: list[dict]) -> tuple[set[str], set[str]]:
+    """The questions and focus areas of ``sample_rows``, compared without case or spacing."""
+    questions = {_key(r.get("question", "")) for r in sample_rows}
+    focus = {_key(r.get("focus_area", "")) for r in sample_rows if r.get("focus_area")}
+    return questions, focus
+
+
 def heldout_records(full_test: list[dict], sample_rows: list[dict], n: int = 16, max_answer_chars: int = 400):
     """The first ``n`` records of the full run's test split (its seeded order) with a short answer whose
     question and focus area appear nowhere in ``sample_rows`` (the shipped sample the short run learns from)."""
-
-    def key(text: str) -> str:
-        return " ".join((text or "").casefold().split())
-
-    seen_q = {key(r.get("question", "")) for r in sample_rows}
-    seen_f = {key(r.get("focus_area", "")) for r in sample_rows if r.get("focus_area")}
+    seen_q, seen_f = _seen(sample_rows)
     picked = []
     for rec in full_test:
         question = rec["prompt"][-1]["content"]
         answer = rec["completion"][0]["content"]
-        if len(answer) > max_answer_chars or key(question) in seen_q or key(rec.get("focus_area", "")) in seen_f:
+        if len(answer) > max_answer_chars or _key(question) in seen_q or _key(rec.get("focus_area", "")) in seen_f:
             continue
         picked.append(rec)
         if len(picked) == n:
             break
     return picked
+
+
+def overlap(held: list[dict], sample_rows: list[dict]) -> dict[str, int]:
+    """How many held-out records share their question, or their focus area (the disease), with ``sample_rows``:
+    both 0 means the short run never saw these questions nor these diseases (notebook 06 asserts it)."""
+    seen_q, seen_f = _seen(sample_rows)
+    return {
+        "questions": sum(_key(h["prompt"][-1]["content"]) in seen_q for h in held),
+        "focus_areas": sum(_key(h.get("focus_area", "")) in seen_f for h in held if h.get("focus_area")),
+    }
 
 
 def load_heldout(folder: str | Path = REFERENCE_DIR) -> list[dict]:

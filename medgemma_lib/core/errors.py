@@ -73,3 +73,16 @@ class TrainingInterrupted(MedgemmaError):
             f"接續訓練：python -m medgemma_lib train --config {config_shown} --resume"
             "（notebook 中：run_training(cfg, resume=True)）。"
         )
+
+
+def raised_by(call, *args, **kwargs) -> MedgemmaError | None:
+    """The :class:`MedgemmaError` that ``call(*args, **kwargs)`` raises, or None when it returns normally.
+
+    For a lesson that shows what a user's mistake looks like (notebook 03: a wrong encoding): the cell prints
+    ``err.format()`` (what, where, how to fix) instead of a traceback. Any other exception propagates.
+    """
+    try:
+        call(*args, **kwargs)
+    except MedgemmaError as err:
+        return err
+    return None

@@ -368,6 +368,28 @@ def model_source(name_or_path: str) -> tuple[ModelProfile, str | None]:
     )
 
 
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model named once and checked once: pass it on instead of the name, so nothing resolves it again.
+
+    ``name`` is what the config says (profile name, Hub id or folder); ``source`` is the Hub id or folder that
+    ``from_pretrained`` reads, or None for the demo until :func:`medgemma_lib.models.loading.resolve_model`
+    has converted it. Loading functions accept it wherever they accept a name.
+    """
+
+    name: str
+    profile: ModelProfile
+    source: str | None
+
+
+def resolve_source(model: str | ResolvedModel) -> ResolvedModel:
+    """:func:`model_source` as a :class:`ResolvedModel`; one that is already resolved is returned as it is."""
+    if isinstance(model, ResolvedModel):
+        return model
+    profile, source = model_source(model)
+    return ResolvedModel(model, profile, source)
+
+
 _HUB_CACHE_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
 
 

@@ -24,8 +24,16 @@ from medgemma_lib.data.clean import (
     strip_html,
     truncate_at_sentence,
 )
-from medgemma_lib.data.formatting import answer_of, chinese_converter, question_of, to_record
+from medgemma_lib.data.formatting import (
+    answer_of,
+    chinese_converter,
+    find_record,
+    format_record,
+    question_of,
+    to_record,
+)
 from medgemma_lib.data.lengths import (
+    cut_length_table,
     length_report,
     length_table,
     plot_token_lengths,
@@ -33,11 +41,25 @@ from medgemma_lib.data.lengths import (
     token_lengths,
 )
 from medgemma_lib.data.masking import decoded_labels, format_masking, label_mask_example, masking_table
-from medgemma_lib.data.pipeline import MIX_RULES, prepare_from_config, prepare_records, to_dataset_dict
+from medgemma_lib.data.pipeline import MIX_RULES, mix_problems, prepare_from_config, prepare_records, to_dataset_dict
 from medgemma_lib.data.readers import RawTable, read_table
 from medgemma_lib.data.report import counts_table, format_report, mix_table, splits_table
-from medgemma_lib.data.split import crossing_keys, leakage_groups, split_by_focus_area
-from medgemma_lib.data.storage import REPORT_NAME, check_output_dir, load_prepared, load_report, save_prepared
+from medgemma_lib.data.split import (
+    all_records,
+    crossing_keys,
+    focus_areas_by_split,
+    leakage_groups,
+    split_by_focus_area,
+    split_sizes,
+)
+from medgemma_lib.data.storage import (
+    REPORT_NAME,
+    check_output_dir,
+    differing_splits,
+    load_prepared,
+    load_report,
+    save_prepared,
+)
 
 __all__ = [
     "CLEAN_COUNTS",
@@ -45,14 +67,20 @@ __all__ = [
     "MIX_RULES",
     "REPORT_NAME",
     "RawTable",
+    "all_records",
     "answer_of",
+    "check_output_dir",
     "chinese_converter",
     "clean_rows",
     "counts_table",
-    "check_output_dir",
     "crossing_keys",
+    "cut_length_table",
     "decoded_labels",
+    "differing_splits",
+    "find_record",
+    "focus_areas_by_split",
     "format_masking",
+    "format_record",
     "format_report",
     "label_mask_example",
     "leakage_groups",
@@ -61,6 +89,7 @@ __all__ = [
     "load_prepared",
     "load_report",
     "masking_table",
+    "mix_problems",
     "mix_table",
     "parse_column_mapping",
     "plot_token_lengths",
@@ -71,6 +100,7 @@ __all__ = [
     "recommend_max_length",
     "save_prepared",
     "split_by_focus_area",
+    "split_sizes",
     "splits_table",
     "strip_html",
     "to_dataset_dict",

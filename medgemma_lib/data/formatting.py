@@ -85,3 +85,27 @@ def question_of(record: dict) -> str:
 
 def answer_of(record: dict) -> str:
     return record["completion"][0]["content"]
+
+
+RECORD_KEYS = ("prompt", "completion", "source", "focus_area", "qtype", "id")
+
+
+def format_record(record: dict, limit: int = 900, keys: tuple[str, ...] = RECORD_KEYS) -> str:
+    """A record's ``keys`` as indented JSON (Chinese as written), cut at ``limit`` characters with 「 …」."""
+    import json
+
+    text = json.dumps({k: record[k] for k in keys if k in record}, ensure_ascii=False, indent=1)
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def find_record(records, **fields) -> dict | None:
+    """The first record whose ``fields`` all equal the given values, or None.
+
+    ``records``: a list of records (or rows), or a mapping of split name to records, searched split after split.
+    """
+    groups = records.values() if isinstance(records, dict) else [records]
+    for group in groups:
+        for record in group:
+            if all(record.get(key) == value for key, value in fields.items()):
+                return record
+    return None

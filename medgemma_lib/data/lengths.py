@@ -129,3 +129,16 @@ def plot_token_lengths(report: dict, ax=None):
     ax.set_title(plots.label("Token 長度分布", "Token length distribution"))
     ax.legend()
     return ax
+
+
+CUT_COLUMNS = {
+    "max_length": "max_length",
+    "examples_cut": "被截斷的樣本數",
+    "examples_cut_pct": "被截斷的樣本 %",
+    "tokens_lost_pct": "損失的 token %",
+}
+
+
+def cut_length_table(report: dict):
+    """:func:`length_report`'s ``cut_table`` for people: one row per candidate ``max_length``, Chinese headers."""
+    return pd.DataFrame(report["cut_table"]).rename(columns=CUT_COLUMNS).set_index("max_length")

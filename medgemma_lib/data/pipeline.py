@@ -349,3 +349,24 @@ def prepare_from_config(
         storage.save_prepared(splits, report, output_dir, overwrite)
         report["output"] = display_path(output_dir)
     return splits, report
+
+
+def mix_problems(by_split: dict[str, list[dict]], report: dict) -> list[str]:
+    """Where the mixed splits disagree with ``report["mix"]`` (empty: they agree).
+
+    Checked per source: the train records carrying its ``mix_source`` are as many as it sampled, its ``test_mix``
+    is its own test split; overall: train = main train + every sample, ``test_mix`` = every source's test split.
+    """
+    mix, problems = report["mix"], []
+    for src in mix["sources"]:
+        in_train = sum(r.get("mix_source") == src["name"] for r in by_split["train"])
+        if in_train != src["sampled_into_train"]:
+            problems.append(f"{src['name']}：訓練集裡有 {in_train} 筆，報告寫 {src['sampled_into_train']} 筆")
+        if src["test_mix"] != src["splits"]["test"]:
+            problems.append(f"{src['name']}：test_mix {src['test_mix']} 筆，它自己的測試集 {src['splits']['test']} 筆")
+    sampled = sum(src["sampled_into_train"] for src in mix["sources"])
+    if len(by_split["train"]) != mix["main_train"] + sampled:
+        problems.append(f"訓練集 {len(by_split['train'])} 筆 ≠ 主要 {mix['main_train']} ＋ 混合 {sampled}")
+    if len(by_split.get("test_mix", [])) != sum(src["test_mix"] for src in mix["sources"]):
+        problems.append(f"test_mix 有 {len(by_split.get('test_mix', []))} 筆，與各來源的測試集合計不符")
+    return problems

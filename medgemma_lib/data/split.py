@@ -110,3 +110,18 @@ def crossing_keys(rows: list[dict[str, str]], split_of_row: dict[int, str], fiel
         if value.strip():
             seen[_key(value)].add(name)
     return {k for k, names in seen.items() if len(names) > 1}
+
+
+def split_sizes(splits) -> dict[str, int]:
+    """How many records each split holds (lists of records or a ``DatasetDict``), in the splits' order."""
+    return {name: len(records) for name, records in splits.items()}
+
+
+def all_records(splits: dict[str, list[dict]]) -> list[dict]:
+    """Every record of every split, split after split (what the token-length report measures)."""
+    return [record for records in splits.values() for record in records]
+
+
+def focus_areas_by_split(splits: dict[str, list[dict]]) -> dict[str, list[str]]:
+    """The sorted distinct focus areas of each split: with no leakage, no value appears under two splits."""
+    return {name: sorted({r.get("focus_area", "") for r in records}) for name, records in splits.items()}

@@ -99,3 +99,9 @@ def load_report(path: str | Path) -> dict:
         return json.loads((folder / REPORT_NAME).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"無法讀取 {folder / REPORT_NAME}：{exc}", hint="請重新執行 data prepare。") from None
+
+
+def differing_splits(loaded, saved) -> list[str]:
+    """Names of the splits whose records differ between two ``DatasetDict``s (empty: a faithful round trip)."""
+    names = sorted(set(loaded) | set(saved))
+    return [n for n in names if n not in loaded or n not in saved or loaded[n].to_list() != saved[n].to_list()]

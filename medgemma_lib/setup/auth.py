@@ -363,3 +363,8 @@ def token_widget(model_id: str = "google/medgemma-4b-it", *, check: bool = True)
         widgets.VBox([widgets.HBox([box, button]), save, out]),
         "（權杖輸入框：在 JupyterLab 執行這一格即可顯示；輸入的權杖只顯示圓點，只存在這個 Python 核心的記憶體中。）",
     )
+
+
+def format_suggestions(model_ids: list[str]) -> str:
+    """One line per id, ``wrong → suggested`` (:func:`suggest_model_id`; ``None`` when nothing is close)."""
+    return "\n".join(f"{model_id:32} → {suggest_model_id(model_id)}" for model_id in model_ids)

@@ -722,3 +722,21 @@ def setup_from_row(row: dict) -> TrainingSetup:
         attn_implementation=row.get("attn", "sdpa"),
         **extra,
     )
+
+
+def comparison_setups() -> list[TrainingSetup]:
+    """The six setups notebook 04 compares, in its order.
+
+    MedGemma 27B text: the original guide's (LoRA on q and v only, 4×512, no Liger), the course default (all
+    linear layers), the default with Liger, and packed 4096-token rows with Liger; MedGemma 1.5 4B: the default
+    and packed rows with Liger. :func:`breakdown_markdown` lists each one's label under the table.
+    """
+    big, small = "medgemma-27b-text-it", "medgemma-1.5-4b-it"
+    return [
+        TrainingSetup(big, lora_targets=("q_proj", "v_proj"), micro_batch=4, seq_len=512),
+        TrainingSetup(big, micro_batch=4, seq_len=512),
+        TrainingSetup(big, micro_batch=4, seq_len=512, liger=True),
+        TrainingSetup(big, micro_batch=1, seq_len=4096, packing=True, liger=True),
+        TrainingSetup(small, micro_batch=4, seq_len=512),
+        TrainingSetup(small, micro_batch=1, seq_len=4096, packing=True, liger=True),
+    ]
