@@ -485,10 +485,10 @@ def _run_train(args) -> int:
     cfg = config.load_config(args.config, overrides)
     # The checks run_training starts with, before torch, transformers and TRL are imported (10 s on a laptop):
     # a mistyped path or value is answered at once.
-    config.validate_run(cfg)
+    source = config.validate_run(cfg)  # the model resolved once: training loads this, not the name again
     from medgemma_lib.training import train  # handler import: see the module docstring
 
-    result = train.run_training(cfg, resume=args.resume)
+    result = train.run_training(cfg, resume=args.resume, model_source=source)
     if (
         result.initial_eval_loss is not None
         and result.final_eval_loss is not None
@@ -565,7 +565,8 @@ def _add_evaluate(sub) -> None:
 
 def _run_evaluate(args) -> int:
     from medgemma_lib import MEDICAL_DISCLAIMER  # handler import: see the module docstring
-    from medgemma_lib.evaluation import evaluate
+    from medgemma_lib.core.display import markdown_table
+    from medgemma_lib.evaluation import evaluate, report
 
     result = evaluate.run_evaluation(
         args.run,
@@ -580,10 +581,10 @@ def _run_evaluate(args) -> int:
         quantization=args.quantization,
     )
     print()
-    print(evaluate.markdown_table(evaluate.comparison_rows(result)))
+    print(markdown_table(report.comparison_rows(result)).data)
     if result["chinese"]["answers"]:
         print("中文題：")
-        print(evaluate.markdown_table(evaluate.comparison_rows(result, "chinese")))
+        print(markdown_table(report.comparison_rows(result, "chinese")).data)
     print(MEDICAL_DISCLAIMER)
     return 0
 
@@ -665,15 +666,13 @@ def _run_chat(args) -> int:
             "--base 只能和 --run 一起用（匯出的模型已經合併了轉接器）。", hint="改用 --run 訓練結果資料夾。"
         )
     from medgemma_lib.evaluation import chat  # handler import: see the module docstring
+    from medgemma_lib.training import runs
 
+    run = runs.open_run(args.run) if args.run else None  # opened once: thinking and the model both read it
     thinking = args.thinking
     if thinking is None:
-        from medgemma_lib.training import runs
-
-        thinking = bool(runs.open_run(args.run).config.eval.thinking) if args.run else False
-    model, tokenizer = chat.load_chat_model(
-        args.run, args.model, quantization=args.quantization, verbose=sys.stdin.isatty()
-    )
+        thinking = bool(run.config.eval.thinking) if run is not None else False
+    model, tokenizer = chat.load_chat_model(run, args.model, quantization=args.quantization, verbose=sys.stdin.isatty())
     n = chat.chat_loop(
         model,
         tokenizer,
@@ -713,15 +712,17 @@ def _add_export(sub) -> None:
 
 def _run_export(args) -> int:
     from medgemma_lib.export import merge as export  # handler import: see the module docstring
+    from medgemma_lib.training import runs
 
     if args.push_to_hub is not None:
         export.check_repo_id(args.push_to_hub)  # fail before the minutes of merging
+    run = runs.open_run(args.run)  # opened once: merging and --verify use this one
     out = export.merge_adapter(
-        args.run, args.output, dtype=args.dtype, overwrite=args.overwrite, device=args.device, method=args.merge
+        run, args.output, dtype=args.dtype, overwrite=args.overwrite, device=args.device, method=args.merge
     )
     if args.verify:
-        result = export.verify_export(out, args.run)
-        if result["merge_error_ratio"] >= 0.5 or (args.dtype == "float32" and not result["same"]):
+        result = export.verify_export(out, run)
+        if not export.verify_passed(result):
             raise ModelError(
                 "匯出的模型與「基礎模型＋轉接器」差異過大，合併可能沒有生效。",
                 hint="請回報此問題並附上 transformers 與 peft 版本。",
@@ -810,8 +811,12 @@ def _run_bench(args) -> int:
         print(s, flush=True)
 
     if args.unsloth:
+        from medgemma_lib.checks import unsloth as unsloth_peer  # handler import: see the module docstring
+
         for arch in archs:
-            bench.run_unsloth(BENCH_ALIASES.get(arch, arch), variants, args.unsloth, args.out, seed=args.seed, log=log)
+            unsloth_peer.run_unsloth(
+                BENCH_ALIASES.get(arch, arch), variants, args.unsloth, args.out, seed=args.seed, log=log
+            )
         return 0
     if args.check_packing:
         device = args.device or models.default_device()

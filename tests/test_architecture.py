@@ -38,12 +38,12 @@ LAYERS: list[set[str]] = [
         "models.lora_kernels",
         "models.norm_kernels",
         "evaluation.safety",
-        "evaluation.report",
     },  # helpers
     {"core.config", "setup.memory", "setup.auth", "data"},  # configuration, estimates, Hub access, data preparation
     {"models.loading", "models.generation", "training.checkpoints", "training.monitor", "training.stopping"},
-    {"training.runs", "setup.env", "checks.random_models"},  # the run folder; the environment report; random models
-    {"training.trainer"},  # the trainer's parts
+    {"training.runs", "setup.env", "checks.random_models", "evaluation.metrics"},  # run folder; environment; random
+    # models; what evaluation measures
+    {"training.trainer", "evaluation.report"},  # the trainer's parts; what a person reads of evaluation results
     {"training.train"},  # the training recipe
     {
         "evaluation.evaluate",

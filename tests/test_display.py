@@ -209,7 +209,7 @@ def _texts(fig) -> list[str]:
 
 def _library_figures():
     from medgemma_lib.data import plot_token_lengths
-    from medgemma_lib.evaluation import evaluate
+    from medgemma_lib.evaluation import report
     from medgemma_lib.training import monitor
 
     records = [{"step": 0, "eval_loss": 2.9}, {"step": 2, "loss": 3.2}, {"step": 4, "loss": 2.1, "eval_loss": 2.0}]
@@ -220,7 +220,7 @@ def _library_figures():
     }
     yield "lengths", plot_token_lengths(lengths).figure
     m = {"loss": 3.29, "rougeL": 25.4, "bleu": 4.2, "chrf": 26.0}
-    yield "eval", evaluate.plot_comparison({"models": {"base": m, "tuned": m}, "run": "r", "profile": "demo"})
+    yield "eval", report.plot_comparison({"models": {"base": m, "tuned": m}, "run": "r", "profile": "demo"})
 
 
 def test_bundled_font_is_chosen_and_has_every_glyph_of_the_labels():

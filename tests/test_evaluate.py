@@ -12,6 +12,7 @@ from _lora_runs import make_run
 from medgemma_lib import MEDICAL_DISCLAIMER, cli
 from medgemma_lib.core.errors import EXIT_USER_ERROR, ModelError
 from medgemma_lib.evaluation import evaluate as ev
+from medgemma_lib.evaluation import metrics
 from medgemma_lib.training import runs
 
 
@@ -97,24 +98,26 @@ def test_rouge_score_drops_chinese_so_we_split_characters():
 
     default = rouge_scorer.RougeScorer(["rougeL"]).score("糖尿病的症狀", "糖尿病的症狀")["rougeL"].fmeasure
     assert default == 0.0  # rouge-score's own tokenizer keeps only [a-z0-9]: why we tokenize Chinese ourselves
-    assert ev.chinese_tokens("糖尿病 Type 2") == ["糖", "尿", "病", "type", "2"]
-    same = ev.text_metrics(["糖尿病的症狀是口渴"], ["糖尿病的症狀是口渴"], chinese=True)
+    assert metrics.chinese_tokens("糖尿病 Type 2") == ["糖", "尿", "病", "type", "2"]
+    same = metrics.text_metrics(["糖尿病的症狀是口渴"], ["糖尿病的症狀是口渴"], chinese=True)
     assert same["rougeL"] == pytest.approx(100.0) and same["bleu"] == pytest.approx(100.0)
-    half = ev.text_metrics(["糖尿病會口渴"], ["糖尿病的症狀是口渴與多尿"], chinese=True)
+    half = metrics.text_metrics(["糖尿病會口渴"], ["糖尿病的症狀是口渴與多尿"], chinese=True)
     # LCS 糖尿病…口渴 = 5 chars; precision 5/6, recall 5/12
     assert half["rougeL"] == pytest.approx(100 * 2 * (5 / 6) * (5 / 12) / (5 / 6 + 5 / 12))
     assert half["length"] == 6 and half["reference_length"] == 12
 
 
 def test_english_metrics_by_words():
-    good = ev.text_metrics(
+    good = metrics.text_metrics(
         ["Diabetes causes thirst and frequent urination."], ["Diabetes causes thirst and frequent urination."]
     )
-    bad = ev.text_metrics(["Glaucoma damages the optic nerve."], ["Diabetes causes thirst and frequent urination."])
+    bad = metrics.text_metrics(
+        ["Glaucoma damages the optic nerve."], ["Diabetes causes thirst and frequent urination."]
+    )
     assert good["rougeL"] == pytest.approx(100.0) and good["chrf"] == pytest.approx(100.0)
     assert bad["rougeL"] < 20 and bad["chrf"] < good["chrf"]
     assert good["length"] == 6  # words
-    assert ev.is_chinese("糖尿病的症狀是什麼?") and not ev.is_chinese("What is diabetes?")
+    assert metrics.is_chinese("糖尿病的症狀是什麼?") and not metrics.is_chinese("What is diabetes?")
 
 
 def test_chinese_set_has_guide_questions_and_sample():
@@ -138,7 +141,7 @@ def test_answer_loss_equals_masked_full_loss(tiny_pair):
 
     model, tok, run = tiny_pair
     recs = ev.test_records(run, limit=2)
-    rows = ev.answer_losses(model, tok, recs, max_length=64)  # 64 also exercises truncation
+    rows = metrics.answer_losses(model, tok, recs, max_length=64)  # 64 also exercises truncation
     for rec, row in zip(recs, rows):
         ex = label_mask_example(tok, rec, max_length=64)
         with torch.inference_mode():
@@ -190,8 +193,10 @@ def test_run_evaluation_writes_reports_and_uses_one_base(tiny_run, monkeypatch):
     run = runs.open_run(tiny_run)
     plain = real_load(run.config.model.profile, "none")
     tok = load_tokenizer(run.config.model.profile)
-    plain_rows = ev.answer_losses(plain, tok, ev.test_records(run, limit=4), max_length=run.config.train.max_length)
-    assert ev.summarize_losses(plain_rows)["loss"] == pytest.approx(base["loss"], rel=1e-5)
+    plain_rows = metrics.answer_losses(
+        plain, tok, ev.test_records(run, limit=4), max_length=run.config.train.max_length
+    )
+    assert metrics.summarize_losses(plain_rows)["loss"] == pytest.approx(base["loss"], rel=1e-5)
 
     saved = json.loads((tiny_run / "eval.json").read_text(encoding="utf-8"))
     assert saved["models"]["tuned"]["loss"] == pytest.approx(tuned["loss"])

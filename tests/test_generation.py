@@ -139,7 +139,7 @@ def test_generate_answers_stores_thought_apart_and_scores_the_answer_only(demo_t
     """A fake model whose generate returns prompt + <unused94>thought…<unused95>answer, through the real pipeline."""
     import torch
 
-    from medgemma_lib.evaluation.evaluate import text_metrics
+    from medgemma_lib.evaluation.metrics import text_metrics
     from medgemma_lib.models.generation import THINKING_SYSTEM_PROMPT, generate_answers, system_prompt_for
 
     tail = _fake_generate_output(

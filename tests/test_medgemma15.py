@@ -260,6 +260,7 @@ def test_chat_answer_pieces_give_the_thought_to_a_sink(thinking_run):
 
 def test_evaluation_stores_the_thought_apart_and_scores_the_answer_only(thinking_run):
     from medgemma_lib.evaluation import evaluate as ev
+    from medgemma_lib.evaluation import metrics
 
     run, _ = thinking_run
     result = ev.run_evaluation(run, num_chinese_samples=1, verbose=False)
@@ -276,8 +277,8 @@ def test_evaluation_stores_the_thought_apart_and_scores_the_answer_only(thinking
     }
     # the scores are those of the answer alone: recomputed here from the references
     refs = [r["reference"] for r in rows]
-    alone = ev.text_metrics([ANSWER] * len(rows), refs, chinese=False)
-    with_thought = ev.text_metrics([f"{THOUGHT} {ANSWER}"] * len(rows), refs, chinese=False)
+    alone = metrics.text_metrics([ANSWER] * len(rows), refs, chinese=False)
+    with_thought = metrics.text_metrics([f"{THOUGHT} {ANSWER}"] * len(rows), refs, chinese=False)
     assert result["models"]["tuned"]["rougeL"] == pytest.approx(alone["rougeL"])
     assert alone["rougeL"] != pytest.approx(with_thought["rougeL"])
     md = (run / "eval.md").read_text(encoding="utf-8")

@@ -106,7 +106,7 @@ def test_the_lora_config_asks_peft_for_the_row_only_when_told(tiny_model_dir):
 
 def test_eval_rows_report_the_same_stop_probability_as_the_check(tiny_model_dir, demo_tokenizer):
     """Two methods: the evaluation's loss pass (label-position logits) and the check's own one-position forward."""
-    from medgemma_lib.evaluation.evaluate import answer_losses
+    from medgemma_lib.evaluation.metrics import answer_losses
 
     model = _tiny(tiny_model_dir)
     rows = answer_losses(model, demo_tokenizer, RECORDS)
@@ -116,7 +116,8 @@ def test_eval_rows_report_the_same_stop_probability_as_the_check(tiny_model_dir,
 
 
 def test_stop_metrics_count_stops_ratios_and_intervals(demo_tokenizer):
-    from medgemma_lib.evaluation.evaluate import stop_metrics, stopping_rows
+    from medgemma_lib.evaluation.metrics import stop_metrics
+    from medgemma_lib.evaluation.report import stopping_rows
 
     refs = ["one two three", "four five six seven", "eight"]
     n_ref = [len(demo_tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in refs]

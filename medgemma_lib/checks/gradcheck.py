@@ -39,7 +39,7 @@ from medgemma_lib.models.loading import (
     default_device,
     load_model,
     load_tokenizer,
-    resolve_profile,
+    resolve_model,
 )
 from medgemma_lib.training import stopping, train
 from medgemma_lib.training import trainer as trainer_parts
@@ -98,14 +98,13 @@ def build_trainer(cfg, workdir: Path, model=None, tokenizer=None, splits=None):
 
     device = default_device()
     trainer_parts.set_cpu_threads(cfg, device)
-    profile, _ = resolve_profile(cfg.model.profile)
-    tokenizer = tokenizer or load_tokenizer(cfg.model.profile)
+    source = resolve_model(cfg.model.profile)  # resolved once, as run_training does
+    profile = source.profile
+    tokenizer = tokenizer or load_tokenizer(source)
     if splits is None:
         splits, _ = prepare_from_config(cfg.data, output_dir=None, tokenizer=tokenizer)
     if model is None:
-        model = load_model(
-            cfg.model.profile, cfg.model.quantization, device, attn_implementation=cfg.model.attn_implementation
-        )
+        model = load_model(source, cfg.model.quantization, device, attn_implementation=cfg.model.attn_implementation)
     # The stop token's embedding row is trained exactly when run_training would train it (the demo base: yes).
     check = stopping.check_stop_token(
         model, tokenizer, list(splits["validation"]), mode=cfg.lora.train_stop_token, max_length=cfg.train.max_length

@@ -29,17 +29,15 @@ from medgemma_lib.core.errors import ModelError, OutputError
 from medgemma_lib.core.paths import REPO_ROOT, display_path
 from medgemma_lib.data import answer_of, question_of
 from medgemma_lib.evaluation import quality
-from medgemma_lib.evaluation.evaluate import (
+from medgemma_lib.evaluation.metrics import (
     METRIC_NAMES,
-    STOPPING_NOTE,
     answer_losses,
-    fmt_interval,
     paired_intervals,
-    stopping_rows,
     summarize_losses,
     text_metrics,
 )
 from medgemma_lib.evaluation.quality import _rows
+from medgemma_lib.evaluation.report import STOPPING_NOTE, fmt_interval, stopping_rows
 from medgemma_lib.models import loading as models
 from medgemma_lib.models.generation import generate_answers
 from medgemma_lib.training.checkpoints import verify_adapter, write_completion_marker

@@ -30,13 +30,17 @@ EXIT_WORDS = {"exit", "quit", ":q", "離開", "結束", "退出"}
 
 
 def load_chat_model(
-    run_dir: str | Path | None = None,
+    run_dir: str | Path | runs.Run | None = None,
     model_dir: str | Path | None = None,
     quantization: str | None = None,
     device: str | None = None,
     verbose: bool = True,
 ):
-    """``(model, tokenizer)`` for chatting: a run folder (base + adapter) or an exported folder."""
+    """``(model, tokenizer)`` for chatting: a run (base + adapter) or an exported folder.
+
+    ``run_dir``: an opened :class:`~medgemma_lib.training.runs.Run` (nothing is read or verified again), or a
+    run folder (opened here once).
+    """
     if (run_dir is None) == (model_dir is None):
         raise ConfigError(
             "請指定 --run（訓練結果資料夾）或 --model（匯出的模型資料夾）其中一個。",

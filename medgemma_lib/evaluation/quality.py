@@ -30,15 +30,9 @@ from medgemma_lib.core.errors import ConfigError, DataError, OutputError
 from medgemma_lib.core.machine import machine_facts, package_versions
 from medgemma_lib.core.paths import display_path, resolve_path
 from medgemma_lib.data import prepare_from_config
-from medgemma_lib.evaluation.evaluate import (
-    METRIC_NAMES,
-    STOPPING_NOTE,
-    decoding_rows,
-    fmt_interval,
-    language_rows,
-    run_evaluation,
-    stopping_rows,
-)
+from medgemma_lib.evaluation.evaluate import run_evaluation
+from medgemma_lib.evaluation.metrics import METRIC_NAMES
+from medgemma_lib.evaluation.report import STOPPING_NOTE, decoding_rows, fmt_interval, language_rows, stopping_rows
 from medgemma_lib.setup.env import KEY_PACKAGES
 from medgemma_lib.training.train import run_training
 from medgemma_lib.training.trainer import free_memory

@@ -12,14 +12,16 @@ config with both stop tokens, a model card) loads with plain ``transformers``::
 Memory: merging needs the whole base in bf16 in CPU RAM (about 2 bytes per parameter: 0.6 GB for
 the demo model, 9 GB for 4B, 55 GB for 27B) plus the same on disk.
 
+Every step takes the run opened once (:class:`~medgemma_lib.training.runs.Run`; a path is opened once at the
+public entry point): its config is not read, its adapter not verified or hashed, its base not resolved again.
+
 :func:`verify_export` checks that the exported folder gives the same greedy answer as base +
-adapter. :func:`push_to_hub` uploads the folder (private by default) with a token from
-``medgemma_lib.setup.auth.find_token``.
+adapter, and :func:`verify_passed` decides against :data:`MAX_MERGE_ERROR_RATIO`. :func:`push_to_hub`
+uploads the folder (private by default) with a token from ``medgemma_lib.setup.auth.find_token``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -44,42 +46,57 @@ from medgemma_lib.models.loading import (
     END_OF_TURN_ID,
     EOS_ID,
     PAD_ID,
+    ResolvedModel,
     check_dtype_allowed,
     load_model,
     load_tokenizer,
-    resolve_profile,
+    resolve_model,
 )
 from medgemma_lib.setup.auth import TOKENS_PAGE, classify_hub_error, find_token, mask_token
-from medgemma_lib.training.runs import attach_adapter, open_run
+from medgemma_lib.training.runs import Run, as_run, attach_adapter
 
 MERGED_DIR = "merged"
 EXPORT_MANIFEST = "medgemma_export.json"
 DTYPES = ("bfloat16", "float32")
 VERIFY_QUESTIONS = ["What are the symptoms of diabetes?", "糖尿病的症狀是什麼?"]
+MAX_MERGE_ERROR_RATIO = 0.25
+"""The pass/fail cutoff of ``export --verify`` (and notebook 07) on ``verify_export(...)["merge_error_ratio"]``.
+
+That ratio compares two L2 distances between next-token logits of the verify questions: exported folder vs
+unmerged base + adapter, over base + adapter vs the base alone (adapter disabled). 0 is an exact merge, 1 is as
+if the merge had been skipped. bf16 rounding of W + ΔW gives a few percent (6 % on the demo run of notebook
+07); 25 % or more means the merge did not take. float32 must also give the same greedy answers
+(:func:`verify_passed`).
+"""
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
-def default_output_dir(run_dir: str | Path, dtype: str = "bfloat16") -> Path:
+def default_output_dir(run_dir: str | Path | Run, dtype: str = "bfloat16") -> Path:
     """``results/<run>/merged`` (bf16) or ``results/<run>/merged-float32``."""
-    return Path(run_dir) / (MERGED_DIR if dtype == "bfloat16" else f"{MERGED_DIR}-{dtype}")
+    folder = run_dir.path if isinstance(run_dir, Run) else Path(run_dir)
+    return folder / (MERGED_DIR if dtype == "bfloat16" else f"{MERGED_DIR}-{dtype}")
 
 
-def load_merge_pair(run_dir: str | Path, dtype: str = "bfloat16", device: str = "cpu"):
-    """Unquantised base + adapter (a ``PeftModel``), the tokenizer and the run; nothing merged yet."""
+def load_merge_pair(run_dir: str | Path | Run, dtype: str = "bfloat16", device: str = "cpu"):
+    """Unquantised base + adapter (a ``PeftModel``), the tokenizer and the run; nothing merged yet.
+
+    ``run_dir``: an opened :class:`~medgemma_lib.training.runs.Run`, or a folder (opened here once).
+    """
 
     if dtype not in DTYPES:
         check_dtype_allowed(dtype)  # fp16 gets its own explanation
         raise ConfigError(
             f"不支援的匯出精度 {dtype!r}。", hint="請用 bfloat16（預設）或 float32（只在 CPU 上需要完全精確時）。"
         )
-    run = open_run(run_dir)
-    tokenizer = load_tokenizer(run.config.model.profile)
-    base = load_model(run.config.model.profile, "none", device, dtype=dtype)  # never NF4: see module docstring
-    return attach_adapter(base, run.adapter_dir), tokenizer, run
+    run = as_run(run_dir)
+    source = run.base_model()
+    tokenizer = load_tokenizer(source)
+    base = load_model(source, "none", device, dtype=dtype)  # never NF4: see module docstring
+    return attach_adapter(base, run), tokenizer, run
 
 
 def merge_adapter(
-    run_dir: str | Path,
+    run_dir: str | Path | Run,
     output_dir: str | Path | None = None,
     dtype: str = "bfloat16",
     device: str = "cpu",
@@ -93,7 +110,8 @@ def merge_adapter(
     one shard at a time) or ``auto`` (stream when the whole model would not fit in the available RAM).
     ``device``: ``cpu``, ``cuda`` or ``auto`` (CUDA when present). The path taken is printed and
     recorded in the manifest. The folder is written to a temporary sibling and renamed into place
-    only when complete. Returns the output folder.
+    only when complete. ``run_dir``: an opened :class:`~medgemma_lib.training.runs.Run`, or a folder (opened
+    here once). Returns the output folder.
     """
     started = time.time()
     out = Path(output_dir) if output_dir else default_output_dir(run_dir, dtype)
@@ -105,8 +123,8 @@ def merge_adapter(
             f"不支援的匯出精度 {dtype!r}。", hint="請用 bfloat16（預設）或 float32（只在 CPU 上需要完全精確時）。"
         )
     device = merge_device(device)
-    run = open_run(run_dir)
-    base_dir = base_folder(run.config.model.profile)
+    run = as_run(run_dir)
+    base_dir = base_folder(run.base_model())
     chosen, reason = choose_merge_method(base_dir, dtype, method)
     if verbose:
         print(f"合併方式：{reason}", flush=True)
@@ -114,14 +132,14 @@ def merge_adapter(
     if chosen == "memory":
         if verbose:
             print(f"載入未量化的基礎模型（{dtype}，{device}）並掛上轉接器…", flush=True)
-        model, tokenizer, run = load_merge_pair(run_dir, dtype, device)
+        model, tokenizer, run = load_merge_pair(run, dtype, device)
         merged = model.merge_and_unload()
         _check_merged(merged)
         with atomic_folder(out, what="匯出資料夾", hint=hint) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
             _write_folder_files(tmp, tokenizer, merged, run, dtype, started, chosen, device)
     else:
-        tokenizer = load_tokenizer(run.config.model.profile)
+        tokenizer = load_tokenizer(run.base_model())
         with atomic_folder(out, what="匯出資料夾", hint=hint) as tmp:
             stream_merge(base_dir, run.adapter_dir, tmp, dtype, device)
             config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))  # JSON only, no pickle
@@ -163,9 +181,9 @@ def merge_device(device: str) -> str:
     return device
 
 
-def base_folder(profile_name: str) -> Path:
+def base_folder(profile_name: str | ResolvedModel) -> Path:
     """The local folder of the base model's files (the Hub cache for a Hub id)."""
-    _, source = resolve_profile(profile_name)
+    source = resolve_model(profile_name).source
     if Path(source).is_dir():
         return Path(source)
     try:
@@ -211,8 +229,8 @@ def _write_generation_config(model, folder: Path) -> None:
     gc.save_pretrained(folder)
 
 
-def _manifest(run, dtype: str, started: float) -> dict:
-    digest = hashlib.sha256((run.adapter_dir / "adapter_model.safetensors").read_bytes()).hexdigest()
+def _manifest(run: Run, dtype: str, started: float) -> dict:
+    digest = run.adapter_digest()  # verified when the run was opened: not hashed again
     return {
         "run": run.name,
         "base_model": run.config.model.profile,
@@ -274,7 +292,7 @@ def greedy_token_ids(model, tokenizer, questions: list[str], max_new_tokens: int
 
 def verify_export(
     export_dir: str | Path,
-    run_dir: str | Path,
+    run_dir: str | Path | Run,
     questions: list[str] | None = None,
     max_new_tokens: int = 24,
     verbose: bool = True,
@@ -282,7 +300,9 @@ def verify_export(
     """Compare greedy answers of the exported folder with base + adapter (same dtype, unmerged).
 
     Returns ``{"same": bool, "questions": [...], "exported": [...], "adapter": [...], "base": [...]}``;
-    ``base`` (adapter disabled) shows that the adapter really changes the answers.
+    ``base`` (adapter disabled) shows that the adapter really changes the answers. ``run_dir``: the opened
+    :class:`~medgemma_lib.training.runs.Run` that was merged, or a folder (opened here once).
+    :func:`verify_passed` says whether the result passes.
     """
 
     export_dir = Path(export_dir)
@@ -300,7 +320,7 @@ def verify_export(
     got = greedy_token_ids(exported, tok, questions, max_new_tokens)
     got_logits = _next_token_logits(exported, tok, questions)
     del exported
-    pair, tokenizer, _ = load_merge_pair(run_dir, dtype, "cpu")
+    pair, tokenizer, _ = load_merge_pair(as_run(run_dir), dtype, "cpu")
     want = greedy_token_ids(pair, tokenizer, questions, max_new_tokens)
     want_logits = _next_token_logits(pair, tokenizer, questions)
     with pair.disable_adapter():
@@ -333,6 +353,14 @@ def verify_export(
             flush=True,
         )
     return result
+
+
+def verify_passed(result: dict) -> bool:
+    """Whether a :func:`verify_export` result passes: ``merge_error_ratio`` below :data:`MAX_MERGE_ERROR_RATIO`,
+    and for float32 the same greedy answers as base + adapter."""
+    if not result["merge_error_ratio"] < MAX_MERGE_ERROR_RATIO:
+        return False
+    return result["same"] or result.get("dtype") != "float32"
 
 
 def _next_token_logits(model, tokenizer, questions: list[str]):
@@ -610,3 +638,17 @@ def choose_merge_method(base_dir: str | Path, dtype: str, method: str = "auto") 
             f"逐檔合併：整個模型約需 {need / 1e9:.1f} GB 記憶體，目前可用 {free / 1e9:.1f} GB，所以一次只讀一個權重檔。"
         )
     return "memory", f"整個模型載入記憶體合併（約需 {need / 1e9:.1f} GB，目前可用 {free / 1e9:.1f} GB）。"
+
+
+def verify_markdown(check: dict) -> display.Markdown:
+    """:func:`verify_export`'s answers for people (notebook 07): per question the exported model's, base +
+    adapter's (unmerged) and the base's greedy answer, under the medical disclaimer."""
+    dtype = {"bfloat16": "bf16"}.get(check.get("dtype", "bfloat16"), check.get("dtype"))
+    shown = lambda text: display.md_escape(display.clip(text)) or "（空白）"  # noqa: E731
+    parts = []
+    for q, exported, adapter, base in zip(check["questions"], check["exported"], check["adapter"], check["base"]):
+        parts.append(
+            f"**問：{display.md_escape(q)}**\n\n- 匯出的模型（{dtype}）：{shown(exported)}\n"
+            f"- 基礎模型＋轉接器（{dtype}，未合併）：{shown(adapter)}\n- 基礎模型（未微調）：{shown(base)}"
+        )
+    return display.Markdown("\n\n".join(parts) + f"\n\n> {MEDICAL_DISCLAIMER}")

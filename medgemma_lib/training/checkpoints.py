@@ -165,11 +165,16 @@ def adapter_problem(adapter_dir: str | os.PathLike) -> str | None:
     return None
 
 
-def verify_adapter(adapter_dir: str | os.PathLike, *, run_dir: str | os.PathLike | None = None) -> None:
-    """Raise :class:`ModelError` with a reason and a way out when the adapter is missing or damaged."""
+def verify_adapter(adapter_dir: str | os.PathLike, *, run_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """Raise :class:`ModelError` with a reason and a way out when the adapter is missing or damaged.
+
+    Returns ``{file name: SHA-256}`` as just checked against the completion marker, so a caller that needs
+    a digest (the export manifest) does not hash the file again; ``{}`` for an adapter without a marker
+    (checked for format and size only).
+    """
     problem = adapter_problem(adapter_dir)
     if problem is None:
-        return
+        return _marker_hashes(Path(adapter_dir))
     hint = "請重新訓練（python -m medgemma_lib train …）。"
     if run_dir is not None:
         run_dir = Path(run_dir)
@@ -181,6 +186,15 @@ def verify_adapter(adapter_dir: str | os.PathLike, *, run_dir: str | os.PathLike
                 "會從它接續並重新寫出轉接器（若它已是最後一步，只會重新存檔，不再訓練）。"
             )
     raise ModelError(f"LoRA 轉接器 {display_path(adapter_dir)} 已損毀或不完整，無法使用：{problem}。", hint=hint)
+
+
+def _marker_hashes(folder: Path) -> dict[str, str]:
+    """``{file: sha256}`` recorded in ``folder``'s completion marker (sizes-only records and no marker: left out)."""
+    try:
+        files = json.loads((folder / MARKER).read_text(encoding="utf-8")).get("files") or {}
+    except (OSError, ValueError):
+        return {}
+    return {name: rec["sha256"] for name, rec in files.items() if isinstance(rec, dict) and rec.get("sha256")}
 
 
 class CompletionMarkerCallback(TrainerCallback):
