@@ -282,6 +282,7 @@ def _cli(url: str | None, *args: str, token: str | None = None, home=None, offli
     return run_cli("auth", *args, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_exit_codes_and_no_token_echo(fake_hub, tmp_path):
     _, url = fake_hub
     ok = _cli(url, "check", "--model", "google/medgemma-4b-it", token=GOOD, home=tmp_path)

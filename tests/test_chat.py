@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 
 import pytest
-from _lora_runs import ROOT, make_run
+from _lora_runs import make_run
+from cli_helpers import run_cli
 
 from medgemma_lib import MEDICAL_DISCLAIMER
 from medgemma_lib.core.errors import EXIT_USER_ERROR
@@ -29,15 +28,17 @@ def tiny_pair(tiny_run):
     return model, tok
 
 
+@pytest.mark.slow
 def test_piped_questions_each_get_answer_and_disclaimer(tiny_run):
     questions = ["What is glaucoma?", "", EMERGENCY, "離開", "this line is never read"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", "chat", "--run", str(tiny_run), "--greedy", "--max-new-tokens", "5"],
-        input="\n".join(questions) + "\n",
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
+    proc = run_cli(
+        "chat",
+        "--run",
+        str(tiny_run),
+        "--greedy",
+        "--max-new-tokens",
+        "5",
+        stdin="\n".join(questions) + "\n",
         env={**os.environ, "PYTHONIOENCODING": "utf-8"},
     )
     assert proc.returncode == 0, proc.stderr
@@ -50,6 +51,7 @@ def test_piped_questions_each_get_answer_and_disclaimer(tiny_run):
     assert emergency_part.lstrip().startswith("答：🚑")  # the alert comes before any model text
 
 
+@pytest.mark.slow
 def test_greedy_stream_equals_evaluated_answer(tiny_pair):
     from medgemma_lib.evaluation.safety import present_answer
     from medgemma_lib.models.generation import generate_answers
@@ -83,6 +85,7 @@ def test_question_box_streams_with_disclaimer(tiny_pair):
     assert box.ask("   ") == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -94,13 +97,6 @@ def test_question_box_streams_with_disclaimer(tiny_pair):
     ],
 )
 def test_bad_arguments_exit_2(argv, message):
-    proc = subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", *argv],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        timeout=120,
-    )
+    proc = run_cli(*argv, stdin="", timeout=120)
     assert proc.returncode == EXIT_USER_ERROR
     assert message in proc.stderr and "Traceback" not in proc.stderr

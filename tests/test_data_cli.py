@@ -6,8 +6,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +31,7 @@ def _tree_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.slow
 def test_prepare_shipped_sample(repo_root, tmp_path):
     result = _run(
         ["--input", "data/medquad_sample.csv", "--output", str(tmp_path / "prepared"), "--tokenizer", "none"], repo_root
@@ -72,12 +71,12 @@ def test_prepare_shipped_sample(repo_root, tmp_path):
     )
     assert [p.name for p in tmp_path.iterdir()] == ["prepared"]  # no temporary folders left behind
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    stats = subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", "data", "stats", str(tmp_path / "prepared")],
+    stats = run_cli(
+        "data",
+        "stats",
+        str(tmp_path / "prepared"),
         cwd=repo_root,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert stats.returncode == 0 and "目前資料夾中的筆數：train 50" in stats.stdout
@@ -151,6 +150,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(BAD_INPUTS))
 def test_bad_input_exits_2_with_chinese_message_and_no_output(kind, tmp_path):
     files, extra, words = BAD_INPUTS[kind]
@@ -168,6 +168,7 @@ def test_bad_input_exits_2_with_chinese_message_and_no_output(kind, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_output_not_writable_and_existing_output_unchanged(repo_root, tmp_path):
     blocker = _write(tmp_path / "a_file", "x")
     result = _run(

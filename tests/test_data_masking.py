@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -40,6 +41,7 @@ RECORDS = [
 ]
 
 
+@pytest.mark.slow
 def test_matches_real_sft_trainer_labels(tiny_model_dir, demo_tokenizer, tmp_path):
     """The labels a real TRL SFTTrainer builds equal label_mask_example's, token for token."""
     from datasets import Dataset

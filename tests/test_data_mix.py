@@ -234,6 +234,7 @@ def test_config_show_prints_the_mix(files, tmp_path):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_real_bilingual_mix(shared_data):
     paths = {

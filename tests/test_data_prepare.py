@@ -134,6 +134,7 @@ def test_token_lengths_in_report(repo_root, demo_tokenizer):
     assert rec["examples_cut_pct"] <= 5.0 and rec["max_length"] in [r["max_length"] for r in tl["cut_table"]]
 
 
+@pytest.mark.slow
 def test_full_medquad_under_two_minutes(shared_data):
     started = time.perf_counter()
     splits, report = prepare_from_config(DataSection(input=str(shared_data / "medquad" / "medquad.csv")))
@@ -194,6 +195,7 @@ def test_default_input_resolves_from_any_working_folder(repo_root, monkeypatch):
     assert report["input"]["path"] == SAMPLE and report["counts"]["final"]["train"] == 5
 
 
+@pytest.mark.slow
 def test_full_medquad_xml_tarball(shared_data):
     started = time.perf_counter()
     splits, report = prepare_from_config(DataSection(input=str(shared_data / "medquad" / "medquad_xml.tar.gz")))

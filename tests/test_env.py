@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from cli_helpers import run_cli
@@ -117,16 +115,16 @@ def test_collect_environment_on_this_machine():
     assert not report.cache_dir.startswith("/root") and not report.cache_dir.startswith("/home")
 
 
+@pytest.mark.slow
 def test_doctor_cli_prints_chinese_report_and_exits_0():
     proc = run_cli("doctor", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "環境檢查" in proc.stdout and "建議" in proc.stdout
 
 
+@pytest.mark.slow
 def test_doctor_json_is_data():
-    proc = subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", "doctor", "--json"], capture_output=True, text=True, timeout=300
-    )
+    proc = run_cli("doctor", "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert set(data) == {"report", "recommendation"}

@@ -133,6 +133,7 @@ def test_chinese_set_has_guide_questions_and_sample():
 # Loss: the same masking as training
 
 
+@pytest.mark.slow
 def test_answer_loss_equals_masked_full_loss(tiny_pair):
     """Projecting logits only at answer positions gives exactly the loss over all positions with the prompt masked."""
     import torch
@@ -165,6 +166,7 @@ def test_test_split_is_disjoint_from_training(tiny_pair):
 # The whole evaluation
 
 
+@pytest.mark.slow
 def test_run_evaluation_writes_reports_and_uses_one_base(tiny_run, monkeypatch):
     from medgemma_lib.models import loading as models
 
@@ -206,6 +208,7 @@ def test_run_evaluation_writes_reports_and_uses_one_base(tiny_run, monkeypatch):
     assert ev.load_evaluation(tiny_run)["run"] == tiny_run.name
 
 
+@pytest.mark.slow
 def test_cli_evaluate_prints_table(tiny_run, capsys):
     code = cli.main(
         ["evaluate", "--run", str(tiny_run), "--num-generate", "1", "--no-chinese", "--max-new-tokens", "4"]

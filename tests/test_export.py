@@ -57,6 +57,7 @@ def _check_standalone(folder, dtype):
     return model, tok
 
 
+@pytest.mark.slow
 def test_tiny_fp32_merge_is_exact(tiny_run):
     out = ex.merge_adapter(tiny_run, dtype="float32", verbose=False)
     assert out == tiny_run / "merged-float32" and not list(tiny_run.glob(".merged*tmp*"))
@@ -115,6 +116,7 @@ def test_repo_id_validation(repo_id, tiny_run, capsys):
     assert not (tiny_run / "never").exists()
 
 
+@pytest.mark.slow
 def test_push_needs_token_and_uploads_privately(tiny_run, tmp_path, monkeypatch):
     out = ex.merge_adapter(tiny_run, tmp_path / "export", dtype="float32", verbose=False)
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):

@@ -48,6 +48,7 @@ def token_rows_run(sharded_run):
     return run, base
 
 
+@pytest.mark.slow
 def test_stream_merge_writes_trained_embedding_rows_as_peft_does(token_rows_run, tmp_path):
     """A stop-token adapter: the two rows replace the base's (PEFT's merge), every other row stays bit-identical."""
     import torch
@@ -83,6 +84,7 @@ def _peft_reference(run, dtype):
     return {k: v.detach().clone() for k, v in pair.merge_and_unload().state_dict().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_stream_merge_equals_peft_merge_and_unload(sharded_run, tmp_path, dtype):
     import torch
@@ -118,6 +120,7 @@ def test_stream_merge_equals_peft_merge_and_unload(sharded_run, tmp_path, dtype)
     )
 
 
+@pytest.mark.slow
 def test_auto_streams_when_the_model_does_not_fit(sharded_run, tmp_path, monkeypatch, capsys):
     run, base = sharded_run
     monkeypatch.setattr(ex, "available_ram_bytes", lambda: 1000)

@@ -40,6 +40,7 @@ def test_strip_thinking_by_token_id(demo_tokenizer):
     assert generation.strip_thinking([start] + enc("thought\nstill thinking"), tok) == []
 
 
+@pytest.mark.slow
 def test_stop_tokens_include_end_of_turn_and_eos(tiny):
     model, tok = tiny
     kw = generation._generate_kwargs(model, tok, 8, False, 0.7, 0.95)

@@ -15,9 +15,8 @@ protection must hold on both kinds of CPU.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from cli_helpers import run_cli
 
 from medgemma_lib.checks import gradcheck
 from medgemma_lib.models.loading import cpu_inference_packing_state
@@ -213,16 +212,9 @@ def test_a_packed_layer_is_restored_to_the_trainable_layout(demo_model_dir):
 def test_gradcheck_cli_prints_a_table_and_writes_json(tmp_path):
     """``python -m medgemma_lib gradcheck`` is the command behind docs/correctness.md."""
     import json
-    import subprocess
-    import sys
 
     out = tmp_path / "gc.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", "gradcheck", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[1],
-    )
+    proc = run_cli("gradcheck", "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "after an evaluation pass" in proc.stdout and "WRONG" not in proc.stdout
     assert "gemv_4bit" not in proc.stderr  # torch's "no autograd kernel" warning

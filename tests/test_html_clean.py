@@ -106,6 +106,7 @@ def test_prepare_report_counts_the_cleanup(tmp_path):
     assert table.loc["清理：含 HTML 而被清理的列", "筆數"] == 4
 
 
+@pytest.mark.slow
 def test_shipped_full_medquad_has_no_html(shared_data):
     path = shared_data / "medquad" / "medquad.csv"
     if not path.is_file():

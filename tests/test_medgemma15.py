@@ -97,6 +97,7 @@ def test_the_15_profile_and_a_local_folder_of_its_class_take_the_same_path(tiny1
     )  # 1.5 keeps 1.0's shapes: 34 layers, 4 KV heads, head_dim 256
 
 
+@pytest.mark.slow
 def test_training_leaves_the_vision_tower_alone_and_adapts_only_the_language_model(trained15, tiny15):
     from safetensors import safe_open
 
@@ -112,6 +113,7 @@ def test_training_leaves_the_vision_tower_alone_and_adapts_only_the_language_mod
     assert summary["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_evaluate_chat_and_export_on_the_15_architecture(trained15, tiny15, tmp_path, monkeypatch, capsys):
     import torch
     from peft import PeftModel
@@ -216,6 +218,7 @@ def test_the_model_really_writes_the_thought_first(thinking_run, demo_tokenizer)
     assert answers == [ANSWER] and thoughts == [THOUGHT]
 
 
+@pytest.mark.slow
 def test_chat_folds_the_thought_away(thinking_run, monkeypatch, capsys):
     run, _ = thinking_run
     monkeypatch.setattr("sys.stdin", io.StringIO(CHAT_QUESTION + "\n"))
@@ -230,6 +233,7 @@ def test_chat_folds_the_thought_away(thinking_run, monkeypatch, capsys):
     assert fold.index("評分與答案都不含這段") < fold.index(MEDICAL_DISCLAIMER)
 
 
+@pytest.mark.slow
 def test_chat_answer_pieces_give_the_thought_to_a_sink(thinking_run):
     import torch
     from transformers import Gemma3ForCausalLM
@@ -258,6 +262,7 @@ def test_chat_answer_pieces_give_the_thought_to_a_sink(thinking_run):
     assert html.startswith("<details><summary>") and "open" not in html.split(">")[0] and THOUGHT in html
 
 
+@pytest.mark.slow
 def test_evaluation_stores_the_thought_apart_and_scores_the_answer_only(thinking_run):
     from medgemma_lib.evaluation import evaluate as ev
     from medgemma_lib.evaluation import metrics

@@ -216,6 +216,7 @@ def test_advice_table_shape():
     assert table.loc["80 GB", "medgemma-27b-text-it"].startswith("可以")
 
 
+@pytest.mark.slow
 def test_cli_prints_breakdown_and_advice():
     run = run_cli("memory", "--profile", "medgemma-27b-text-it", "--gpu-gib", "24", "--batch", "4", "--seq", "512")
     assert run.returncode == 0, run.stderr

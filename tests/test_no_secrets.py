@@ -6,6 +6,7 @@ import re
 import subprocess
 
 import pytest
+from cli_helpers import run_cli
 
 # Hub user access tokens: "hf_" followed by 34 letters/digits today; 30+ leaves margin.
 TOKEN_SHAPE = re.compile(rb"hf_[A-Za-z0-9]{30,}")
@@ -73,10 +74,10 @@ def test_scan_finds_the_canary(tmp_path):
     assert files_containing(files_under(tmp_path)) == [str(tmp_path / "events.out.tfevents")]
 
 
+@pytest.mark.slow
 def test_cli_errors_and_reports_never_show_the_token(tmp_path):
     """Exceptions and reports, with --debug tracebacks too: the token in the environment never appears."""
     import os
-    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -90,25 +91,11 @@ def test_cli_errors_and_reports_never_show_the_token(tmp_path):
         ["--debug", "evaluate", "--run", str(tmp_path / "no-run")],
     ]
     for args in commands:
-        proc = subprocess.run(
-            [sys.executable, "-m", "medgemma_lib", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=root,
-            timeout=300,
-        )
+        proc = run_cli(*args, env=env, cwd=root, timeout=300)
         out = proc.stdout + proc.stderr
         assert FAKE_TOKEN_CORE not in out, args
     # the auth check did see the token (masked), so the test covered the path that holds it
-    proc = subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", "auth", "check", "--model", "google/medgemma-4b-it"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=300,
-    )
+    proc = run_cli("auth", "check", "--model", "google/medgemma-4b-it", env=env, cwd=root, timeout=300)
     assert "KdVb" in proc.stdout + proc.stderr
 
 

@@ -87,6 +87,7 @@ def counts(monkeypatch):
 ONCE = {"config": 1, "verify": 1, "hash": 1, "resolve": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merge", ["memory", "stream"])
 def test_export_verify_opens_the_run_once(tiny_run, tmp_path, counts, merge):
     from medgemma_lib.export import merge as ex
@@ -101,6 +102,7 @@ def test_export_verify_opens_the_run_once(tiny_run, tmp_path, counts, merge):
     assert recorded == checkpoints.sha256_of(tiny_run / "adapter" / ADAPTER_WEIGHTS)
 
 
+@pytest.mark.slow
 def test_chat_opens_the_run_once(tiny_run, counts, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is glaucoma?\n"))
     assert cli.main(["chat", "--run", str(tiny_run), "--greedy", "--max-new-tokens", "2"]) == 0
@@ -108,6 +110,7 @@ def test_chat_opens_the_run_once(tiny_run, counts, monkeypatch, capsys):
     assert dict(counts) == ONCE
 
 
+@pytest.mark.slow
 def test_evaluate_opens_the_run_once(tiny_run, counts):
     argv = ["evaluate", "--run", str(tiny_run), "--num-generate", "1", "--no-chinese", "--max-new-tokens", "2"]
     assert cli.main([*argv, "--max-loss-examples", "2", "--bootstrap", "0"]) == 0

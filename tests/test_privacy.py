@@ -443,6 +443,7 @@ def test_synthetic_precision_recall_per_type():
 MEDQUAD_MAX_HITS = {"email": 3, "name": 10}
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_medquad_false_positives_near_zero(shared_data):
     frame = pd.read_csv(shared_data / "medquad" / "medquad.csv")
@@ -480,6 +481,7 @@ def _data_cli_has_deidentify() -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_cli_mask_planted(tmp_path):
     if not _data_cli_has_deidentify():
         pytest.skip("medgemma_lib.data 尚未提供 data prepare --deidentify 選項")

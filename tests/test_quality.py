@@ -37,6 +37,7 @@ def evaluated(tmp_path_factory, tiny_model_dir):
     return run, result
 
 
+@pytest.mark.slow
 def test_intervals_are_recomputed_from_the_per_example_data(evaluated):
     _, result = evaluated
     rows = result["loss_examples"]

@@ -65,6 +65,7 @@ def test_heldout_questions_are_unseen_by_the_short_run():
     assert reference.overlap(held, sample + leaked) == {"questions": 1, "focus_areas": 1}
 
 
+@pytest.mark.slow
 def test_heldout_questions_are_in_the_full_runs_test_split(shared_data):
     from medgemma_lib.core.config import load_config
     from medgemma_lib.data import prepare_from_config

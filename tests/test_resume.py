@@ -260,6 +260,7 @@ def test_ctrl_c_stops_cleanly_then_resume_skips_a_damaged_checkpoint(tiny_model_
     assert json.loads((run / "train_summary.json").read_text())["global_step"] == max_steps
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tiny_model_dir, tmp_path, monkeypatch):
     """ENOSPC in the middle of writing checkpoint-4 (adapter weights written, optimizer not): a Chinese
     OutputError naming the intact checkpoint-2 and the resume command; checkpoint-2 stays complete and

@@ -151,6 +151,7 @@ def test_record_written_from_given_datasets(tmp_path, demo_tokenizer):
     assert record["train_ids"] == list(splits["train"]["id"])
 
 
+@pytest.mark.slow
 def test_run_without_record_is_split_again_with_a_note(tmp_path, tiny_model_dir, capsys):
     """A run folder from before the record still evaluates: split again from its config, and says so."""
     run_dir = make_run(tmp_path / "old-run", str(tiny_model_dir), str(tiny_model_dir), "none")

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from cli_helpers import run_cli
 from train_helpers import small_splits, tiny_overrides
 
 from medgemma_lib.core.config import load_config
@@ -48,6 +49,7 @@ def test_sft_config_maps_our_settings(tmp_path):
     assert gpu.train.gradient_checkpointing and gpu.train.packing
 
 
+@pytest.mark.slow
 def test_label_only_loss_equals_trl_loss(tiny_model_dir, tiny_splits, demo_tokenizer, tmp_path):
     """The CPU shortcut (logits only where a label is) gives TRL's loss and gradients."""
     import torch
@@ -89,6 +91,7 @@ def tiny_run(tiny_model_dir, tiny_splits, tmp_path_factory):
     return run_training(cfg, datasets=tiny_splits)
 
 
+@pytest.mark.slow
 def test_run_folder_has_everything_evaluation_needs(tiny_run):
     from pathlib import Path
 
@@ -131,6 +134,7 @@ def test_log_shows_warmup_then_decay_and_eval(tiny_run):
     assert all("cpu_rss_gib" in r for r in records if "loss" in r)
 
 
+@pytest.mark.slow
 def test_oom_is_retried_with_half_micro_batch(tiny_model_dir, tiny_splits, tmp_path, capsys):
     import torch
     from transformers import TrainerCallback
@@ -151,6 +155,7 @@ def test_oom_is_retried_with_half_micro_batch(tiny_model_dir, tiny_splits, tmp_p
     assert "記憶體不足" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_oom_without_retry_explains_in_chinese(tiny_model_dir, tiny_splits, tmp_path):
     import torch
     from transformers import TrainerCallback
@@ -192,13 +197,7 @@ def test_resume_without_checkpoint_is_a_chinese_error(tmp_path):
 
 
 def test_train_cli_bad_override_exit_2():
-    import subprocess
-    import sys
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", "train", "--config", "configs/demo.yaml", "train.max_stepz=3"],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_cli("train", "--config", "configs/demo.yaml", "train.max_stepz=3")
     assert proc.returncode == 2
     assert "train.max_stepz" in proc.stderr and "max_steps" in proc.stderr and "Traceback" not in proc.stderr

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 from medgemma_lib.checks import bench, random_models, trainbench
 from medgemma_lib.core.config import load_config
@@ -60,6 +61,7 @@ def test_packing_keeps_every_token_of_the_records(lengths, tmp_path):
     assert sum(len(r) for r in rows) == sum(min(n, 128) for n, _ in drawn)  # the cut at max_example_length only
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile", [False, True], ids=["timed", "profiled"])
 def test_a_row_times_the_products_own_training_steps(lengths, monkeypatch, profile):
     """With --profile, two more steps are recorded by the profiler after the timed ones and never timed: one as it
@@ -178,19 +180,14 @@ def test_every_row_is_a_valid_config_of_a_shipped_preset():
     assert not shipped["8gb-norm-no-liger"].use_liger_kernel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, fragment",
     [(["--arch", "70b"], "不認識的架構：70b"), (["--arch", "4b", "--only", "24gb"], "沒有這些列：24gb")],
 )
 def test_unknown_architectures_and_rows_are_refused_before_anything_runs(args, fragment, tmp_path):
     out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, "-m", "medgemma_lib", "trainbench", *args, "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_cli("trainbench", *args, "--out", str(out), timeout=120)
     assert done.returncode == 2 and fragment in done.stderr + done.stdout
     assert "Traceback" not in done.stderr and not out.exists()
 

