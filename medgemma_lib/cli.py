@@ -707,10 +707,24 @@ def _add_export(sub) -> None:
     p.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="cpu", help="在哪裡計算合併：cpu（預設）、cuda、auto"
     )
+    p.add_argument(
+        "--format",
+        default="safetensors",
+        help="匯出格式：safetensors（預設，transformers 資料夾）或 gguf（單一檔案，給 llama.cpp、Ollama、LM Studio）",
+    )
+    p.add_argument(
+        "--quant", default=None, help="GGUF 的權重格式：f16、bf16、q8_0（預設）或 q4_0（只用於 --format gguf）"
+    )
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args) -> int:
+    if args.format not in ("safetensors", "gguf"):
+        raise ConfigError(f"不支援的匯出格式 {args.format!r}。", hint="請用 safetensors（預設）或 gguf。")
+    if args.format == "gguf":
+        return _run_export_gguf(args)
+    if args.quant is not None:
+        raise ConfigError("--quant 只用於 GGUF 匯出。", hint="請加上 --format gguf，或拿掉 --quant。")
     from medgemma_lib.export import merge as export  # handler import: see the module docstring
     from medgemma_lib.training import runs
 
@@ -735,6 +749,25 @@ def _run_export(args) -> int:
     if args.push_to_hub is not None:
         url = export.push_to_hub(out, args.push_to_hub, private=not args.public)
         print(f"已上傳：{url}")
+    return 0
+
+
+def _run_export_gguf(args) -> int:
+    from medgemma_lib.export import gguf  # handler import: see the module docstring
+    from medgemma_lib.training import runs
+
+    quant = gguf.check_quant(args.quant or "q8_0")  # refused before the run is opened or anything written
+    if args.push_to_hub is not None or args.dtype != "bfloat16":
+        raise ConfigError("--push-to-hub 與 --dtype 只用於 safetensors 匯出。", hint="GGUF 請用 --quant 選擇權重格式。")
+    run = runs.open_run(args.run)
+    out = gguf.export_gguf(run, quant, args.output, overwrite=args.overwrite)
+    if args.verify:
+        result = gguf.verify_gguf(out, run)
+        print(
+            f"GGUF 與「基礎模型＋轉接器」：貪婪答案{'相同 ✓' if result['same'] else '不完全相同'}，"
+            f"下一個 token 的 logits 最大差距 {result['max_abs_logit_diff']:.3f}"
+        )
+    print(f"Ollama：cd {out} && ollama create medgemma-zh -f {gguf.MODELFILE} && ollama run medgemma-zh")
     return 0
 
 
@@ -869,6 +902,13 @@ def _add_trainbench(sub) -> None:
         default=None,
         help="超過這麼多秒就不再開始新的一列",
     )
+    p.add_argument(
+        "--card-gib",
+        type=number(float, low=2, high=1024, example="--card-gib 24"),
+        default=None,
+        help="模擬這麼大的顯示卡：CUDA 記憶體上限設為卡的容量減 1 GiB（含模型）；"
+        "表格列出峰值、餘裕與是否在上限的 95%% 內",
+    )
     p.add_argument("--no-grads", action="store_true", help="不做槓桿（編譯、卸載）的梯度比對")
     p.add_argument("--no-original", action="store_true", help="不跑原始指南的對照列")
     p.add_argument(
@@ -906,6 +946,7 @@ def _run_trainbench(args) -> int:
         warmup=args.warmup,
         budget_s=args.budget_s,
         profile=args.profile,
+        card_gib=args.card_gib,
         log=lambda line: print(line, flush=True),
     )
     print(f"結果已寫入 {args.out}/trainbench.json 與 trainbench.md")

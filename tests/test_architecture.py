@@ -49,6 +49,7 @@ LAYERS: list[set[str]] = [
         "evaluation.evaluate",
         "evaluation.chat",
         "export.merge",
+        "export.gguf",
         "checks.bench",
         "checks.unsloth",
     },  # finished runs, bench

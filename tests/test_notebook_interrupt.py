@@ -31,7 +31,7 @@ def test_kernel_interrupt_stops_training_cleanly(tiny_model_dir, tmp_path):
     try:
         code = (
             "from medgemma_lib.core.config import load_config\n"
-            "from medgemma_lib import train\n"
+            "from medgemma_lib.training import train\n"
             f"cfg = load_config(None, {overrides!r})\n"
             "result = train.run_training(cfg, notebook=True)\n"
         )

@@ -183,13 +183,48 @@ def test_every_row_is_a_valid_config_of_a_shipped_preset():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "args, fragment",
-    [(["--arch", "70b"], "不認識的架構：70b"), (["--arch", "4b", "--only", "24gb"], "沒有這些列：24gb")],
+    [
+        (["--arch", "70b"], "不認識的架構：70b"),
+        (["--arch", "4b", "--only", "48gb"], "沒有這些列：48gb"),
+        (["--card-gib", "1"], "--card-gib"),
+    ],
 )
 def test_unknown_architectures_and_rows_are_refused_before_anything_runs(args, fragment, tmp_path):
     out = tmp_path / "out"
     done = run_cli("trainbench", *args, "--out", str(out), timeout=120)
     assert done.returncode == 2 and fragment in done.stderr + done.stdout
     assert "Traceback" not in done.stderr and not out.exists()
+
+
+def test_a_card_is_its_memory_less_one_gib_and_a_preset_fills_at_most_95_percent_of_it():
+    assert trainbench.card_cap_gib(24) == 23.0 and trainbench.card_cap_gib(80) == 79.0
+    fit = trainbench.card_fit(24, 23.0, 21.8)  # 0.95 × 23 = 21.85
+    assert fit == {"card_gib": 24, "cap_gib": 23.0, "margin_gib": 1.2, "fits_card": True}
+    assert trainbench.card_fit(24, 23.0, 21.9)["fits_card"] is False
+    assert trainbench.card_fit(24, None, None) == {
+        "card_gib": 24,
+        "cap_gib": None,
+        "margin_gib": None,
+        "fits_card": None,
+    }
+    assert trainbench.card_fit(None, None, 3.0) == {}
+    assert trainbench.cap_fraction(24, "cpu") is None  # nothing to cap on a CPU
+
+
+def test_the_cap_is_the_cards_share_of_the_gpu_and_a_smaller_gpu_is_refused(monkeypatch):
+    import torch
+
+    class Props:
+        total_memory = 80 * 2**30
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, str(d))))
+    assert trainbench.cap_allocator(24, "cuda:0") == 23.0
+    assert calls == [(23 / 80, "cuda:0")]
+    with pytest.raises(ConfigError, match="量不了 141 GB 的卡"):
+        trainbench.cap_allocator(141, "cuda:0")
+    assert len(calls) == 1  # refused before capping
 
 
 def test_profile_says_which_library_spends_the_hosts_time():

@@ -43,6 +43,7 @@ from medgemma_lib.checks import bench
 from medgemma_lib.checks.random_models import build_model, text_config
 from medgemma_lib.core.atomic import write_json, write_text
 from medgemma_lib.core.config import load_config
+from medgemma_lib.core.errors import ConfigError
 from medgemma_lib.core.profiles import BOS_ID, EOS_ID, PAD_ID
 from medgemma_lib.models import loading as models
 from medgemma_lib.models import lora_kernels, norm_kernels
@@ -283,6 +284,53 @@ BENCH_OVERRIDES = [
 ]
 
 
+CARD_MARGIN_GIB = 1.0  # what a card's driver, CUDA context and display keep: the allocator gets the rest
+CARD_FILL_LIMIT = 0.95  # a preset keeps its peak reserved memory at most this share of its card's cap
+
+
+def card_cap_gib(card_gib: float) -> float:
+    """The allocator cap that stands for a card of ``card_gib`` GB-class memory: the card less the margin."""
+    return float(card_gib) - CARD_MARGIN_GIB
+
+
+def card_fit(card_gib: float | None, cap_gib: float | None, peak_reserved_gib: float | None) -> dict:
+    """The row's card facts: the card, the cap applied (None: not applied, e.g. on a CPU), the margin left under the
+    cap, and whether the peak stayed within :data:`CARD_FILL_LIMIT` of the cap."""
+    if not card_gib:
+        return {}
+    fits = None
+    margin = None
+    if cap_gib is not None and peak_reserved_gib is not None:
+        margin = round(cap_gib - peak_reserved_gib, 3)
+        fits = peak_reserved_gib <= CARD_FILL_LIMIT * cap_gib
+    return {"card_gib": card_gib, "cap_gib": cap_gib, "margin_gib": margin, "fits_card": fits}
+
+
+def cap_fraction(card_gib: float, device: str) -> float | None:
+    """The share of this GPU that :func:`card_cap_gib` is (None on a CPU: nothing to cap); a GPU smaller than the
+    card is refused in Chinese before anything runs."""
+    if not device.startswith("cuda"):
+        return None
+    total_gib = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30
+    cap = card_cap_gib(card_gib)
+    if cap > total_gib:
+        raise ConfigError(
+            f"這張 GPU 只有 {total_gib:.1f} GiB，量不了 {card_gib:g} GB 的卡（上限 {cap:g} GiB）。",
+            hint="請用記憶體更大的 GPU，或把 --card-gib 改小。",
+        )
+    return cap / total_gib
+
+
+def cap_allocator(card_gib: float, device: str) -> float | None:
+    """Cap this process's CUDA caching allocator at :func:`card_cap_gib` (``set_per_process_memory_fraction``,
+    which bounds everything the process holds, the model included); the cap in GiB, or None on a CPU."""
+    fraction = cap_fraction(card_gib, device)
+    if fraction is None:
+        return None
+    torch.cuda.set_per_process_memory_fraction(fraction, torch.device(device))
+    return card_cap_gib(card_gib)
+
+
 def run_preset(
     arch: str,
     preset: str,
@@ -296,9 +344,14 @@ def run_preset(
     warmup: int = 3,
     seed: int = 0,
     profile: bool = False,
+    card_gib: float | None = None,
     log=print,
 ) -> dict:
-    """One ``run_training`` call of ``preset`` (+ ``overrides``) on a random-weight ``arch``; its row."""
+    """One ``run_training`` call of ``preset`` (+ ``overrides``) on a random-weight ``arch``; its row.
+
+    ``card_gib``: the card the preset is for; on CUDA the caching allocator is capped at :func:`card_cap_gib` of it
+    (model included) for this row, so a bigger GPU measures what that card would hold.
+    """
     cuda = device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -322,6 +375,7 @@ def run_preset(
         datasets, lengths = synthetic_datasets(full, prompt, need, config.vocab_size, seed=seed)
         tokenizer = synthetic_tokenizer(config.vocab_size)
         model, info = build_model(arch, device, seed=seed)
+        cap = cap_allocator(card_gib, device) if card_gib else None
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -336,6 +390,8 @@ def run_preset(
         except torch.OutOfMemoryError as exc:  # a setting that does not fit is a row of its own
             result, error = None, f"OutOfMemoryError: {str(exc).splitlines()[0]}"
         wall = time.perf_counter() - started
+        if cap is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0, torch.device(device))
         # run_training's monitor resets the peak at every log: its own maximum over the steps is the run's peak.
         mem = result.memory if result is not None else {}
         peak_alloc = (
@@ -366,6 +422,7 @@ def run_preset(
             "peak_allocated_gib": round(peak_alloc, 3) if cuda else None,
             "peak_reserved_gib": round(peak_res, 3) if cuda else None,
             "error": error,
+            **card_fit(card_gib, cap, peak_res if cuda else None),
         }
         if result is not None:
             tokens = [h["num_tokens"] for h in result.trainer.state.log_history if "num_tokens" in h and "loss" in h]
@@ -522,6 +579,7 @@ COMPILE = "train.compile_layers=true"
 FUSED = "train.fused_lora=true"
 PEFT = "train.fused_lora=false"  # PEFT's own LoRA forward
 NORM = "train.fused_rms_norm=true"  # torch's fused RMSNorm instead of Liger's
+NO_CKPT = "train.gradient_checkpointing=false"
 
 EAGER = "train.compile_layers=false"
 NO_OFFLOAD = "train.activation_offloading=false"
@@ -542,6 +600,8 @@ ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
             "configs/medgemma-4b-8gb.yaml",
             [ACC1, NO_OFFLOAD, COMPILE, NO_LIGER, "train.per_device_train_batch_size=2"],
         ),
+        ("24gb", "configs/medgemma-4b-24gb.yaml", [ACC1]),
+        ("24gb-no-ckpt", "configs/medgemma-4b-24gb.yaml", [ACC1, NO_CKPT]),
         ("141gb", "configs/medgemma-4b-141gb.yaml", [ACC1]),
         ("141gb-fused-norm", "configs/medgemma-4b-141gb.yaml", [ACC1, FUSED, NORM]),
         ("141gb-compile", "configs/medgemma-4b-141gb.yaml", [ACC1, COMPILE, NO_LIGER]),
@@ -559,6 +619,8 @@ ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
             "configs/medgemma-27b-24gb.yaml",
             [ACC1, NO_OFFLOAD, "train.max_length=3072", COMPILE, NO_LIGER],
         ),
+        ("80gb", "configs/medgemma-27b-80gb.yaml", [ACC1]),
+        ("80gb-no-ckpt-fused", "configs/medgemma-27b-80gb.yaml", [ACC1, NO_CKPT, FUSED]),
         ("141gb", "configs/medgemma-27b-141gb.yaml", [ACC1]),
         ("141gb-peft", "configs/medgemma-27b-141gb.yaml", [ACC1, PEFT]),
         ("141gb-norm", "configs/medgemma-27b-141gb.yaml", [ACC1, NORM]),
@@ -593,11 +655,15 @@ def epoch_hours(row: dict, full: list[int]) -> float | None:
     return round(sum(min(n, cut) for n in full) / row["useful_tok_s"] / 3600, 3)
 
 
+def _yes_no(value) -> str:
+    return "—" if value is None else ("yes" if value else "NO")
+
+
 def markdown(results: dict) -> str:
     lines = [
         "| arch | row | path | setting | useful tok/s | × original | share of ceiling | step s (median) | "
-        "warm-up s | peak alloc GiB | peak reserved GiB | epoch min |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "warm-up s | peak alloc GiB | peak reserved GiB | card cap GiB | margin GiB | ≤ 95 % of cap | epoch min |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for arch, res in results["archs"].items():
         base = res.get("original", {}).get("useful_tokens_per_s")
@@ -610,7 +676,8 @@ def markdown(results: dict) -> str:
                 f"| {arch} | {r['name']} | {r.get('path', 'bench loop')} | {setting} | {tok or r.get('error')} | "
                 f"{ratio} | {r.get('share_of_ceiling', '—')} | {r.get('median_step_s') or r.get('step_s_median')} | "
                 f"{r.get('warmup_s', '—')} | {r.get('peak_allocated_gib')} | {r.get('peak_reserved_gib')} | "
-                f"{round(ep * 60, 1) if ep else '—'} |"
+                f"{r.get('cap_gib') or '—'} | {r.get('margin_gib') if r.get('margin_gib') is not None else '—'} | "
+                f"{_yes_no(r.get('fits_card'))} | {round(ep * 60, 1) if ep else '—'} |"
             )
     return "\n".join(lines)
 
@@ -627,18 +694,23 @@ def run(
     budget_s: float | None = None,
     device: str | None = None,
     profile: bool = False,
+    card_gib: float | None = None,
     log=print,
 ) -> dict:
     """Gradient check of the levers, the original recipe (bench's loop) and the preset rows through
     ``run_training``, per architecture; ``trainbench.json`` and ``trainbench.md`` in ``out_dir`` after every row."""
     started = time.perf_counter()
     device = device or models.default_device()
+    if card_gib:
+        cap_fraction(card_gib, device)  # a GPU smaller than the card is refused before anything runs
     full, prompt = bench.load_token_lengths()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tflops = bench.measure_matmul_tflops(device) or bench.MATMUL_TFLOPS_H200
     results: dict = {
         "command": "python -m medgemma_lib trainbench",
+        "card_gib": card_gib,
+        "card_cap_gib": card_cap_gib(card_gib) if card_gib else None,
         "environment": bench.environment(),
         "matmul_tflops": tflops,
         "archs": {},
@@ -687,6 +759,7 @@ def run(
                 steps=steps,
                 warmup=warmup,
                 profile=profile,
+                card_gib=card_gib,
                 log=log,
             )
             if row.get("profile"):

