@@ -626,11 +626,25 @@ def stop_ids(path: str | Path) -> list[int]:
     return sorted({int(i) for i in (facts["eos_token_id"], facts["eot_token_id"]) if i is not None})
 
 
+@contextlib.contextmanager
+def _no_dequantise_bar():
+    """transformers' GGUF reader draws a plain ``tqdm`` bar per file, outside its own progress switch; a stored
+    notebook would keep it frozen at 0 %. The bar is turned off while the file loads, and put back after."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils  # local: only this reader needs it
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = lambda items, *args, **kwargs: items
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def load_gguf_model(path: str | Path, dtype=torch.float32):
     """The GGUF loaded back through transformers' GGUF reader (dequantised), in eval mode."""
     path = Path(path)
     path = path / GGUF_FILE if path.is_dir() else path
-    with quiet_loading():
+    with quiet_loading(), _no_dequantise_bar():
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     model.generation_config.eos_token_id = stop_ids(path)
     return model.eval()
