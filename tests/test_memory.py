@@ -193,6 +193,7 @@ def test_advice_for_common_cards():
     "profile,gb,preset,shape,ckpt,optim",
     [
         ("medgemma-27b-text-it", 141, "141 GB", "1×6144", False, "fused"),
+        ("medgemma-27b-text-it", 80, "80 GB", "1×4096", False, "fused"),  # 74.1 GiB under a 79 GiB cap (2026-12-06)
         ("medgemma-27b-text-it", 24, "24 GB", "1×4096", True, "fused"),
         ("medgemma-27b-text-it", 20, "24 GB", "1×4096", True, "fused"),  # 17.7 GiB measured (2026-12-03)
         ("medgemma-4b-it", 8, "8 GB", "1×8192", True, "fused"),

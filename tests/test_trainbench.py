@@ -219,12 +219,14 @@ def test_the_cap_is_the_cards_share_of_the_gpu_and_a_smaller_gpu_is_refused(monk
 
     calls = []
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, str(d))))
-    assert trainbench.cap_allocator(24, "cuda:0") == 23.0
-    assert calls == [(23 / 80, "cuda:0")]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    assert trainbench.cap_allocator(24, "cuda:1") == 23.0
+    assert trainbench.cap_allocator(24, "cuda") == 23.0  # the allocator needs an index (found on the H200)
+    assert calls == [(23 / 80, 1), (23 / 80, 0)]
     with pytest.raises(ConfigError, match="量不了 141 GB 的卡"):
         trainbench.cap_allocator(141, "cuda:0")
-    assert len(calls) == 1  # refused before capping
+    assert len(calls) == 2  # refused before capping
 
 
 def test_profile_says_which_library_spends_the_hosts_time():

@@ -43,7 +43,7 @@ from medgemma_lib.checks import bench
 from medgemma_lib.checks.random_models import build_model, text_config
 from medgemma_lib.core.atomic import write_json, write_text
 from medgemma_lib.core.config import load_config
-from medgemma_lib.core.errors import ConfigError
+from medgemma_lib.core.errors import ConfigError, ResourceError
 from medgemma_lib.core.profiles import BOS_ID, EOS_ID, PAD_ID
 from medgemma_lib.models import loading as models
 from medgemma_lib.models import lora_kernels, norm_kernels
@@ -311,7 +311,7 @@ def cap_fraction(card_gib: float, device: str) -> float | None:
     card is refused in Chinese before anything runs."""
     if not device.startswith("cuda"):
         return None
-    total_gib = torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30
+    total_gib = torch.cuda.get_device_properties(_cuda_index(device)).total_memory / 2**30
     cap = card_cap_gib(card_gib)
     if cap > total_gib:
         raise ConfigError(
@@ -327,8 +327,14 @@ def cap_allocator(card_gib: float, device: str) -> float | None:
     fraction = cap_fraction(card_gib, device)
     if fraction is None:
         return None
-    torch.cuda.set_per_process_memory_fraction(fraction, torch.device(device))
+    torch.cuda.set_per_process_memory_fraction(fraction, _cuda_index(device))
     return card_cap_gib(card_gib)
+
+
+def _cuda_index(device: str) -> int:
+    """``cuda`` → the current device's index; ``cuda:1`` → 1 (the allocator cap needs an index)."""
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
 
 
 def run_preset(
@@ -387,11 +393,12 @@ def run_preset(
             result = train.run_training(
                 cfg, datasets=datasets, model=model, tokenizer=tokenizer, callbacks=[timer], verbose=False
             )
-        except torch.OutOfMemoryError as exc:  # a setting that does not fit is a row of its own
-            result, error = None, f"OutOfMemoryError: {str(exc).splitlines()[0]}"
+        except (torch.OutOfMemoryError, ResourceError) as exc:  # a setting that does not fit is a row of its own
+            # run_training turns an out-of-memory into a Chinese ResourceError when it does not retry
+            result, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         wall = time.perf_counter() - started
         if cap is not None:
-            torch.cuda.set_per_process_memory_fraction(1.0, torch.device(device))
+            torch.cuda.set_per_process_memory_fraction(1.0, _cuda_index(device))
         # run_training's monitor resets the peak at every log: its own maximum over the steps is the run's peak.
         mem = result.memory if result is not None else {}
         peak_alloc = (
@@ -602,6 +609,17 @@ ROWS: dict[str, list[tuple[str, str, list[str]]]] = {
         ),
         ("24gb", "configs/medgemma-4b-24gb.yaml", [ACC1]),
         ("24gb-no-ckpt", "configs/medgemma-4b-24gb.yaml", [ACC1, NO_CKPT]),
+        (
+            "24gb-no-ckpt-1x8192",
+            "configs/medgemma-4b-24gb.yaml",
+            [ACC1, NO_CKPT, "train.per_device_train_batch_size=1"],
+        ),
+        (
+            "24gb-no-ckpt-1x4096",
+            "configs/medgemma-4b-24gb.yaml",
+            [ACC1, NO_CKPT, "train.per_device_train_batch_size=1", "train.max_length=4096"],
+        ),
+        ("24gb-fused-norm", "configs/medgemma-4b-24gb.yaml", [ACC1, FUSED, NORM]),
         ("141gb", "configs/medgemma-4b-141gb.yaml", [ACC1]),
         ("141gb-fused-norm", "configs/medgemma-4b-141gb.yaml", [ACC1, FUSED, NORM]),
         ("141gb-compile", "configs/medgemma-4b-141gb.yaml", [ACC1, COMPILE, NO_LIGER]),
